@@ -1,0 +1,26 @@
+"""LightningDataModules for the eight benchmark tasks and the offline quickstart tasks.
+
+    from datamodules import ImageClassificationDataModule, MultiTaskDataModule, TASKS
+    data = ImageClassificationDataModule("dtd", path="/data/dtd", processor="facebook/convnext-base-224")
+    data.num_classes, data.classnames[:3]
+"""
+
+from datamodules.classification import ImageClassificationDataModule, split_train_val
+from datamodules.errors import DataError
+from datamodules.multitask import MultiTaskDataModule
+from datamodules.preprocessing import ImagePreprocessor, load_image_processor
+from datamodules.tasks import BENCHMARK_TASKS, QUICKSTART_TASKS, TASKS, TaskInfo, get_task
+
+__all__ = [
+    "BENCHMARK_TASKS",
+    "QUICKSTART_TASKS",
+    "TASKS",
+    "DataError",
+    "ImageClassificationDataModule",
+    "ImagePreprocessor",
+    "MultiTaskDataModule",
+    "TaskInfo",
+    "get_task",
+    "load_image_processor",
+    "split_train_val",
+]

@@ -1,0 +1,178 @@
+"""The LightningDataModule for one task: train/val/test splits of a Hugging Face dataset."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+from datasets import DatasetDict
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader
+
+from datamodules.errors import DataError
+from datamodules.loaders import StepStreamDataLoader, check_own_sampling, distributed_context, evaluation_dataloader
+from datamodules.preprocessing import ImagePreprocessor, load_image_processor
+from datamodules.samplers import StepStreamSampler
+from datamodules.sources import check_labels, check_path, get_split, label_mapping, load_task_dataset
+from datamodules.tasks import TaskInfo, get_task
+from datamodules.torch_data import ImageClassificationDataset
+
+
+def split_train_val(num_samples: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted row indices of the train and validation parts, from a permutation seeded by ``seed``."""
+    order = np.random.default_rng(seed).permutation(num_samples)
+    num_val = round(num_samples * val_fraction)
+    return np.sort(order[num_val:]), np.sort(order[:num_val])
+
+
+class ImageClassificationDataModule(LightningDataModule):
+    """One task of the benchmark: ``train`` minus a seeded validation part, that part, and ``test``.
+
+    Args:
+        task: registry name, e.g. ``dtd``, ``stanford_cars`` or the offline ``digits``.
+        path: where the data is: a hub dataset id (default: the task's own), a ``save_to_disk``
+            folder, or a local folder of parquet files or of images (``<split>/<class>/<file>``).
+        processor: model id or directory whose image processor defines the preprocessing.
+        batch_size: global training batch per optimizer step. Each device gets
+            ``batch_size / (devices * nodes * accumulate_grad_batches)``.
+        eval_batch_size: per-device batch for validation and test (default: the per-device
+            training batch).
+        num_workers: DataLoader worker processes per device.
+        val_fraction: share of the train split held out for validation.
+        split_seed: seed of the train/validation split.
+        shuffle_seed: seed of the training order (independent of the global seed, so a resumed
+            run sees exactly the samples an uninterrupted one would).
+    """
+
+    def __init__(
+        self,
+        task: str,
+        path: str | None = None,
+        processor: str = "facebook/convnext-base-224",
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        num_workers: int = 4,
+        val_fraction: float = 0.1,
+        split_seed: int = 0,
+        shuffle_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.task: TaskInfo = get_task(task)
+        check_path(self.task, path)
+        if not 0 < val_fraction < 1:
+            raise DataError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+        self.path = path
+        self.processor = processor
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.val_fraction = val_fraction
+        self.split_seed = split_seed
+        self.shuffle_seed = shuffle_seed
+        self.datasets: dict[str, ImageClassificationDataset] = {}
+
+    @property
+    def num_classes(self) -> int:
+        return self.task.num_classes
+
+    @property
+    def classnames(self) -> list[str]:
+        return list(self.task.classnames)
+
+    @cached_property
+    def image_processor(self) -> Any:
+        """The Hugging Face image processor named by ``processor`` (saved with exports)."""
+        return load_image_processor(self.processor)
+
+    @cached_property
+    def preprocess(self) -> ImagePreprocessor:
+        return ImagePreprocessor.from_processor(self.image_processor)
+
+    @cached_property
+    def _dataset(self) -> DatasetDict:
+        return load_task_dataset(self.task, self.path)
+
+    @property
+    def _where(self) -> str:
+        return f"task '{self.task.name}', path '{self.path or self.task.hub_dataset or 'built-in'}'"
+
+    def prepare_data(self) -> None:
+        # Downloads once per machine; setup() on every process then reads the local cache.
+        load_task_dataset(self.task, self.path)
+
+    def _make(self, split: str, indices: np.ndarray | None = None) -> ImageClassificationDataset:
+        data = get_split(self._dataset, split, self.task, self.path)
+        mapping = label_mapping(data, self.task, self._where)
+        check_labels(data, self.task, mapping, f"{self._where}, split '{split}'")
+        return ImageClassificationDataset(data, self.preprocess, indices, mapping)
+
+    def setup(self, stage: str | None = None) -> None:
+        check_own_sampling(self.trainer)
+        if stage in ("fit", "validate", None) and "train" not in self.datasets:
+            num_train = len(get_split(self._dataset, "train", self.task, self.path))
+            train_rows, val_rows = split_train_val(num_train, self.val_fraction, self.split_seed)
+            if len(train_rows) == 0 or len(val_rows) == 0:
+                raise DataError(f"{self._where}: {num_train} training rows are too few to hold out a validation part")
+            self.datasets["train"] = self._make("train", train_rows)
+            self.datasets["val"] = self._make("train", val_rows)
+        if stage in ("test", None) and "test" not in self.datasets:
+            self.datasets["test"] = self._make("test")
+
+    def _per_device_batch(self) -> tuple[int, int]:
+        """``(micro-batch per device, global batch per device and step)``."""
+        _, world_size = distributed_context(self.trainer)
+        accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
+        if self.batch_size % (world_size * accumulate):
+            raise DataError(
+                f"global batch_size {self.batch_size} does not split into {world_size} device(s) x "
+                f"{accumulate} accumulated batch(es)"
+            )
+        per_step = self.batch_size // world_size
+        return per_step // accumulate, per_step
+
+    def _steps_per_epoch(self) -> int:
+        """One Lightning epoch spans the whole step-based run, or one pass when only epochs are set."""
+        max_steps = self.trainer.max_steps if self.trainer is not None else -1
+        if max_steps is not None and max_steps > 0:
+            return max_steps
+        steps = len(self.datasets["train"]) // self.batch_size
+        if steps == 0:
+            raise DataError(f"{self._where}: fewer training samples than one global batch of {self.batch_size}")
+        return steps
+
+    def train_dataloader(self) -> DataLoader:
+        micro_batch, _ = self._per_device_batch()
+        rank, world_size = distributed_context(self.trainer)
+        sampler = StepStreamSampler(
+            len(self.datasets["train"]),
+            self.batch_size,
+            self._steps_per_epoch(),
+            seed=self.shuffle_seed,
+            rank=rank,
+            world_size=world_size,
+        )
+        # On resume the trainer's restored step says where the stream continues.
+        sampler.resume_step = self.trainer.global_step if self.trainer is not None else 0
+        return StepStreamDataLoader(
+            self.datasets["train"],
+            batch_size=micro_batch,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=self._pin_memory,
+        )
+
+    @property
+    def _pin_memory(self) -> bool:
+        return self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        batch = self.eval_batch_size or self._per_device_batch()[0]
+        return evaluation_dataloader(self.datasets[split], batch, self.num_workers, self.trainer, self._pin_memory)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")

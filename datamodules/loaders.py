@@ -1,0 +1,68 @@
+"""DataLoaders shared by the single-task and the multi-task DataModules."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.errors import DataError
+from datamodules.samplers import StepStreamSampler
+
+
+def distributed_context(trainer: Any) -> tuple[int, int]:
+    """``(rank, world_size)`` of the attached trainer, ``(0, 1)`` without one."""
+    if trainer is None:
+        return 0, 1
+    return trainer.global_rank, trainer.world_size
+
+
+def check_own_sampling(trainer: Any) -> None:
+    """Lightning's DistributedSampler pads the last batch with repeated samples and replaces
+    the seeded training order; these DataModules shard the data themselves."""
+    if trainer is not None and trainer.world_size > 1 and trainer._accelerator_connector.use_distributed_sampler:
+        raise DataError(
+            "set trainer.use_distributed_sampler=false: this DataModule shards its data itself "
+            "(Lightning's sampler would repeat test samples and reorder training)"
+        )
+
+
+def evaluation_dataloader(
+    dataset: Dataset, batch_size: int, num_workers: int, trainer: Any, pin_memory: bool = False
+) -> DataLoader:
+    """In order, and on several processes each sample exactly once over all of them."""
+    rank, world_size = distributed_context(trainer)
+    sampler = None
+    if world_size > 1:
+        sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        shuffle=False,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        pin_memory=pin_memory,
+    )
+
+
+class StepStreamDataLoader(DataLoader):
+    """The training loader. Its checkpointed state records the data order's settings, so a
+    resumed run that would silently see other samples stops with an error instead."""
+
+    sampler: StepStreamSampler
+
+    def state_dict(self) -> dict[str, int]:
+        return {
+            "num_samples": self.sampler.num_samples,
+            "global_batch_size": self.sampler.global_batch_size,
+            "seed": self.sampler.seed,
+        }
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        current = self.state_dict()
+        changed = {key: (state[key], current[key]) for key in current if key in state and state[key] != current[key]}
+        if changed:
+            detail = ", ".join(f"{key} {old} -> {new}" for key, (old, new) in changed.items())
+            raise DataError(f"cannot resume: the checkpoint's training data order differs from this run ({detail})")

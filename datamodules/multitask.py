@@ -1,0 +1,153 @@
+"""The merge side's data: every task's test split, one DataLoader per task."""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+from datasets import Dataset as HFDataset
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import CombinedLoader
+from torch.utils.data import DataLoader
+
+from datamodules.errors import DataError
+from datamodules.loaders import StepStreamDataLoader, check_own_sampling, distributed_context, evaluation_dataloader
+from datamodules.preprocessing import ImagePreprocessor, load_image_processor
+from datamodules.samplers import StepStreamSampler
+from datamodules.sources import check_labels, check_path, get_split, label_mapping, load_task_dataset
+from datamodules.tasks import TaskInfo, get_task
+from datamodules.torch_data import ImageClassificationDataset, UnlabeledImageDataset
+
+
+class MultiTaskDataModule(LightningDataModule):
+    """Test splits of several tasks: ``test_dataloader()`` returns one loader per task, in
+    the order of ``tasks``, so ``dataloader_idx`` names the task. On several processes each
+    test sample is seen exactly once in total (no padding).
+
+    For test-time adaptation (AdaMerging), ``train_dataloader()`` gives the same test images
+    *without labels*: the label column is removed before any loader exists.
+
+    Args:
+        tasks: task names, in report order.
+        paths: data location per task where it differs from the task's hub id,
+            e.g. ``{dtd: /data/dtd}``.
+        processor: model id or directory whose image processor defines the preprocessing.
+        batch_size: per-device batch for testing.
+        num_workers: DataLoader worker processes per device and task.
+        adaptation_batch_size: images per task and step for test-time adaptation, over all devices.
+        adaptation_seed: seed of the adaptation order.
+    """
+
+    def __init__(
+        self,
+        tasks: list[str],
+        paths: dict[str, str] | None = None,
+        processor: str = "facebook/convnext-base-224",
+        batch_size: int = 128,
+        num_workers: int = 2,
+        adaptation_batch_size: int = 16,
+        adaptation_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not tasks:
+            raise DataError("no tasks given: list at least one task to evaluate")
+        self.tasks: list[TaskInfo] = [get_task(name) for name in tasks]
+        names = [task.name for task in self.tasks]
+        if len(set(names)) != len(names):
+            raise DataError(f"a task is listed twice: {', '.join(names)}")
+        self.paths = {get_task(name).name: path for name, path in (paths or {}).items()}
+        unused = set(self.paths) - set(names)
+        if unused:
+            raise DataError(f"paths given for task(s) not evaluated: {', '.join(sorted(unused))}")
+        for task in self.tasks:
+            check_path(task, self.paths.get(task.name))
+        self.processor = processor
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.adaptation_batch_size = adaptation_batch_size
+        self.adaptation_seed = adaptation_seed
+
+    @property
+    def task_names(self) -> list[str]:
+        return [task.name for task in self.tasks]
+
+    @property
+    def num_classes(self) -> dict[str, int]:
+        return {task.name: task.num_classes for task in self.tasks}
+
+    @property
+    def classnames(self) -> dict[str, list[str]]:
+        return {task.name: list(task.classnames) for task in self.tasks}
+
+    @cached_property
+    def preprocess(self) -> ImagePreprocessor:
+        return ImagePreprocessor.from_processor(load_image_processor(self.processor))
+
+    @cached_property
+    def test_splits(self) -> dict[str, HFDataset]:
+        splits = {}
+        for task in self.tasks:
+            path = self.paths.get(task.name)
+            splits[task.name] = get_split(load_task_dataset(task, path), "test", task, path)
+        return splits
+
+    def prepare_data(self) -> None:
+        for task in self.tasks:
+            load_task_dataset(task, self.paths.get(task.name))
+
+    def setup(self, stage: str | None = None) -> None:
+        check_own_sampling(self.trainer)
+
+    def _where(self, task: TaskInfo) -> str:
+        return f"task '{task.name}', path '{self.paths.get(task.name) or task.hub_dataset or 'built-in'}', split 'test'"
+
+    @cached_property
+    def test_datasets(self) -> dict[str, ImageClassificationDataset]:
+        datasets = {}
+        for task in self.tasks:
+            data = self.test_splits[task.name]
+            mapping = label_mapping(data, task, self._where(task))
+            check_labels(data, task, mapping, self._where(task))
+            datasets[task.name] = ImageClassificationDataset(data, self.preprocess, label_map=mapping)
+        return datasets
+
+    def test_dataloader(self) -> list[DataLoader]:
+        pin = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        return [
+            evaluation_dataloader(self.test_datasets[name], self.batch_size, self.num_workers, self.trainer, pin)
+            for name in self.task_names
+        ]
+
+    def train_dataloader(self) -> CombinedLoader:
+        """Unlabelled test images for test-time adaptation: each step one batch of every task.
+
+        Every task's order is a seeded stream shared by all devices (``StepStreamSampler``),
+        so a step sees the same images whatever the device count.
+        """
+        rank, world_size = distributed_context(self.trainer)
+        if self.adaptation_batch_size % world_size:
+            raise DataError(
+                f"adaptation_batch_size {self.adaptation_batch_size} does not split over {world_size} devices"
+            )
+        max_steps = self.trainer.max_steps if self.trainer is not None else -1
+        if max_steps is None or max_steps <= 0:
+            raise DataError("test-time adaptation counts steps: set trainer.max_steps")
+        loaders = {}
+        for index, task in enumerate(self.tasks):
+            dataset = UnlabeledImageDataset(self.test_splits[task.name], self.preprocess)
+            sampler = StepStreamSampler(
+                len(dataset),
+                self.adaptation_batch_size,
+                max_steps,
+                seed=self.adaptation_seed + index,
+                rank=rank,
+                world_size=world_size,
+            )
+            sampler.resume_step = self.trainer.global_step if self.trainer is not None else 0
+            loaders[task.name] = StepStreamDataLoader(
+                dataset,
+                batch_size=self.adaptation_batch_size // world_size,
+                sampler=sampler,
+                num_workers=self.num_workers,
+                persistent_workers=self.num_workers > 0,
+            )
+        return CombinedLoader(loaders, mode="max_size_cycle")

@@ -1,0 +1,103 @@
+"""Find a task's data (hub id, local folder or built-in) and check it before use.
+
+Every source ends as a ``datasets.DatasetDict`` with ``image`` and ``label`` columns, read
+through one code path: ``load_from_disk`` for a ``save_to_disk`` folder, ``load_dataset``
+for everything else (a hub id, or a local folder of parquet files or an image folder).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from datasets import ClassLabel, Dataset, DatasetDict, load_dataset, load_from_disk
+
+from datamodules.builtin import build_builtin_dataset
+from datamodules.errors import DataError
+from datamodules.tasks import TaskInfo
+
+REQUIRED_COLUMNS = ("image", "label")
+
+
+def default_path(task: TaskInfo) -> str | None:
+    """Where a task's data comes from when no path is given: its hub id (None for built-ins)."""
+    return task.hub_dataset
+
+
+def _looks_local(path: str) -> bool:
+    """A hub id is ``name`` or ``owner/name``; anything else is meant as a local path."""
+    return path.startswith(("/", ".", "~")) or path.count("/") > 1
+
+
+def check_path(task: TaskInfo, path: str | None) -> None:
+    """A path meant as local must exist (checked before any model or data is loaded)."""
+    if path and _looks_local(path) and not Path(path).expanduser().exists():
+        raise DataError(f"task '{task.name}', path '{path}': the path does not exist")
+
+
+def load_task_dataset(task: TaskInfo, path: str | None = None) -> DatasetDict:
+    """Load all splits of ``task`` from ``path`` (default: the task's hub id)."""
+    check_path(task, path)
+    path = path or default_path(task)
+    if path is None:
+        return build_builtin_dataset(task.name, task.classnames)
+    where = f"task '{task.name}', path '{path}'"
+    local = Path(path).expanduser()
+    try:
+        if (local / "dataset_dict.json").is_file() or (local / "state.json").is_file():
+            loaded = load_from_disk(str(local))
+        elif local.is_dir():
+            loaded = load_dataset(str(local))
+        else:
+            loaded = load_dataset(path, task.hub_config)
+    except Exception as error:  # any loader failure becomes one line naming task and path
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DataError(f"{where}: cannot load the dataset ({type(error).__name__}: {message})") from error
+    if isinstance(loaded, Dataset):
+        raise DataError(f"{where}: holds a single split; expected a dataset with 'train' and 'test' splits")
+    return loaded
+
+
+def get_split(dataset: DatasetDict, split: str, task: TaskInfo, path: str | None) -> Dataset:
+    """One split, checked: present, non-empty, with ``image`` and ``label`` columns."""
+    where = f"task '{task.name}', path '{path or default_path(task) or 'built-in'}'"
+    if split not in dataset:
+        raise DataError(f"{where}: no '{split}' split (found: {', '.join(dataset) or 'none'})")
+    data = dataset[split]
+    missing = [column for column in REQUIRED_COLUMNS if column not in data.column_names]
+    if missing:
+        raise DataError(
+            f"{where}, split '{split}': missing column(s) {', '.join(missing)} "
+            f"(found: {', '.join(data.column_names)})"
+        )
+    if len(data) == 0:
+        raise DataError(f"{where}: split '{split}' is empty")
+    return data
+
+
+def label_mapping(data: Dataset, task: TaskInfo, where: str) -> np.ndarray | None:
+    """Map the dataset's label ids to the task's class order, where they differ.
+
+    An image folder numbers its classes alphabetically; when the dataset's ``ClassLabel``
+    names are all task class names, labels are matched by name. Otherwise the integer
+    labels are taken as they are.
+    """
+    feature = data.features["label"]
+    if not isinstance(feature, ClassLabel):
+        return None
+    index = {name: i for i, name in enumerate(task.classnames)}
+    if feature.names == list(task.classnames) or not all(name in index for name in feature.names):
+        return None
+    return np.array([index[name] for name in feature.names], dtype=np.int64)
+
+
+def check_labels(data: Dataset, task: TaskInfo, mapping: np.ndarray | None, where: str) -> None:
+    """Every label must name one of the task's classes."""
+    labels = np.asarray(data.select_columns(["label"]).with_format("numpy")["label"])
+    bad = np.flatnonzero((labels < 0) | (labels >= (len(mapping) if mapping is not None else task.num_classes)))
+    if bad.size:
+        row = int(bad[0])
+        raise DataError(
+            f"{where}: label {int(labels[row])} at row {row} is outside the {task.num_classes} classes "
+            f"of '{task.name}' (0-{task.num_classes - 1}); {bad.size} such row(s)"
+        )

@@ -1,0 +1,164 @@
+"""Fine-tuning: a Hugging Face ConvNeXt classifier trained with plain SGD."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable
+from torch import nn
+from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+from transformers import AutoConfig, ConvNextForImageClassification
+
+from merging.checkpoints import resolve_model_dir
+from merging.errors import CheckpointError
+
+
+def classification_metrics(num_classes: int) -> MetricCollection:
+    """Top-1 accuracy, and top-5 where there are more than five classes."""
+    metrics = {"accuracy": MulticlassAccuracy(num_classes, top_k=1, average="micro")}
+    if num_classes > 5:
+        metrics["accuracy_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+    return MetricCollection(metrics)
+
+
+def label_maps(classnames: list[str]) -> tuple[dict[int, str], dict[str, int]]:
+    return dict(enumerate(classnames)), {name: i for i, name in enumerate(classnames)}
+
+
+def check_head(config: Any, classnames: list[str], source: str) -> None:
+    """A checkpoint's own head must be for this task: same class count and, where named, same labels."""
+    if config.num_labels != len(classnames):
+        raise CheckpointError(
+            f"checkpoint '{source}' has a {config.num_labels}-class head, but the task has {len(classnames)} classes"
+        )
+    names = [config.id2label[i] for i in range(config.num_labels)]
+    generic = names == [f"LABEL_{i}" for i in range(config.num_labels)]
+    if not generic and names != list(classnames):
+        raise CheckpointError(
+            f"checkpoint '{source}' was trained for other labels ({', '.join(names[:3])}, ...) "
+            f"than the task's ({', '.join(classnames[:3])}, ...)"
+        )
+
+
+class ImageClassifier(LightningModule):
+    """ConvNeXt (``ConvNextForImageClassification``) fine-tuned with SGD and cross-entropy.
+
+    Args:
+        num_classes: number of classes of the task (linked from the DataModule).
+        classnames: class names in label order (linked from the DataModule); written into the
+            model config as ``id2label`` / ``label2id``.
+        model_name_or_path: hub id or local checkpoint directory to start from.
+        pretrained: load the checkpoint's weights; false builds the architecture from its
+            config with random weights.
+        new_head: replace the classifier by a freshly initialised ``Linear`` of the task's
+            size (fine-tuning). False keeps the checkpoint's own head, which must be for this
+            task (evaluating an exported model).
+        lr: SGD learning rate.
+        momentum: SGD momentum.
+        weight_decay: SGD weight decay (L2), on all parameters.
+        scheduler: learning-rate scheduler, stepped every optimizer step; default none (constant).
+        label_smoothing: cross-entropy label smoothing.
+        channels_last: keep activations in channels-last memory format (faster convolutions on GPUs).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        classnames: list[str] | None = None,
+        model_name_or_path: str = "facebook/convnext-base-224",
+        pretrained: bool = True,
+        new_head: bool = True,
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        weight_decay: float = 1e-4,
+        scheduler: LRSchedulerCallable | None = None,
+        label_smoothing: float = 0.0,
+        channels_last: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["scheduler"])
+        classnames = list(classnames) if classnames is not None else [str(i) for i in range(num_classes)]
+        if len(classnames) != num_classes:
+            raise CheckpointError(f"{len(classnames)} class names given for {num_classes} classes")
+        self.classnames = classnames
+        self.model = self._build(model_name_or_path, pretrained, new_head, classnames)
+        self.scheduler = scheduler
+        self.channels_last = channels_last
+        self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        metrics = classification_metrics(num_classes)
+        self.train_metrics = metrics.clone(prefix="train/")
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
+        self.val_loss = MeanMetric()
+        self.test_loss = MeanMetric()
+
+    @staticmethod
+    def _build(source: str, pretrained: bool, new_head: bool, classnames: list[str]) -> ConvNextForImageClassification:
+        directory = resolve_model_dir(source)
+        if pretrained:
+            model = ConvNextForImageClassification.from_pretrained(directory, dtype=torch.float32)
+        else:
+            model = ConvNextForImageClassification(AutoConfig.from_pretrained(directory))
+        if new_head:
+            model.classifier = nn.Linear(model.config.hidden_sizes[-1], len(classnames))
+        else:
+            check_head(model.config, classnames, source)
+        model.config.num_labels = len(classnames)
+        model.config.id2label, model.config.label2id = label_maps(classnames)
+        return model
+
+    def configure_model(self) -> None:
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
+        return self.model(pixel_values=pixel_values).logits
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        logits = self(images)
+        loss = self.loss(logits, labels)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log_dict(self.train_metrics(logits, labels))
+        return loss
+
+    def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], metrics: MetricCollection, loss: MeanMetric) -> None:
+        images, labels = batch
+        logits = self(images)
+        loss.update(self.loss(logits, labels), weight=labels.numel())
+        metrics.update(logits, labels)
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, self.val_metrics, self.val_loss)
+
+    def on_validation_epoch_end(self) -> None:
+        # compute() syncs over processes: every sample counted once, whatever the batch split.
+        self.log("val/loss", self.val_loss.compute(), prog_bar=True)
+        self.log_dict(self.val_metrics.compute(), prog_bar=True)
+        self.val_loss.reset()
+        self.val_metrics.reset()
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, self.test_metrics, self.test_loss)
+
+    def on_test_epoch_end(self) -> None:
+        self.log("test/loss", self.test_loss.compute())
+        self.log_dict(self.test_metrics.compute())
+        self.test_loss.reset()
+        self.test_metrics.reset()
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.SGD(
+            self.parameters(),
+            lr=self.hparams.lr,
+            momentum=self.hparams.momentum,
+            weight_decay=self.hparams.weight_decay,
+        )
+        if self.scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler(optimizer), "interval": "step"}}

@@ -1,0 +1,109 @@
+"""The LightningCLI subclasses behind ``train.py`` and ``merge.py``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.trainer.states import TrainerStatus
+
+from datamodules.errors import DataError
+from lightning_modules.export import check_export_target, export_name, model_card, write_atomically
+from merging.errors import CheckpointError, MergeError
+
+#: Errors that mean bad input: reported as one line, without a traceback.
+INPUT_ERRORS = (DataError, CheckpointError, MergeError)
+
+
+class ProjectCLI(LightningCLI):
+    """Bad input ends the program with one ``error:`` line and exit status 1; the process
+    group is torn down at the end so CPU DDP runs exit cleanly."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        try:
+            super().__init__(*args, **kwargs)
+        except INPUT_ERRORS as error:
+            print(f"error: {error}", file=sys.stderr)
+            raise SystemExit(1) from None
+        finally:
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+
+    def subcommand_config(self) -> Any:
+        return self.config.get(str(self.subcommand), self.config)
+
+
+class TrainCLI(ProjectCLI):
+    """``train.py``: the DataModule tells the model its classes; ``fit`` ends with a Hugging Face export."""
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.classnames", "model.classnames", apply_on="instantiate")
+        parser.add_argument(
+            "--export_dir",
+            type=str | None,
+            default="exports",
+            help="Root for the Hugging Face export written at the end of fit (null: no export).",
+        )
+        parser.add_argument("--overwrite", type=bool, default=False, help="Replace an existing export.")
+
+    def _export_target(self, steps: int) -> Path | None:
+        export_dir = self.subcommand_config().get("export_dir")
+        if export_dir is None:
+            return None
+        name = export_name(
+            self.model.hparams.model_name_or_path,
+            self.datamodule.task.hub_name,
+            self.datamodule.batch_size,
+            self.model.hparams.lr,
+            steps,
+        )
+        return Path(export_dir) / name
+
+    def before_fit(self) -> None:
+        # Fail before training, not after it, if the export would be refused.
+        if self.trainer.max_steps and self.trainer.max_steps > 0:
+            target = self._export_target(self.trainer.max_steps)
+            if target is not None and self.trainer.is_global_zero:
+                check_export_target(target, self.subcommand_config().get("overwrite"))
+
+    def after_fit(self) -> None:
+        trainer = self.trainer
+        target = self._export_target(trainer.global_step)
+        if target is None:
+            return
+        if trainer.state.status != TrainerStatus.FINISHED or trainer.interrupted:
+            print(f"fit did not finish: nothing exported to {target}", file=sys.stderr)
+            return
+        if trainer.is_global_zero:
+            write_atomically(target, self._write_export, self.subcommand_config().get("overwrite"))
+            print(f"exported {target}")
+        trainer.strategy.barrier("export")
+
+    def _write_export(self, directory: Path) -> None:
+        model, data, trainer = self.model, self.datamodule, self.trainer
+        hparams = model.hparams
+        model.model.config.finetuning_task = data.task.name
+        model.model.save_pretrained(directory)
+        data.image_processor.save_pretrained(directory)
+        recipe = {
+            "base model": hparams.model_name_or_path,
+            "task": data.task.name,
+            "optimizer": f"SGD (lr {hparams.lr:g}, momentum {hparams.momentum:g}, weight decay {hparams.weight_decay:g})",
+            "learning-rate schedule": "constant" if model.scheduler is None else "see train_config.yaml",
+            "global batch size": data.batch_size,
+            "steps": trainer.global_step,
+            "precision": trainer.precision,
+            "label smoothing": hparams.label_smoothing,
+            "validation split": f"{data.val_fraction:g} of train, seed {data.split_seed}",
+            "seed": self.subcommand_config().get("seed_everything"),
+        }
+        metrics = {key: float(value) for key, value in trainer.callback_metrics.items() if key.startswith("val/")}
+        card = model_card(directory.name, hparams.model_name_or_path, data.task.name, data.task.hub_dataset, recipe, metrics)
+        (directory / "README.md").write_text(card)
+        config = self._parser(self.subcommand).dump(self.subcommand_config(), skip_none=False)
+        (directory / "train_config.yaml").write_text(config)
