@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -80,11 +81,12 @@ class TrainCLI(ProjectCLI):
             print(f"fit did not finish: nothing exported to {target}", file=sys.stderr)
             return
         if trainer.is_global_zero:
-            write_atomically(target, self._write_export, self.subcommand_config().get("overwrite"))
+            write = partial(self._write_export, name=target.name)
+            write_atomically(target, write, self.subcommand_config().get("overwrite"))
             print(f"exported {target}")
         trainer.strategy.barrier("export")
 
-    def _write_export(self, directory: Path) -> None:
+    def _write_export(self, directory: Path, name: str) -> None:
         model, data, trainer = self.model, self.datamodule, self.trainer
         hparams = model.hparams
         model.model.config.finetuning_task = data.task.name
@@ -103,7 +105,7 @@ class TrainCLI(ProjectCLI):
             "seed": self.subcommand_config().get("seed_everything"),
         }
         metrics = {key: float(value) for key, value in trainer.callback_metrics.items() if key.startswith("val/")}
-        card = model_card(directory.name, hparams.model_name_or_path, data.task.name, data.task.hub_dataset, recipe, metrics)
+        card = model_card(name, hparams.model_name_or_path, data.task.name, data.task.hub_dataset, recipe, metrics)
         (directory / "README.md").write_text(card)
         config = self._parser(self.subcommand).dump(self.subcommand_config(), skip_none=False)
         (directory / "train_config.yaml").write_text(config)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping
@@ -29,6 +30,7 @@ def write_atomically(target: Path, write: Callable[[Path], None], overwrite: boo
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         write(staging)
+        _make_readable(staging)
         if target.exists():
             old = target.with_name(f".{target.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -40,6 +42,15 @@ def write_atomically(target: Path, write: Callable[[Path], None], overwrite: boo
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _make_readable(directory: Path) -> None:
+    """mkdtemp creates 0700 and some writers 0600; an export is meant to be shared."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for path in directory.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def model_card(
