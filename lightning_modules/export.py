@@ -2,55 +2,18 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
-from merging.errors import CheckpointError
+from merging.checkpoints import check_export_target, write_atomically
+
+__all__ = ["check_export_target", "export_name", "model_card", "write_atomically"]
 
 
 def export_name(model_name_or_path: str, task_hub_name: str, batch_size: int, lr: float, steps: int) -> str:
     """The public checkpoints' naming: ``convnext-base-224_dtd_sgd_batch-size-64_lr-0.01_steps-4000``."""
     base = Path(model_name_or_path.rstrip("/")).name
     return f"{base}_{task_hub_name}_sgd_batch-size-{batch_size}_lr-{lr:g}_steps-{steps}"
-
-
-def check_export_target(target: Path, overwrite: bool) -> None:
-    """Refuse, before any work, to replace an existing export unless asked to."""
-    if target.exists() and not overwrite:
-        raise CheckpointError(f"export directory '{target}' already exists; pass --overwrite to replace it")
-
-
-def write_atomically(target: Path, write: Callable[[Path], None], overwrite: bool) -> None:
-    """Run ``write(tmp_dir)`` and move the result to ``target``: it appears whole or not at all."""
-    check_export_target(target, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        write(staging)
-        _make_readable(staging)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            target.rename(old)
-            staging.rename(target)
-            shutil.rmtree(old)
-        else:
-            staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def _make_readable(directory: Path) -> None:
-    """mkdtemp creates 0700 and some writers 0600; an export is meant to be shared."""
-    umask = os.umask(0)
-    os.umask(umask)
-    directory.chmod(0o777 & ~umask)
-    for path in directory.rglob("*"):
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def model_card(

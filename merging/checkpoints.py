@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from typing import Any
 from pathlib import Path
 
 from merging.errors import CheckpointError
@@ -44,3 +49,61 @@ def resolve_model_dir(name_or_path: str) -> Path:
         return Path(snapshot_download(name_or_path, allow_patterns=_CHECKPOINT_FILES))
     except Exception as error:  # offline, unknown repo, network: one line naming the id
         raise CheckpointError(f"cannot fetch checkpoint '{name_or_path}' from the hub: {type(error).__name__}") from error
+
+
+def _plain(label: str) -> str:
+    """Label spellings that name the same class: ``Annual_Crop`` and ``annual crop``."""
+    return " ".join(str(label).lower().replace("_", " ").split())
+
+
+def check_head_labels(config: Any, classnames: list[str], source: str) -> None:
+    """A checkpoint's head must be for this task: same class count and, where named, same labels."""
+    if config.num_labels != len(classnames):
+        raise CheckpointError(
+            f"checkpoint '{source}' has a {config.num_labels}-class head, but the task has {len(classnames)} classes"
+        )
+    names = [config.id2label[i] for i in range(config.num_labels)]
+    generic = names == [f"LABEL_{i}" for i in range(config.num_labels)]
+    if not generic and [_plain(name) for name in names] != [_plain(name) for name in classnames]:
+        raise CheckpointError(
+            f"checkpoint '{source}' was trained for other labels ({', '.join(names[:3])}, ...) "
+            f"than the task's ({', '.join(classnames[:3])}, ...)"
+        )
+
+
+def check_export_target(target: Path, overwrite: bool, flag: str = "--overwrite true") -> None:
+    """Refuse, before any work, to replace an existing output directory unless asked to."""
+    if target.exists() and not overwrite:
+        raise CheckpointError(f"output directory '{target}' already exists; pass {flag} to replace it")
+
+
+def write_atomically(
+    target: Path, write: Callable[[Path], None], overwrite: bool, flag: str = "--overwrite true"
+) -> None:
+    """Run ``write(tmp_dir)`` and move the result to ``target``: it appears whole or not at all."""
+    check_export_target(target, overwrite, flag)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        write(staging)
+        _make_readable(staging)
+        if target.exists():
+            old = target.with_name(f".{target.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            target.rename(old)
+            staging.rename(target)
+            shutil.rmtree(old)
+        else:
+            staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _make_readable(directory: Path) -> None:
+    """mkdtemp creates 0700 and some writers 0600; an export is meant to be shared."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for path in directory.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)

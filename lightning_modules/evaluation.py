@@ -1,0 +1,198 @@
+"""Multi-task evaluation of one or several backbones, each task with its own head.
+
+``Trainer.test`` runs one DataLoader per task; ``dataloader_idx`` picks the task and its
+head. Every row (a merged backbone, or each fine-tuned model on its own task) has one
+accuracy and one mean-loss metric per task; they are computed once at the end with a sync
+over processes, and the number of samples is checked against the test set, so each number
+is the model's score on every test sample exactly once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch import LightningModule
+from torch import nn
+from torchmetrics import MeanMetric, SumMetric
+from torchmetrics.classification import MulticlassAccuracy
+from transformers import ConvNextConfig, ConvNextModel
+
+from lightning_modules.report import INDIVIDUAL, write_report
+from merging.errors import MergeError
+from merging.switch import SwitchModule
+
+
+def backbone_from_state(config: ConvNextConfig, state: Mapping[str, torch.Tensor]) -> ConvNextModel:
+    """A ``ConvNextModel`` holding ``state`` (keys ``convnext.*``), built without a random init."""
+    with torch.device("meta"):
+        model = ConvNextModel(config)
+    stripped = {key.removeprefix("convnext."): tensor for key, tensor in state.items()}
+    model.load_state_dict(stripped, assign=True, strict=True)
+    return model.eval()
+
+
+def heads_from_state(heads: Mapping[str, Mapping[str, torch.Tensor]]) -> SwitchModule:
+    routes = {}
+    for task, head in heads.items():
+        linear = nn.Linear(head["weight"].shape[1], head["weight"].shape[0])
+        linear.load_state_dict({"weight": head["weight"], "bias": head["bias"]})
+        routes[task] = linear
+    return SwitchModule(routes)
+
+
+def state_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """A hash of every tensor's bytes, to check that all processes hold the same weights."""
+    digest = hashlib.blake2b(digest_size=16)
+    for key in sorted(state):
+        digest.update(key.encode())
+        digest.update(state[key].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class MultiTaskEvaluation(LightningModule):
+    """Base of the merge-side LightningModules: subclasses fill ``rows`` (name -> backbone),
+    ``heads`` and optionally ``individual`` (task -> fine-tuned backbone) in ``build()``.
+
+    Args:
+        tasks: the evaluated tasks, in the DataModule's order (linked from ``data.task_names``).
+        classnames: class names per task (linked from ``data.classnames``).
+        report_dir: where ``report.json``, ``report.md``, ``report.csv`` and ``accuracy.png`` go.
+        report_title: heading of the report.
+    """
+
+    def __init__(
+        self,
+        tasks: list[str],
+        classnames: dict[str, list[str]],
+        report_dir: str = "outputs/merge",
+        report_title: str = "Merged model",
+    ) -> None:
+        super().__init__()
+        self.tasks = list(tasks)
+        self.classnames = {task: list(classnames[task]) for task in self.tasks}
+        self.report_dir = report_dir
+        self.report_title = report_title
+        self.rows = nn.ModuleDict()
+        self.row_names: list[str] = []
+        self.individual = nn.ModuleDict()
+        self.heads: SwitchModule | None = None
+        self.report: dict[str, Any] | None = None
+
+    def build(self) -> None:
+        """Fill ``rows``/``row_names``, ``heads`` and (optionally) ``individual``."""
+        raise NotImplementedError
+
+    def add_row(self, name: str, backbone: nn.Module) -> None:
+        self.rows[f"row{len(self.row_names)}"] = backbone
+        self.row_names.append(name)
+
+    def setup(self, stage: str) -> None:
+        if self.heads is None:
+            self.build()
+            self._make_metrics()
+
+    def _all_rows(self) -> list[str]:
+        return self.row_names + ([INDIVIDUAL] if len(self.individual) else [])
+
+    def _make_metrics(self) -> None:
+        def per_task(factory: Any) -> nn.ModuleList:
+            return nn.ModuleList(
+                nn.ModuleDict({task: factory(task) for task in self.tasks}) for _ in self._all_rows()
+            )
+
+        self.accuracy = per_task(lambda task: MulticlassAccuracy(len(self.classnames[task]), average="micro"))
+        self.mean_loss = per_task(lambda task: MeanMetric())
+        self.samples = per_task(lambda task: SumMetric())
+
+    def verify_identical_across_ranks(self, state: Mapping[str, torch.Tensor], what: str) -> None:
+        """On several processes, every one must hold the same ``state``."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        digests: list[str | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(digests, state_digest(state))
+        if len(set(digests)) != 1:
+            raise MergeError(f"processes hold different {what}: digests {digests}")
+
+    def _row_logits(self, row: int, images: torch.Tensor, task: str) -> torch.Tensor:
+        if row < len(self.row_names):
+            backbone = self.rows[f"row{row}"]
+        else:
+            backbone = self.individual[task]
+        return self.heads(backbone(pixel_values=images).pooler_output, task)
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        images, labels = batch
+        task = self.tasks[dataloader_idx]
+        for row in range(len(self._all_rows())):
+            logits = self._row_logits(row, images, task)
+            loss = nn.functional.cross_entropy(logits, labels)
+            self.accuracy[row][task].update(logits, labels)
+            self.mean_loss[row][task].update(loss, weight=labels.numel())
+            self.samples[row][task].update(labels.numel())
+
+    def on_test_epoch_end(self) -> None:
+        expected = self._expected_samples()
+        results: dict[str, dict[str, dict[str, float]]] = {}
+        for row, name in enumerate(self._all_rows()):
+            results[name] = {}
+            for task in self.tasks:
+                # compute() syncs over all processes (same order everywhere).
+                values = {
+                    "accuracy": float(self.accuracy[row][task].compute()),
+                    "loss": float(self.mean_loss[row][task].compute()),
+                    "num_samples": int(self.samples[row][task].compute()),
+                }
+                if expected and values["num_samples"] != expected[task]:
+                    raise RuntimeError(
+                        f"{name} on {task}: {values['num_samples']} samples evaluated, test set has {expected[task]}"
+                    )
+                results[name][task] = values
+        for metric in (self.accuracy, self.mean_loss, self.samples):
+            for per_task in metric:
+                for task_metric in per_task.values():
+                    task_metric.reset()
+        self._log_results(results)
+        self.report = self._write(results)
+
+    def _expected_samples(self) -> dict[str, int]:
+        datamodule = self.trainer.datamodule if self.trainer is not None else None
+        datasets = getattr(datamodule, "test_datasets", None)
+        return {task: len(datasets[task]) for task in self.tasks} if datasets else {}
+
+    def _log_results(self, results: Mapping[str, Mapping[str, Mapping[str, float]]]) -> None:
+        single = len(self.row_names) == 1
+        for name, per_task in results.items():
+            prefix = "test" if single and name == self.row_names[0] else f"test/{name}"
+            for task, values in per_task.items():
+                self.log(f"{prefix}/{task}/accuracy", values["accuracy"], add_dataloader_idx=False)
+                self.log(f"{prefix}/{task}/loss", values["loss"], add_dataloader_idx=False)
+            average = sum(values["accuracy"] for values in per_task.values()) / len(per_task)
+            self.log(f"{prefix}/average/accuracy", average, add_dataloader_idx=False)
+
+    def report_extra(self) -> dict[str, Any]:
+        """More fields for ``report.json`` (method, pool, ...)."""
+        return {}
+
+    def _write(self, results: Mapping[str, Mapping[str, Mapping[str, float]]]) -> dict[str, Any] | None:
+        report = None
+        if self.trainer.is_global_zero:
+            report = write_report(results, self.report_dir, self.report_title, self.report_extra())
+            self._log_to_wandb(report)
+            print(Path(self.report_dir, "report.md").read_text())
+        return report
+
+    def _log_to_wandb(self, report: Mapping[str, Any]) -> None:
+        from lightning.pytorch.loggers import WandbLogger
+
+        from lightning_modules.report import table_rows
+
+        for logger in self.trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                header, lines = table_rows(report)
+                logger.log_table(key="test/report", columns=header, data=lines)
+                logger.log_image(key="test/accuracy_chart", images=[str(Path(self.report_dir, "accuracy.png"))])

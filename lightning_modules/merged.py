@@ -1,0 +1,131 @@
+"""The merged model: pool -> merged backbone + every task's own head, evaluated by ``Trainer.test``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lightning_modules.evaluation import MultiTaskEvaluation, backbone_from_state, heads_from_state
+from merging.checkpoints import check_export_target
+from merging.engine import merge_backbone
+from merging.errors import MergeError
+from merging.methods import MergeMethod, SimpleAverage
+from merging.pool import PRETRAINED, ModelPool
+from merging.saved import load_merged, save_merged
+
+
+class MergedClassifier(MultiTaskEvaluation):
+    """Merge the fine-tuned backbones of a model pool and evaluate the result on every task
+    with that task's own fine-tuned head.
+
+    Args:
+        tasks: evaluated tasks, in order (linked from ``data.task_names``).
+        classnames: class names per task (linked from ``data.classnames``).
+        models: the model pool: ``_pretrained_`` and one checkpoint per task (hub id or
+            directory), as in FusionBench's pool YAML; or the path of such a YAML file.
+        method: the merge method and its hyper-parameters, e.g. ``--model.method TiesMerging
+            --model.method.top_k 0.2``.
+        evaluate_individual: also evaluate each fine-tuned model on its own task, for the
+            normalised accuracy (merged / individual).
+        merged_model: evaluate this saved merged model (a ``save_dir``) instead of merging.
+        save_dir: write the merged model (backbone + all heads) here; with
+            ``--trainer.limit_test_batches 0`` it is merged and saved without evaluating.
+        overwrite: replace an existing ``save_dir``.
+        report_dir: where the report files go.
+        channels_last: run the backbones in channels-last memory format (faster on GPUs).
+    """
+
+    def __init__(
+        self,
+        tasks: list[str],
+        classnames: dict[str, list[str]],
+        models: dict[str, str | dict[str, Any]] | str | None = None,
+        method: MergeMethod | None = None,
+        evaluate_individual: bool = False,
+        merged_model: str | None = None,
+        save_dir: str | None = None,
+        overwrite: bool = False,
+        report_dir: str = "outputs/merge",
+        channels_last: bool = False,
+    ) -> None:
+        self.method = method if method is not None else SimpleAverage()
+        super().__init__(tasks, classnames, report_dir, report_title=f"Merged model: {self.method.describe()}")
+        if merged_model is None and models is None:
+            raise MergeError("give the model pool (model.models) or a saved merged model (model.merged_model)")
+        if merged_model is not None and not Path(merged_model).is_dir():
+            raise MergeError(f"saved merged model '{merged_model}' does not exist")
+        if save_dir is not None:
+            check_export_target(Path(save_dir), overwrite, flag="--model.overwrite true")
+        self.pool = ModelPool(models) if merged_model is None else None
+        if evaluate_individual and self.pool is None:
+            raise MergeError("evaluate_individual needs the model pool (model.models)")
+        self.evaluate_individual = evaluate_individual
+        self.merged_model = merged_model
+        self.save_dir = save_dir
+        self.overwrite = overwrite
+        self.channels_last = channels_last
+        if merged_model is not None:
+            self.report_title = f"Saved merged model: {merged_model}"
+
+    def build(self) -> None:
+        if self.merged_model is not None:
+            self._load_saved()
+        else:
+            self._merge()
+        if self.channels_last:
+            self.to(memory_format=torch.channels_last)
+
+    def _merge(self) -> None:
+        pool = self.pool
+        pool.check_heads(self.classnames)
+        config = pool.config(PRETRAINED)
+        merged = merge_backbone(pool, self.method, progress=self.trainer is None or self.trainer.is_global_zero)
+        self.verify_identical_across_ranks(merged, "merged weights")
+        heads = {task: pool.head(task) for task in self.tasks}
+        self.add_row(self.method.describe(), backbone_from_state(config, merged))
+        self.heads = heads_from_state(heads)
+        if self.evaluate_individual:
+            for task in self.tasks:
+                reader = pool.reader(task)
+                state = {key: reader.read(key) for key in pool.backbone_keys}
+                self.individual[task] = backbone_from_state(pool.config(task), state)
+        if self.save_dir is not None and (self.trainer is None or self.trainer.is_global_zero):
+            all_heads = {task: pool.head(task) for task in pool.task_names}
+            save_merged(self.save_dir, merged, all_heads, config, pool.directory(PRETRAINED), self._info(), self.overwrite)
+            print(f"saved the merged model to {self.save_dir}")
+        if self.trainer is not None:
+            self.trainer.strategy.barrier("save merged model")
+
+    def _load_saved(self) -> None:
+        saved = load_merged(self.merged_model)
+        missing = [task for task in self.tasks if task not in saved.heads]
+        if missing:
+            raise MergeError(
+                f"saved merged model '{self.merged_model}' has no head for {', '.join(missing)} "
+                f"(heads: {', '.join(saved.heads)})"
+            )
+        for task in self.tasks:
+            rows = saved.heads[task]["weight"].shape[0]
+            if rows != len(self.classnames[task]):
+                raise MergeError(
+                    f"head '{task}' of '{self.merged_model}' has {rows} classes, the task has {len(self.classnames[task])}"
+                )
+        self.add_row(saved.info.get("method", "merged"), backbone_from_state(saved.config, saved.backbone))
+        self.heads = heads_from_state({task: saved.heads[task] for task in self.tasks})
+
+    def _info(self) -> dict[str, Any]:
+        return {
+            "method": self.method.describe(),
+            "method_name": self.method.name,
+            "hyperparameters": self.method.hyperparameters(),
+            "models": dict(self.pool.sources) if self.pool is not None else None,
+            "tasks": {task: {"classnames": self.classnames[task]} for task in self.tasks},
+        }
+
+    def report_extra(self) -> dict[str, Any]:
+        if self.merged_model is not None:
+            return {"merged_model": self.merged_model}
+        info = self._info()
+        return {key: info[key] for key in ("method", "method_name", "hyperparameters", "models")}

@@ -1,0 +1,283 @@
+"""Merge methods: pure functions over tensors, and the small classes that name them.
+
+Every function takes the tensors of *one* parameter (the same key in every model) as a
+stream and keeps a running result, so memory does not grow with the number of models.
+Notation: ``theta_0`` the pretrained tensor, ``theta_t`` task ``t``'s fine-tuned tensor,
+``tau_t = theta_t - theta_0`` its task vector, ``T`` the number of fine-tuned models.
+
+The classes hold the hyper-parameters (their ``__init__`` signatures are the CLI and YAML
+schema: ``--model.method TiesMerging --model.method.top_k 0.2``) and are registered by name
+in ``METHODS``. They never read files: ``merging.engine`` streams the tensors in.
+"""
+
+from __future__ import annotations
+
+import zlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Sequence
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from merging.errors import MergeError
+
+
+def _running_sum(tensors: Iterable[Tensor]) -> tuple[Tensor, int]:
+    total, count = None, 0
+    for tensor in tensors:
+        if total is None:
+            total = tensor.to(torch.float32, copy=True)
+        else:
+            total.add_(tensor)
+        count += 1
+    if total is None:
+        raise MergeError("nothing to merge: no fine-tuned model")
+    return total, count
+
+
+def simple_average(finetuned: Iterable[Tensor]) -> Tensor:
+    """Uniform model soup (Wortsman et al., ICML 2022): ``theta = (1/T) sum_t theta_t``."""
+    total, count = _running_sum(finetuned)
+    return total.div_(count)
+
+
+def task_arithmetic(pretrained: Tensor, task_vectors: Iterable[Tensor], scaling_factor: float) -> Tensor:
+    """Task arithmetic (Ilharco et al., ICLR 2023): ``theta = theta_0 + lambda * sum_t tau_t``."""
+    total, _ = _running_sum(task_vectors)
+    return total.mul_(scaling_factor).add_(pretrained)
+
+
+def magnitude_threshold(task_vector: Iterable[Tensor], top_k: float) -> float:
+    """TIES trim threshold of one task: the ``k``-th largest ``|tau_t|`` over all its
+    parameters, ``k = int(top_k * n)``; trimming keeps ``|tau_t| >= threshold``.
+    ``top_k = 1`` keeps everything (threshold 0)."""
+    if not 0 < top_k <= 1:
+        raise MergeError(f"top_k must be in (0, 1], got {top_k}")
+    magnitudes = torch.cat([tensor.detach().abs().reshape(-1).to(torch.float32) for tensor in task_vector])
+    keep = int(top_k * magnitudes.numel())
+    if keep >= magnitudes.numel():
+        return 0.0
+    if keep == 0:
+        return float("inf")
+    # k-th largest = (n - k + 1)-th smallest
+    return float(torch.kthvalue(magnitudes, magnitudes.numel() - keep + 1).values)
+
+
+def ties_merging(
+    pretrained: Tensor, task_vectors: Iterable[Tensor], thresholds: Sequence[float], scaling_factor: float
+) -> Tensor:
+    """TIES-Merging (Yadav et al., NeurIPS 2023), for one parameter tensor.
+
+    1. Trim: ``hat_tau_t = tau_t * [|tau_t| >= kappa_t]`` with ``kappa_t`` from
+       ``magnitude_threshold`` (top-k of the whole task vector).
+    2. Elect signs by total mass: ``gamma = sgn(sum_t hat_tau_t)``.
+    3. Disjoint mean: ``tau_m = sum_{t in A} hat_tau_t / |A|`` with
+       ``A = {t : sgn(hat_tau_t) = gamma}``, over the non-zero entries (0 where ``A`` is empty).
+    4. ``theta = theta_0 + lambda * tau_m``.
+
+    One pass: the positive and negative parts are summed and counted separately, so the
+    elected side's mean is known without a second look at any task vector.
+    """
+    positive_sum = torch.zeros_like(pretrained, dtype=torch.float32)
+    negative_sum = torch.zeros_like(positive_sum)
+    positive_count = torch.zeros_like(positive_sum)
+    negative_count = torch.zeros_like(positive_sum)
+    for task_vector, threshold in zip(task_vectors, thresholds, strict=True):
+        trimmed = torch.where(task_vector.abs() >= threshold, task_vector, 0).to(torch.float32)
+        positive, negative = trimmed.clamp(min=0), trimmed.clamp(max=0)
+        positive_sum += positive
+        negative_sum += negative
+        positive_count += positive > 0
+        negative_count += negative < 0
+    elected = torch.sign(positive_sum + negative_sum)
+    merged = torch.where(
+        elected > 0,
+        positive_sum / positive_count.clamp(min=1),
+        torch.where(elected < 0, negative_sum / negative_count.clamp(min=1), 0.0),
+    )
+    return merged.mul_(scaling_factor).add_(pretrained)
+
+
+def dare(task_vector: Tensor, drop_rate: float, rescale: bool, generator: torch.Generator) -> Tensor:
+    """DARE (Yu et al., ICML 2024): drop each entry with probability ``p`` and rescale the
+    survivors: ``tilde_tau = m * tau / (1 - p)``, ``m ~ Bernoulli(1 - p)``."""
+    if not 0 <= drop_rate < 1:
+        raise MergeError(f"drop_rate must be in [0, 1), got {drop_rate}")
+    keep = torch.rand(task_vector.shape, generator=generator) >= drop_rate
+    dropped = torch.where(keep, task_vector, 0)
+    return dropped / (1 - drop_rate) if rescale else dropped
+
+
+def dare_generator(seed: int, task_index: int, key: str) -> torch.Generator:
+    """A generator per (seed, task, parameter): the same mask whatever the processing order or rank."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + task_index) * 2**32 + zlib.crc32(key.encode()))
+
+
+class MergeMethod(ABC):
+    """A merge method: hyper-parameters in ``__init__``, the merge of one parameter in ``merge``.
+
+    ``merging.engine`` calls ``merge`` once per backbone tensor with a stream of fine-tuned
+    tensors (``uses_pretrained = False``) or of task vectors already passed through
+    ``transform``; methods with ``needs_task_statistics`` first get one ``task_statistic``
+    per task, computed from the whole task vector, one task at a time.
+    """
+
+    #: The name in ``METHODS``, reports and tables.
+    name: ClassVar[str]
+    #: False: ``merge`` sees ``theta_t``; True: it sees ``tau_t`` and ``theta_0``.
+    uses_pretrained: ClassVar[bool] = True
+    #: True where the result is a plain weighted sum, so a NaN/Inf input always shows in
+    #: the output; the engine then checks outputs instead of every input.
+    propagates_non_finite: ClassVar[bool] = True
+    needs_task_statistics: ClassVar[bool] = False
+
+    def transform(self, task_vector: Tensor, task_index: int, key: str) -> Tensor:
+        """Applied to each task vector before merging (DARE); identity by default."""
+        return task_vector
+
+    def task_statistic(self, task_vector: Iterator[Tensor]) -> float:
+        """One number per task from its whole task vector (the TIES threshold)."""
+        raise NotImplementedError
+
+    @abstractmethod
+    def merge(self, pretrained: Tensor | None, tensors: Iterable[Tensor], statistics: Sequence[float]) -> Tensor:
+        """The merged tensor of one parameter."""
+
+    def hyperparameters(self) -> dict[str, float | int | bool]:
+        return {}
+
+    def describe(self) -> str:
+        """``ties(top_k=0.2, scaling_factor=0.3)``: the method as it appears in reports."""
+        args = ", ".join(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}" for key, value in self.hyperparameters().items())
+        return f"{self.name}({args})" if args else self.name
+
+    def __repr__(self) -> str:
+        return self.describe()
+
+
+class SimpleAverage(MergeMethod):
+    """Uniform average of the fine-tuned backbones (model soup); ignores the pretrained one."""
+
+    name = "simple_average"
+    uses_pretrained = False
+
+    def merge(self, pretrained: Tensor | None, tensors: Iterable[Tensor], statistics: Sequence[float]) -> Tensor:
+        return simple_average(tensors)
+
+
+class TaskArithmetic(MergeMethod):
+    """``theta_0 + lambda * sum_t tau_t`` (Ilharco et al., ICLR 2023).
+
+    Args:
+        scaling_factor: lambda, applied to the sum of task vectors.
+    """
+
+    name = "task_arithmetic"
+
+    def __init__(self, scaling_factor: float = 0.3) -> None:
+        self.scaling_factor = scaling_factor
+
+    def hyperparameters(self) -> dict[str, float | int | bool]:
+        return {"scaling_factor": self.scaling_factor}
+
+    def merge(self, pretrained: Tensor | None, tensors: Iterable[Tensor], statistics: Sequence[float]) -> Tensor:
+        return task_arithmetic(pretrained, tensors, self.scaling_factor)
+
+
+class TiesMerging(MergeMethod):
+    """TIES-Merging: trim each task vector to its top-k magnitudes, elect signs by total
+    mass, average the agreeing entries (Yadav et al., NeurIPS 2023).
+
+    Args:
+        top_k: fraction of each task vector's entries kept (by magnitude, over the whole backbone).
+        scaling_factor: lambda, applied to the merged task vector.
+    """
+
+    name = "ties"
+    propagates_non_finite = False
+    needs_task_statistics = True
+
+    def __init__(self, top_k: float = 0.2, scaling_factor: float = 0.3) -> None:
+        if not 0 < top_k <= 1:
+            raise MergeError(f"top_k must be in (0, 1], got {top_k}")
+        self.top_k = top_k
+        self.scaling_factor = scaling_factor
+
+    def hyperparameters(self) -> dict[str, float | int | bool]:
+        return {"top_k": self.top_k, "scaling_factor": self.scaling_factor}
+
+    def task_statistic(self, task_vector: Iterator[Tensor]) -> float:
+        return magnitude_threshold(task_vector, self.top_k)
+
+    def merge(self, pretrained: Tensor | None, tensors: Iterable[Tensor], statistics: Sequence[float]) -> Tensor:
+        return ties_merging(pretrained, tensors, statistics, self.scaling_factor)
+
+
+class _Dare:
+    """DARE in front of another method: every task vector is sparsified first."""
+
+    propagates_non_finite = False
+    drop_rate: float
+    rescale: bool
+    seed: int
+
+    def _init_dare(self, drop_rate: float, rescale: bool, seed: int) -> None:
+        if not 0 <= drop_rate < 1:
+            raise MergeError(f"drop_rate must be in [0, 1), got {drop_rate}")
+        self.drop_rate, self.rescale, self.seed = drop_rate, rescale, seed
+
+    def transform(self, task_vector: Tensor, task_index: int, key: str) -> Tensor:
+        return dare(task_vector, self.drop_rate, self.rescale, dare_generator(self.seed, task_index, key))
+
+    def _dare_hyperparameters(self) -> dict[str, float | int | bool]:
+        return {"drop_rate": self.drop_rate, "rescale": self.rescale, "seed": self.seed}
+
+
+class DareTaskArithmetic(_Dare, TaskArithmetic):
+    """DARE, then task arithmetic.
+
+    Args:
+        drop_rate: probability p of dropping each task-vector entry.
+        rescale: divide the kept entries by 1 - p.
+        seed: seed of the drop masks.
+        scaling_factor: lambda of task arithmetic.
+    """
+
+    name = "dare_task_arithmetic"
+
+    def __init__(self, drop_rate: float = 0.9, rescale: bool = True, seed: int = 0, scaling_factor: float = 0.3) -> None:
+        TaskArithmetic.__init__(self, scaling_factor)
+        self._init_dare(drop_rate, rescale, seed)
+
+    def hyperparameters(self) -> dict[str, float | int | bool]:
+        return {**self._dare_hyperparameters(), **TaskArithmetic.hyperparameters(self)}
+
+
+class DareTies(_Dare, TiesMerging):
+    """DARE, then TIES-Merging.
+
+    Args:
+        drop_rate: probability p of dropping each task-vector entry.
+        rescale: divide the kept entries by 1 - p.
+        seed: seed of the drop masks.
+        top_k: TIES trim fraction.
+        scaling_factor: lambda of TIES.
+    """
+
+    name = "dare_ties"
+
+    def __init__(
+        self, drop_rate: float = 0.9, rescale: bool = True, seed: int = 0, top_k: float = 0.2, scaling_factor: float = 0.3
+    ) -> None:
+        TiesMerging.__init__(self, top_k, scaling_factor)
+        self._init_dare(drop_rate, rescale, seed)
+
+    def hyperparameters(self) -> dict[str, float | int | bool]:
+        return {**self._dare_hyperparameters(), **TiesMerging.hyperparameters(self)}
+
+
+#: Every method by name.
+METHODS: dict[str, type[MergeMethod]] = {
+    cls.name: cls for cls in (SimpleAverage, TaskArithmetic, TiesMerging, DareTaskArithmetic, DareTies)
+}

@@ -1,0 +1,149 @@
+"""The model pool: the pretrained checkpoint and one fine-tuned checkpoint per task."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from transformers import AutoConfig, PretrainedConfig
+
+from merging.checkpoints import check_head_labels, check_model_source, resolve_model_dir
+from merging.errors import CheckpointError, MergeError
+from merging.reader import CheckpointReader
+
+PRETRAINED = "_pretrained_"
+BACKBONE_PREFIX = "convnext."
+HEAD_KEYS = ("classifier.weight", "classifier.bias")
+
+
+def normalize_name(name: str) -> str:
+    """``stanford-cars`` (public checkpoint spelling) and ``stanford_cars`` are one task."""
+    return name.strip().lower().replace("-", "_")
+
+
+def _source_of(name: str, entry: str | Mapping[str, Any]) -> str:
+    if isinstance(entry, str):
+        return entry
+    for key in ("config_path", "path", "model_name_or_path"):
+        if entry.get(key):
+            return str(entry[key])
+    raise MergeError(f"pool entry '{name}' names no checkpoint (give config_path: <hub id or directory>)")
+
+
+def read_pool_file(path: str) -> dict[str, Any]:
+    """The ``models`` mapping of a FusionBench-style model pool YAML."""
+    file = Path(path)
+    if not file.is_file():
+        raise MergeError(f"model pool file '{path}' does not exist")
+    content = yaml.safe_load(file.read_text()) or {}
+    models = content.get("models", content) if isinstance(content, dict) else None
+    if not isinstance(models, dict):
+        raise MergeError(f"model pool file '{path}' has no 'models' mapping")
+    return models
+
+
+class ModelPool:
+    """``_pretrained_`` plus one fine-tuned checkpoint per task, each a hub id or directory.
+
+    Args:
+        models: name -> checkpoint, as in FusionBench's model pool YAML (``_pretrained_:
+            facebook/convnext-base-224``, ``dtd: tanganke/...``); an entry may also be a mapping
+            with ``config_path`` (and FusionBench's ``pretrained``/``dataset_name``, where
+            ``dataset_name`` names the task). A string is read as the path of such a YAML file.
+    """
+
+    def __init__(self, models: Mapping[str, str | Mapping[str, Any]] | str) -> None:
+        if isinstance(models, str):
+            models = read_pool_file(models)
+        if PRETRAINED not in models:
+            raise MergeError(f"the model pool has no '{PRETRAINED}' entry (names: {', '.join(models) or 'none'})")
+        self.sources: dict[str, str] = {}
+        for name, entry in models.items():
+            task = name if name == PRETRAINED else normalize_name(
+                entry.get("dataset_name") or name if isinstance(entry, Mapping) else name
+            )
+            if task in self.sources:
+                raise MergeError(f"task '{task}' appears twice in the model pool")
+            self.sources[task] = _source_of(name, entry)
+        if len(self.sources) < 2:
+            raise MergeError("the model pool has no fine-tuned models: add one entry per task besides _pretrained_")
+        for source in self.sources.values():
+            check_model_source(source)
+        self._readers: dict[str, CheckpointReader] = {}
+
+    @property
+    def task_names(self) -> list[str]:
+        return [name for name in self.sources if name != PRETRAINED]
+
+    def directory(self, name: str) -> Path:
+        return resolve_model_dir(self.sources[name])
+
+    def reader(self, name: str) -> CheckpointReader:
+        if name not in self._readers:
+            self._readers[name] = CheckpointReader(self.directory(name))
+        return self._readers[name]
+
+    def config(self, name: str = PRETRAINED) -> PretrainedConfig:
+        return AutoConfig.from_pretrained(self.directory(name))
+
+    @cached_property
+    def backbone_keys(self) -> list[str]:
+        keys = [key for key in self.reader(PRETRAINED).keys() if key.startswith(BACKBONE_PREFIX)]
+        if not keys:
+            raise CheckpointError(f"checkpoint '{self.sources[PRETRAINED]}' has no '{BACKBONE_PREFIX}*' backbone tensors")
+        return keys
+
+    def check_backbones(self) -> None:
+        """Every fine-tuned backbone has the pretrained one's keys and shapes."""
+        reference = self.reader(PRETRAINED)
+        expected = {key: reference.shape(key) for key in self.backbone_keys}
+        for task in self.task_names:
+            reader = self.reader(task)
+            keys = {key for key in reader.keys() if key.startswith(BACKBONE_PREFIX)}
+            missing, extra = sorted(expected.keys() - keys), sorted(keys - expected.keys())
+            if missing or extra:
+                detail = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
+                raise MergeError(f"backbone of '{reader.directory}' ({task}) differs from the pretrained one: {detail}")
+            for key, shape in expected.items():
+                if reader.shape(key) != shape:
+                    raise MergeError(
+                        f"shape mismatch for '{key}': {list(reader.shape(key))} in '{reader.path_of(key)}' ({task}) "
+                        f"vs {list(shape)} in '{reference.path_of(key)}' (pretrained)"
+                    )
+
+    def head(self, task: str) -> dict[str, torch.Tensor]:
+        """The fine-tuned classifier of ``task``: ``{"weight", "bias"}``."""
+        reader = self.reader(task)
+        for key in HEAD_KEYS:
+            if key not in reader:
+                raise CheckpointError(f"checkpoint '{reader.directory}' ({task}) has no '{key}'")
+        head = {key.split(".")[-1]: reader.read(key).to(torch.float32) for key in HEAD_KEYS}
+        for key, tensor in head.items():
+            if not torch.isfinite(tensor).all():
+                raise CheckpointError(f"non-finite values (NaN/Inf) in 'classifier.{key}' of '{reader.path_of('classifier.' + key)}'")
+        return head
+
+    def check_heads(self, classnames: Mapping[str, list[str]]) -> None:
+        """Every task to evaluate has a fine-tuned head of its class count (and labels)."""
+        for task, names in classnames.items():
+            if task not in self.sources or task == PRETRAINED:
+                raise MergeError(
+                    f"no fine-tuned model for task '{task}' in the model pool (tasks: {', '.join(self.task_names)})"
+                )
+            reader = self.reader(task)
+            shape = reader.shape(HEAD_KEYS[0]) if HEAD_KEYS[0] in reader else None
+            if shape is None or shape[0] != len(names):
+                raise MergeError(
+                    f"head of '{reader.path_of(HEAD_KEYS[0])}' is {list(shape) if shape else 'missing'}, "
+                    f"but task '{task}' has {len(names)} classes"
+                )
+            check_head_labels(self.config(task), names, self.sources[task])
+
+    def close(self) -> None:
+        for reader in self._readers.values():
+            reader.close()
+        self._readers.clear()
