@@ -12,7 +12,7 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 from transformers import AutoConfig, ConvNextForImageClassification
 
-from merging.checkpoints import resolve_model_dir
+from merging.checkpoints import check_head_labels, resolve_model_dir
 from merging.errors import CheckpointError
 
 
@@ -26,21 +26,6 @@ def classification_metrics(num_classes: int) -> MetricCollection:
 
 def label_maps(classnames: list[str]) -> tuple[dict[int, str], dict[str, int]]:
     return dict(enumerate(classnames)), {name: i for i, name in enumerate(classnames)}
-
-
-def check_head(config: Any, classnames: list[str], source: str) -> None:
-    """A checkpoint's own head must be for this task: same class count and, where named, same labels."""
-    if config.num_labels != len(classnames):
-        raise CheckpointError(
-            f"checkpoint '{source}' has a {config.num_labels}-class head, but the task has {len(classnames)} classes"
-        )
-    names = [config.id2label[i] for i in range(config.num_labels)]
-    generic = names == [f"LABEL_{i}" for i in range(config.num_labels)]
-    if not generic and names != list(classnames):
-        raise CheckpointError(
-            f"checkpoint '{source}' was trained for other labels ({', '.join(names[:3])}, ...) "
-            f"than the task's ({', '.join(classnames[:3])}, ...)"
-        )
 
 
 class ImageClassifier(LightningModule):
@@ -105,7 +90,7 @@ class ImageClassifier(LightningModule):
         if new_head:
             model.classifier = nn.Linear(model.config.hidden_sizes[-1], len(classnames))
         else:
-            check_head(model.config, classnames, source)
+            check_head_labels(model.config, classnames, source)
         model.config.num_labels = len(classnames)
         model.config.id2label, model.config.label2id = label_maps(classnames)
         return model

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.trainer.states import TrainerStatus
 
@@ -50,13 +51,19 @@ class TrainCLI(ProjectCLI):
             default="exports",
             help="Root for the Hugging Face export written at the end of fit (null: no export).",
         )
+        parser.add_argument(
+            "--export_name",
+            type=str | None,
+            default=None,
+            help="Name of the export directory (default: <model>_<task>_sgd_batch-size-<B>_lr-<lr>_steps-<N>).",
+        )
         parser.add_argument("--overwrite", type=bool, default=False, help="Replace an existing export.")
 
     def _export_target(self, steps: int) -> Path | None:
         export_dir = self.subcommand_config().get("export_dir")
         if export_dir is None:
             return None
-        name = export_name(
+        name = self.subcommand_config().get("export_name") or export_name(
             self.model.hparams.model_name_or_path,
             self.datamodule.task.hub_name,
             self.datamodule.batch_size,
@@ -66,6 +73,10 @@ class TrainCLI(ProjectCLI):
         return Path(export_dir) / name
 
     def before_fit(self) -> None:
+        if not self.trainer.loggers:
+            # `--trainer.logger false` on a config with a LearningRateMonitor: nothing to monitor into,
+            # and Lightning would refuse to train.
+            self.trainer.callbacks = [c for c in self.trainer.callbacks if not isinstance(c, LearningRateMonitor)]
         # Fail before training, not after it, if the export would be refused.
         if self.trainer.max_steps and self.trainer.max_steps > 0:
             target = self._export_target(self.trainer.max_steps)
@@ -109,3 +120,11 @@ class TrainCLI(ProjectCLI):
         (directory / "README.md").write_text(card)
         config = self._parser(self.subcommand).dump(self.subcommand_config(), skip_none=False)
         (directory / "train_config.yaml").write_text(config)
+
+
+class MergeCLI(ProjectCLI):
+    """``merge.py``: the DataModule tells the model which tasks, in which order, with which labels."""
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.link_arguments("data.task_names", "model.init_args.tasks", apply_on="instantiate")
+        parser.link_arguments("data.classnames", "model.init_args.classnames", apply_on="instantiate")
