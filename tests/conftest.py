@@ -1,0 +1,129 @@
+"""Shared fixtures: tiny local datasets in the Hugging Face schema and image-processor folders.
+
+A dataset row's image is a constant grey square whose value is the row's index in its split,
+so a test can read back from a preprocessed tensor which row it came from (``decode_index``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
+from PIL import Image as PILImage
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DIR = REPO_ROOT.parent / "shared"
+
+# The processor of facebook/convnext-base-224, exactly as it is on the hub.
+CONVNEXT_BASE_PREPROCESSOR = {
+    "crop_pct": 0.875,
+    "do_normalize": True,
+    "do_resize": True,
+    "feature_extractor_type": "ConvNextFeatureExtractor",
+    "image_mean": [0.485, 0.456, 0.406],
+    "image_std": [0.229, 0.224, 0.225],
+    "resample": 3,
+    "size": 224,
+}
+
+# The project's packages import from a plain checkout too, not only after `pip install -e .`.
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """``../shared`` (real image samples, reference class names); skips where it is absent."""
+    if not SHARED_DIR.is_dir():
+        pytest.skip("../shared is not present (a fresh clone)")
+    return SHARED_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_processor() -> str:
+    """A 32-pixel ConvNeXt processor directory (crop_pct 1.0), for fast tests."""
+    return str(REPO_ROOT / "configs" / "quickstart" / "convnext-tiny-32")
+
+
+def write_preprocessor(directory: Path, config: dict) -> str:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "preprocessor_config.json").write_text(json.dumps(config))
+    return str(directory)
+
+
+@pytest.fixture(scope="session")
+def convnext_base_processor(tmp_path_factory) -> str:
+    """A directory holding facebook/convnext-base-224's ``preprocessor_config.json``."""
+    return write_preprocessor(tmp_path_factory.mktemp("convnext-base-224"), CONVNEXT_BASE_PREPROCESSOR)
+
+
+def gray_image(value: int, size: int = 8) -> PILImage.Image:
+    return PILImage.new("RGB", (size, size), (value, value, value))
+
+
+def index_dataset(split_sizes: dict[str, int], classnames: Sequence[str]) -> DatasetDict:
+    """Row ``i`` of every split: a grey image of value ``i`` and label ``i % len(classnames)``."""
+    num_labels = len(classnames)
+    features = Features({"image": Image(), "label": ClassLabel(names=list(classnames))})
+    splits = {}
+    for split, size in split_sizes.items():
+        if size > 256:
+            raise ValueError("pixel values encode the row index: at most 256 rows per split")
+        rows = {"image": [gray_image(i) for i in range(size)], "label": [i % num_labels for i in range(size)]}
+        splits[split] = Dataset.from_dict(rows, features=features)
+    return DatasetDict(splits)
+
+
+def write_dataset(dataset: DatasetDict, root: Path, form: str) -> str:
+    """Write ``dataset`` as ``disk`` (save_to_disk), ``parquet`` (hub layout) or ``imagefolder``."""
+    if form == "disk":
+        dataset.save_to_disk(str(root))
+    elif form == "parquet":
+        (root / "data").mkdir(parents=True)
+        for split, data in dataset.items():
+            data.to_parquet(str(root / "data" / f"{split}-00000-of-00001.parquet"))
+    elif form == "imagefolder":
+        for split, data in dataset.items():
+            names = data.features["label"].names
+            for row, item in enumerate(data):
+                folder = root / split / names[item["label"]]
+                folder.mkdir(parents=True, exist_ok=True)
+                item["image"].save(folder / f"{row:04d}.png")
+    else:
+        raise ValueError(f"unknown dataset form {form!r}")
+    return str(root)
+
+
+@pytest.fixture
+def make_local_dataset(tmp_path) -> Callable[..., str]:
+    """Factory: ``make_local_dataset(form, {"train": 50, "test": 13}, classnames)`` -> path."""
+    counter = iter(range(1_000_000))
+
+    def make(form: str, split_sizes: dict[str, int], classnames: Sequence[str]) -> str:
+        root = tmp_path / f"{form}-{next(counter)}"
+        return write_dataset(index_dataset(split_sizes, classnames), root, form)
+
+    return make
+
+
+def _decode_index(pixel_values: torch.Tensor, mean: float = 0.485, std: float = 0.229) -> int:
+    """The grey value (row index) of a preprocessed ``index_dataset`` image (ImageNet statistics)."""
+    return int(round(float(pixel_values[0].mean()) * std * 255 + mean * 255))
+
+
+@pytest.fixture(scope="session")
+def decode_index() -> Callable[[torch.Tensor], int]:
+    return _decode_index

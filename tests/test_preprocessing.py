@@ -1,0 +1,114 @@
+"""ImagePreprocessor against the Hugging Face ConvNeXt image processor it replaces."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor
+
+from conftest import CONVNEXT_BASE_PREPROCESSOR, write_preprocessor
+from datamodules import DataError, ImagePreprocessor, load_image_processor
+
+TOLERANCE = 1e-5
+
+
+def reference(processor, image: Image.Image) -> torch.Tensor:
+    return processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+
+def max_difference(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    assert ours.shape == theirs.shape and ours.dtype == torch.float32
+    return float((ours - theirs).abs().max())
+
+
+def random_image(width: int, height: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
+    channels = {"L": 1, "RGB": 3, "RGBA": 4}[mode]
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, channels), dtype=np.uint8)
+    return Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels, mode=mode)
+
+
+@pytest.fixture(scope="module")
+def base(convnext_base_processor):
+    """``(ours, Hugging Face)`` for facebook/convnext-base-224's processor config."""
+    return ImagePreprocessor.from_pretrained(convnext_base_processor), AutoImageProcessor.from_pretrained(
+        convnext_base_processor
+    )
+
+
+def test_settings_are_read_from_the_config(base):
+    ours, _ = base
+    assert ours.size == CONVNEXT_BASE_PREPROCESSOR["size"]
+    assert ours.crop_pct == CONVNEXT_BASE_PREPROCESSOR["crop_pct"]
+    assert ours.resample == Image.Resampling.BICUBIC
+    assert ours.mean == tuple(CONVNEXT_BASE_PREPROCESSOR["image_mean"])
+    assert ours.std == tuple(CONVNEXT_BASE_PREPROCESSOR["image_std"])
+    assert ImagePreprocessor.from_processor(ours.to_processor()) == ours
+
+
+def test_parity_on_real_dtd_jpegs(base, shared_dir):
+    ours, processor = base
+    files = sorted((shared_dir / "data" / "dtd-10class-sample").glob("*/*.jpg"))
+    assert len(files) == 40
+    sizes = set()
+    for file in files:
+        with Image.open(file) as image:
+            image.load()
+            sizes.add(image.size)
+            output = ours(image)
+            assert output.shape == (3, 224, 224)
+            assert max_difference(output, reference(processor, image)) <= TOLERANCE, file.name
+    assert any(width != height for width, height in sizes), "the sample should hold non-square images"
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA"])
+def test_grayscale_and_rgba_become_rgb(mode, base):
+    ours, processor = base
+    image = random_image(150, 110, mode, seed=1)
+    output = ours(image)
+    assert output.shape == (3, 224, 224)
+    assert torch.equal(output, ours(image.convert("RGB")))
+    assert max_difference(output, reference(processor, image.convert("RGB"))) <= TOLERANCE
+    if mode == "L":
+        assert not torch.equal(output[0], output[1]), "channels must keep their own mean and std"
+
+
+@pytest.mark.parametrize(("width", "height"), [(13, 29), (41, 17), (256, 300), (300, 256), (257, 256)])
+def test_small_and_exact_sizes(width, height, base):
+    # Upsampling non-square images, and the no-resize case (shorter side already 256).
+    ours, processor = base
+    image = random_image(width, height, seed=width)
+    assert max_difference(ours(image), reference(processor, image)) <= TOLERANCE
+
+
+@pytest.mark.parametrize(("width", "height"), [(45, 20), (20, 45), (32, 32)])
+def test_tiny_processor(width, height, tiny_processor):
+    ours = ImagePreprocessor.from_pretrained(tiny_processor)
+    processor = AutoImageProcessor.from_pretrained(tiny_processor)
+    image = random_image(width, height, seed=height)
+    output = ours(image)
+    assert output.shape == (3, 32, 32)
+    assert max_difference(output, reference(processor, image)) <= TOLERANCE
+
+
+@pytest.mark.parametrize("size", [384, 416])
+def test_large_size_warps_without_crop(size, tmp_path):
+    # At 384 and above the processor resizes to a square (aspect not kept) and does not crop.
+    directory = write_preprocessor(tmp_path / "large", {**CONVNEXT_BASE_PREPROCESSOR, "size": size})
+    ours = ImagePreprocessor.from_pretrained(directory)
+    processor = AutoImageProcessor.from_pretrained(directory)
+    image = random_image(500, 300, seed=size)
+    output = ours(image)
+    assert output.shape == (3, size, size)
+    assert max_difference(output, reference(processor, image)) <= TOLERANCE
+    warped = np.array(image.resize((size, size), resample=Image.Resampling.BICUBIC))
+    assert torch.equal(ours.to_uint8_tensor(image), torch.from_numpy(warped).permute(2, 0, 1))
+
+
+def test_missing_processor_is_a_data_error(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_image_processor(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no preprocessor_config.json"):
+        load_image_processor(str(tmp_path / "empty"))
