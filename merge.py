@@ -10,10 +10,12 @@
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import ArgsType
 
-import merging.methods  # noqa: F401  (registers the merge methods for --model.method)
+import merging  # noqa: F401  (the merge methods, selectable as --model.method <Name>)
 from datamodules import MultiTaskDataModule
+from lightning_modules.adamerging import AdaMerging  # noqa: F401  (model classes for --model <Name>)
 from lightning_modules.cli import MergeCLI
-from lightning_modules.merged import MergedClassifier  # noqa: F401  (the default model class)
+from lightning_modules.comparison import MethodComparison  # noqa: F401
+from lightning_modules.merged import MergedClassifier  # noqa: F401
 
 
 def main(args: ArgsType = None) -> None:

@@ -33,7 +33,7 @@ def backbone_from_state(config: ConvNextConfig, state: Mapping[str, torch.Tensor
         model = ConvNextModel(config)
     stripped = {key.removeprefix("convnext."): tensor for key, tensor in state.items()}
     model.load_state_dict(stripped, assign=True, strict=True)
-    return model.eval()
+    return model
 
 
 def heads_from_state(heads: Mapping[str, Mapping[str, torch.Tensor]]) -> SwitchModule:

@@ -1,0 +1,39 @@
+"""Model pool, merge methods and the switched heads.
+
+    from merging import ModelPool, TiesMerging, merge_backbone
+    pool = ModelPool({"_pretrained_": "facebook/convnext-base-224", "dtd": "path/to/dtd-model"})
+    merged = merge_backbone(pool, TiesMerging(top_k=0.2, scaling_factor=0.3))
+"""
+
+from merging.coefficients import LearnedCoefficients
+from merging.engine import merge_backbone
+from merging.errors import CheckpointError, MergeError
+from merging.methods import (
+    METHODS,
+    DareTaskArithmetic,
+    DareTies,
+    MergeMethod,
+    SimpleAverage,
+    TaskArithmetic,
+    TiesMerging,
+)
+from merging.pool import ModelPool
+from merging.switch import SwitchModule
+
+METHODS[LearnedCoefficients.name] = LearnedCoefficients
+
+__all__ = [
+    "METHODS",
+    "CheckpointError",
+    "DareTaskArithmetic",
+    "DareTies",
+    "LearnedCoefficients",
+    "MergeError",
+    "MergeMethod",
+    "ModelPool",
+    "SimpleAverage",
+    "SwitchModule",
+    "TaskArithmetic",
+    "TiesMerging",
+    "merge_backbone",
+]

@@ -86,6 +86,7 @@ def merge_backbone(pool: ModelPool, method: MergeMethod, progress: bool = True) 
     pool.check_backbones()
     streams = _Streams(pool, method, check_inputs=not method.propagates_non_finite)
     keys = pool.backbone_keys
+    method.prepare(pool.task_names, keys)
     statistics: list[float] = []
     if method.needs_task_statistics:
         for index, task in enumerate(pool.task_names):

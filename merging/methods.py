@@ -12,7 +12,7 @@ in ``METHODS``. They never read files: ``merging.engine`` streams the tensors in
 
 from __future__ import annotations
 
-import zlib
+import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from typing import ClassVar
@@ -23,11 +23,11 @@ from torch import Tensor
 from merging.errors import MergeError
 
 
-def _running_sum(tensors: Iterable[Tensor]) -> tuple[Tensor, int]:
+def _running_sum(tensors: Iterable[Tensor], dtype: torch.dtype = torch.float32) -> tuple[Tensor, int]:
     total, count = None, 0
     for tensor in tensors:
         if total is None:
-            total = tensor.to(torch.float32, copy=True)
+            total = tensor.to(dtype, copy=True)
         else:
             total.add_(tensor)
         count += 1
@@ -37,9 +37,12 @@ def _running_sum(tensors: Iterable[Tensor]) -> tuple[Tensor, int]:
 
 
 def simple_average(finetuned: Iterable[Tensor]) -> Tensor:
-    """Uniform model soup (Wortsman et al., ICML 2022): ``theta = (1/T) sum_t theta_t``."""
-    total, count = _running_sum(finetuned)
-    return total.div_(count)
+    """Uniform model soup (Wortsman et al., ICML 2022): ``theta = (1/T) sum_t theta_t``.
+
+    The sum is kept in float64: a float32 running sum rounds (``3 * theta`` is not exact), so
+    the average of identical models would not be that model."""
+    total, count = _running_sum(finetuned, torch.float64)
+    return total.div_(count).to(torch.float32)
 
 
 def task_arithmetic(pretrained: Tensor, task_vectors: Iterable[Tensor], scaling_factor: float) -> Tensor:
@@ -110,8 +113,12 @@ def dare(task_vector: Tensor, drop_rate: float, rescale: bool, generator: torch.
 
 
 def dare_generator(seed: int, task_index: int, key: str) -> torch.Generator:
-    """A generator per (seed, task, parameter): the same mask whatever the processing order or rank."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + task_index) * 2**32 + zlib.crc32(key.encode()))
+    """A generator per (seed, task, parameter): the same mask whatever the processing order or rank.
+
+    The CPU generator (mt19937) keeps only the low 32 bits of its seed, so all three are
+    hashed into those 32 bits (seed and task placed above them would be silently dropped)."""
+    digest = hashlib.blake2b(f"{seed}/{task_index}/{key}".encode(), digest_size=4).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little"))
 
 
 class MergeMethod(ABC):
@@ -131,6 +138,10 @@ class MergeMethod(ABC):
     #: the output; the engine then checks outputs instead of every input.
     propagates_non_finite: ClassVar[bool] = True
     needs_task_statistics: ClassVar[bool] = False
+
+    def prepare(self, tasks: Sequence[str], keys: Sequence[str]) -> None:
+        """Called once before merging with the fine-tuned tasks (in stream order) and the
+        backbone keys; a method whose hyper-parameters are per task or per key checks them here."""
 
     def transform(self, task_vector: Tensor, task_index: int, key: str) -> Tensor:
         """Applied to each task vector before merging (DARE); identity by default."""

@@ -1,0 +1,178 @@
+"""AdaMerging (Yang et al., ICLR 2024) for ConvNeXt: learn the merging coefficients on
+unlabelled test images by minimising the entropy of each task's predictions.
+
+Merged backbone: ``theta = theta_0 + sum_t lambda_t * tau_t`` (task-wise, one lambda per
+task) or ``theta_k = theta_0,k + sum_t lambda_{t,k} * tau_{t,k}`` (layer-wise, one lambda
+per task and parameter tensor ``k``). Only the lambdas train: the pretrained backbone and
+the task vectors are frozen tensors on the device, once each, and every step runs the
+backbone with ``torch.func.functional_call`` on the merged parameters (no model copies).
+The training data are the tasks' test images *without labels* (``MultiTaskDataModule``
+drops the label column before any loader exists).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from lightning_modules.evaluation import MultiTaskEvaluation, backbone_from_state, heads_from_state
+from merging.coefficients import coefficients_heatmap, read_coefficients, write_coefficients
+from merging.errors import MergeError
+from merging.pool import BACKBONE_PREFIX, PRETRAINED, ModelPool
+
+
+def prediction_entropy(logits: Tensor) -> Tensor:
+    """Mean Shannon entropy (nats) of the softmax predictions: ``-sum_c p_c log p_c``."""
+    log_probabilities = torch.log_softmax(logits.float(), dim=-1)
+    return -(log_probabilities.exp() * log_probabilities).sum(dim=-1).mean()
+
+
+class AdaMerging(MultiTaskEvaluation):
+    """Learn task-wise or layer-wise merging coefficients by entropy minimisation
+    (``merge.py fit``), then evaluate the merged model (``merge.py test``).
+
+    Args:
+        tasks: evaluated tasks, in order (linked from ``data.task_names``).
+        classnames: class names per task (linked from ``data.classnames``).
+        models: the model pool (``_pretrained_`` plus one checkpoint per task), as for
+            ``MergedClassifier``; every fine-tuned model of the pool is merged.
+        granularity: ``layer`` (one coefficient per task and parameter tensor) or ``task``.
+        init_value: initial coefficient (the paper: 0.3).
+        lr: Adam learning rate (the paper: 1e-3).
+        clamp: keep every coefficient in ``[clamp_min, clamp_max]`` after each step.
+        clamp_min: lower bound of the coefficients.
+        clamp_max: upper bound of the coefficients.
+        coefficients: a coefficients file (``coefficients.json`` of an earlier fit) to start
+            from, or to evaluate with ``merge.py test``.
+        output_dir: where ``coefficients.json`` and ``coefficients.png`` are written after fit.
+        evaluate_individual: in test, also evaluate each fine-tuned model on its own task.
+        report_dir: where the test report goes.
+    """
+
+    def __init__(
+        self,
+        tasks: list[str],
+        classnames: dict[str, list[str]],
+        models: dict[str, str | dict[str, Any]] | str,
+        granularity: Literal["layer", "task"] = "layer",
+        init_value: float = 0.3,
+        lr: float = 1e-3,
+        clamp: bool = True,
+        clamp_min: float = 0.0,
+        clamp_max: float = 1.0,
+        coefficients: str | None = None,
+        output_dir: str = "outputs/adamerging",
+        evaluate_individual: bool = False,
+        report_dir: str = "outputs/adamerging/report",
+    ) -> None:
+        super().__init__(tasks, classnames, report_dir, report_title=f"AdaMerging ({granularity}-wise)")
+        self.pool = ModelPool(models)
+        self.granularity = granularity
+        self.init_value = init_value
+        self.lr = lr
+        self.clamp = clamp
+        self.clamp_range = (clamp_min, clamp_max)
+        self.coefficients_file = coefficients
+        if coefficients is not None and not Path(coefficients).is_file():
+            raise MergeError(f"coefficients file '{coefficients}' does not exist")
+        self.output_dir = output_dir
+        self.evaluate_individual = evaluate_individual
+        self.merge_tasks = self.pool.task_names
+        self.keys = [key for key in self.pool.backbone_keys]
+        width = len(self.keys) if granularity == "layer" else 1
+        self.coefficients = nn.Parameter(torch.full((len(self.merge_tasks), width), float(init_value)))
+        if coefficients is not None:
+            with torch.no_grad():
+                self.coefficients.copy_(self._read_coefficients(coefficients))
+        self.backbone: nn.Module | None = None
+        self.task_vectors = nn.Module()
+
+    def _read_coefficients(self, path: str) -> Tensor:
+        return read_coefficients(path, self.merge_tasks, self.keys, self.granularity)
+
+    def build(self) -> None:
+        pool = self.pool
+        pool.check_backbones()
+        pool.check_heads(self.classnames)
+        pretrained = pool.reader(PRETRAINED)
+        theta0 = {key: pretrained.read(key).to(torch.float32) for key in self.keys}
+        self.backbone = backbone_from_state(pool.config(PRETRAINED), theta0).requires_grad_(False)
+        for index, key in enumerate(self.keys):
+            vectors = [pool.reader(task).read(key).to(torch.float32) - theta0[key] for task in self.merge_tasks]
+            stacked = torch.stack(vectors)
+            if not torch.isfinite(stacked).all():
+                raise MergeError(f"non-finite values (NaN/Inf) in task vectors of '{key}'")
+            self.task_vectors.register_buffer(f"k{index}", stacked, persistent=False)
+            del vectors
+        self.heads = heads_from_state({task: pool.head(task) for task in self.tasks}).requires_grad_(False)
+        self.row_names = [f"adamerging({self.granularity}-wise)"]
+        if self.evaluate_individual:
+            for task in self.tasks:
+                reader = pool.reader(task)
+                state = {key: reader.read(key) for key in self.keys}
+                self.individual[task] = backbone_from_state(pool.config(task), state).requires_grad_(False)
+
+    def merged_parameters(self) -> dict[str, Tensor]:
+        """``theta_0 + sum_t lambda_{t,k} tau_{t,k}`` for every backbone tensor ``k``."""
+        lambdas = self.coefficients.expand(len(self.merge_tasks), len(self.keys))
+        pretrained = dict(self.backbone.named_parameters())
+        merged = {}
+        for index, key in enumerate(self.keys):
+            name = key.removeprefix(BACKBONE_PREFIX)
+            vectors = getattr(self.task_vectors, f"k{index}")
+            merged[name] = pretrained[name] + torch.tensordot(lambdas[:, index], vectors, dims=1)
+        return merged
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        merged = self.merged_parameters()
+        total = torch.zeros((), device=self.coefficients.device)
+        for task in self.tasks:
+            features = functional_call(self.backbone, merged, (batch[task],)).pooler_output
+            entropy = prediction_entropy(self.heads(features, task))
+            self.log(f"train/entropy/{task}", entropy)
+            total = total + entropy
+        self.log("train/entropy", total, prog_bar=True)
+        return total
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.clamp:
+            with torch.no_grad():
+                self.coefficients.clamp_(*self.clamp_range)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam([self.coefficients], lr=self.lr)
+
+    def coefficient_table(self) -> dict[str, dict[str, float]]:
+        values = self.coefficients.detach().cpu().expand(len(self.merge_tasks), len(self.keys))
+        return {task: dict(zip(self.keys, row.tolist())) for task, row in zip(self.merge_tasks, values)}
+
+    def on_train_end(self) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        output = Path(self.output_dir)
+        write_coefficients(output / "coefficients.json", self.coefficients.detach().cpu(), self.merge_tasks, self.keys, self.granularity)
+        coefficients_heatmap(output / "coefficients.png", self.coefficients.detach().cpu(), self.merge_tasks, self.keys)
+        print(f"wrote {output / 'coefficients.json'} and {output / 'coefficients.png'}")
+        from lightning.pytorch.loggers import WandbLogger
+
+        for logger in self.trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image(key="adamerging/coefficients", images=[str(output / "coefficients.png")])
+
+    def on_test_start(self) -> None:
+        with torch.no_grad():
+            merged = {BACKBONE_PREFIX + name: tensor.detach().clone() for name, tensor in self.merged_parameters().items()}
+        self.verify_identical_across_ranks(merged, "merged weights")
+        self.rows["row0"] = backbone_from_state(self.pool.config(PRETRAINED), merged)
+
+    def report_extra(self) -> dict[str, Any]:
+        return {
+            "method": self.row_names[0],
+            "models": dict(self.pool.sources),
+            "coefficients": self.coefficient_table() if self.granularity == "task" else str(Path(self.output_dir, "coefficients.json")),
+        }

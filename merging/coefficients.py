@@ -1,0 +1,108 @@
+"""Merging coefficients per task (and per parameter tensor): the readable file AdaMerging
+writes, its heat map, and the merge method that applies a learned file."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from merging.errors import MergeError
+from merging.methods import MergeMethod, task_arithmetic
+
+
+def write_coefficients(path: Path, coefficients: Tensor, tasks: Sequence[str], keys: Sequence[str], granularity: str) -> None:
+    """``{"granularity", "tasks", "keys", "coefficients": {task: {key: value}}}`` as JSON
+    (task-wise: ``{task: value}``), written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if granularity == "task":
+        table = {task: float(row[0]) for task, row in zip(tasks, coefficients)}
+    else:
+        table = {task: dict(zip(keys, map(float, row))) for task, row in zip(tasks, coefficients)}
+    content = {"granularity": granularity, "tasks": list(tasks), "keys": list(keys), "coefficients": table}
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(handle, "w") as file:
+        json.dump(content, file, indent=1)
+    os.replace(temporary, path)
+
+
+def read_coefficients(path: str | Path, tasks: Sequence[str], keys: Sequence[str], granularity: str | None = None) -> Tensor:
+    """The ``(tasks, keys)`` (layer-wise) or ``(tasks, 1)`` (task-wise) coefficient matrix of
+    a file written by ``write_coefficients``, checked against the tasks and keys it will
+    be applied to."""
+    try:
+        content = json.loads(Path(path).read_text())
+        stored_granularity, table = content["granularity"], content["coefficients"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise MergeError(f"unreadable coefficients file '{path}': {error}") from error
+    if granularity is not None and stored_granularity != granularity:
+        raise MergeError(f"coefficients file '{path}' is {stored_granularity}-wise, expected {granularity}-wise")
+    if set(table) != set(tasks):
+        raise MergeError(f"coefficients file '{path}' is for tasks {sorted(table)}, the model pool has {sorted(tasks)}")
+    if stored_granularity == "task":
+        return torch.tensor([[float(table[task])] for task in tasks])
+    rows = []
+    for task in tasks:
+        missing = [key for key in keys if key not in table[task]]
+        if missing:
+            raise MergeError(f"coefficients file '{path}' has no coefficient for '{missing[0]}' of {task}")
+        rows.append([float(table[task][key]) for key in keys])
+    return torch.tensor(rows)
+
+
+def coefficients_heatmap(path: Path, coefficients: Tensor, tasks: Sequence[str], keys: Sequence[str]) -> None:
+    """Tasks x parameter tensors (layers), one cell per coefficient."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    values = coefficients.expand(len(tasks), len(keys)).numpy()
+    figure, axes = plt.subplots(figsize=(min(24.0, 4 + 0.05 * len(keys)), 1.2 + 0.45 * len(tasks)))
+    image = axes.imshow(values, aspect="auto", cmap="viridis", interpolation="nearest")
+    axes.set_yticks(range(len(tasks)), tasks)
+    axes.set_xlabel(f"backbone parameter tensor (0-{len(keys) - 1}, input to output)")
+    axes.set_title("AdaMerging coefficients")
+    figure.colorbar(image, ax=axes, fraction=0.03)
+    figure.tight_layout()
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(handle)
+    figure.savefig(temporary, dpi=120)
+    plt.close(figure)
+    os.replace(temporary, path)
+
+
+class LearnedCoefficients(MergeMethod):
+    """Task arithmetic with a coefficient per task (and per parameter tensor) from a file
+    AdaMerging wrote: ``theta_k = theta_0,k + sum_t lambda_{t,k} tau_{t,k}``.
+
+    Args:
+        coefficients: path of a ``coefficients.json`` (``merge.py fit`` with AdaMerging).
+        label: name of the row in reports.
+    """
+
+    name = "adamerging"
+
+    def __init__(self, coefficients: str, label: str = "adamerging") -> None:
+        self.path = coefficients
+        self.label = label
+        self._lambdas: dict[str, Tensor] = {}
+
+    def prepare(self, tasks: Sequence[str], keys: Sequence[str]) -> None:
+        matrix = read_coefficients(self.path, tasks, keys).expand(len(tasks), len(keys))
+        self._lambdas = {key: matrix[:, index].clone() for index, key in enumerate(keys)}
+
+    def transform(self, task_vector: Tensor, task_index: int, key: str) -> Tensor:
+        return task_vector * float(self._lambdas[key][task_index])
+
+    def merge(self, pretrained: Tensor | None, tensors, statistics) -> Tensor:
+        return task_arithmetic(pretrained, tensors, 1.0)
+
+    def describe(self) -> str:
+        return self.label
