@@ -20,6 +20,16 @@ from merging.errors import CheckpointError, MergeError
 INPUT_ERRORS = (DataError, CheckpointError, MergeError)
 
 
+def _input_error(error: BaseException | None) -> BaseException | None:
+    """The input error behind ``error``: jsonargparse wraps one raised while instantiating a
+    subclass (``--model MergedClassifier``) in a ValueError of its own, ``from`` the original."""
+    while error is not None:
+        if isinstance(error, INPUT_ERRORS):
+            return error
+        error = error.__cause__
+    return None
+
+
 class ProjectCLI(LightningCLI):
     """Bad input ends the program with one ``error:`` line and exit status 1; the process
     group is torn down at the end so CPU DDP runs exit cleanly."""
@@ -28,8 +38,11 @@ class ProjectCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         try:
             super().__init__(*args, **kwargs)
-        except INPUT_ERRORS as error:
-            print(f"error: {error}", file=sys.stderr)
+        except Exception as error:
+            cause = _input_error(error)
+            if cause is None:
+                raise
+            print(f"error: {cause}", file=sys.stderr)
             raise SystemExit(1) from None
         finally:
             if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -56,17 +56,22 @@ class _SafetensorsFile:
             header = json.loads(os.pread(self.fd, header_size, 8))
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
             self._fail(f"unreadable header ({error})")
+        if not isinstance(header, dict):
+            self._fail(f"the header is a JSON {type(header).__name__}, not an object")
         header.pop("__metadata__", None)
         self.data_start = 8 + header_size
         self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
         for key, info in header.items():
-            dtype = _DTYPES.get(info.get("dtype"))
+            try:
+                name, shape = info["dtype"], tuple(int(n) for n in info["shape"])
+                begin, end = (int(n) for n in info["data_offsets"])
+            except (TypeError, KeyError, ValueError):
+                self._fail(f"tensor '{key}' has a malformed header entry {str(info)[:200]}")
+            dtype = _DTYPES.get(name)
             if dtype is None:
-                self._fail(f"tensor '{key}' has unsupported dtype {info.get('dtype')}")
-            begin, end = info["data_offsets"]
-            shape = tuple(info["shape"])
+                self._fail(f"tensor '{key}' has unsupported dtype {name}")
             expected = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-            if end - begin != expected or self.data_start + end > size:
+            if begin < 0 or end - begin != expected or self.data_start + end > size:
                 self._fail(
                     f"tensor '{key}' ({info['dtype']}{list(shape)}) needs bytes {begin}-{end} of the data "
                     f"but the file has {size - self.data_start} (truncated or corrupt)"
@@ -150,7 +155,10 @@ class CheckpointReader:
         return self._files[self._key_file[key]].entries[key]
 
     def path_of(self, key: str) -> Path:
-        return self.directory / self._key_file.get(key, "pytorch_model.bin")
+        """The file holding ``key``; the checkpoint directory where no file has it."""
+        if self._legacy is not None:
+            return self.directory / "pytorch_model.bin"
+        return self.directory / self._key_file[key] if key in self._key_file else self.directory
 
     def read(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
         """The tensor ``key``, in its stored dtype; into ``out`` (same dtype and size) when given."""

@@ -1,0 +1,294 @@
+"""Tiny model pools and test sets for the merge-side tests, built in ``tmp_path``.
+
+A pool is a ``_pretrained_`` ConvNeXt (8-64 channels, 32x32 inputs) saved with
+``save_pretrained`` plus one "fine-tuned" checkpoint per task: the pretrained backbone plus a
+seeded perturbation of every tensor, and a fresh head sized for the task with the task's
+class names in ``id2label``. Every checkpoint directory carries the 32-pixel processor.
+
+A test set is a ``save_to_disk`` dataset (``test`` split) of seeded noise images for a
+registered task, with the task's class names. Two rows in three are labelled with the
+fine-tuned model's own prediction, so each individual model scores well above chance and a
+merged model scores differently: accuracy numbers that tell rows apart.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, load_from_disk
+from PIL import Image as PILImage
+from safetensors.torch import load_file
+from transformers import ConvNextConfig, ConvNextForImageClassification
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from datamodules.preprocessing import ImagePreprocessor  # noqa: E402
+from datamodules.tasks import get_task  # noqa: E402
+
+PROCESSOR_FILE = REPO_ROOT / "configs" / "quickstart" / "convnext-tiny-32" / "preprocessor_config.json"
+TINY = dict(depths=[1, 1, 1, 1], hidden_sizes=[8, 16, 32, 64], image_size=32, patch_size=2)
+PRETRAINED = "_pretrained_"
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+def tiny_config(classnames: Sequence[str], **overrides) -> ConvNextConfig:
+    labels = {i: str(name) for i, name in enumerate(classnames)}
+    return ConvNextConfig(
+        **{**TINY, **overrides},
+        num_labels=len(labels),
+        id2label=labels,
+        label2id={name: i for i, name in labels.items()},
+    )
+
+
+def save_checkpoint(model: ConvNextForImageClassification, directory: Path) -> Path:
+    model.save_pretrained(directory)
+    shutil.copy(PROCESSOR_FILE, directory / "preprocessor_config.json")
+    return directory
+
+
+def make_pretrained(directory: Path, seed: int = 0, **overrides) -> Path:
+    """A ``_pretrained_`` checkpoint (a 10-class head, like an ImageNet model's unused head)."""
+    torch.manual_seed(seed)
+    model = ConvNextForImageClassification(tiny_config([f"LABEL_{i}" for i in range(10)], **overrides))
+    # layer_scale starts at 1e-6, which would make every block a no-op: give them weight.
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("layer_scale_parameter"):
+                parameter.fill_(0.5)
+    return save_checkpoint(model, directory)
+
+
+def make_finetuned(
+    pretrained: Path, directory: Path, task: str, seed: int, scale: float = 0.05, num_labels: int | None = None
+) -> Path:
+    """``pretrained``'s backbone plus ``scale * N(0, 1)`` on every tensor, and a task head."""
+    classnames = list(get_task(task).classnames)
+    if num_labels is not None:  # a head of the wrong size, still self-consistent
+        classnames = [f"LABEL_{i}" for i in range(num_labels)]
+    base = ConvNextForImageClassification.from_pretrained(pretrained)
+    model = ConvNextForImageClassification(tiny_config(classnames))
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, tensor in base.state_dict().items():
+        if key.startswith("convnext."):
+            state[key] = tensor + scale * torch.randn(tensor.shape, generator=generator)
+    state["classifier.weight"] = 0.3 * torch.randn((len(classnames), 64), generator=generator)
+    state["classifier.bias"] = 0.1 * torch.randn(len(classnames), generator=generator)
+    model.load_state_dict(state, strict=True)
+    return save_checkpoint(model, directory)
+
+
+def make_pool(root: Path, tasks: Sequence[str], seed: int = 0) -> dict[str, str]:
+    """``{"_pretrained_": dir, task: dir, ...}`` under ``root``."""
+    pretrained = make_pretrained(root / "pretrained", seed)
+    pool = {PRETRAINED: str(pretrained)}
+    for index, task in enumerate(tasks):
+        pool[task] = str(make_finetuned(pretrained, root / f"finetuned_{task}", task, seed=1000 * (seed + 1) + index))
+    return pool
+
+
+def load_state(directory: str | Path) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(directory) / "model.safetensors"))
+
+
+def backbone(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {key: tensor for key, tensor in state.items() if key.startswith("convnext.")}
+
+
+def noise_images(count: int, seed: int, size: int = 20) -> list[PILImage.Image]:
+    rng = np.random.default_rng(seed)
+    return [PILImage.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(count)]
+
+
+def classify(
+    model_dir: str | Path,
+    images: Sequence[PILImage.Image],
+    backbone_state: Mapping[str, torch.Tensor] | None = None,
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """Logits of a checkpoint (optionally with another backbone) in plain PyTorch and the
+    project's preprocessing, independently of the Lightning modules under test."""
+    state = load_state(model_dir)
+    if backbone_state is not None:
+        state = {**state, **backbone_state}
+    config = ConvNextConfig.from_pretrained(model_dir)
+    model = ConvNextForImageClassification(config)
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    preprocess = ImagePreprocessor.from_pretrained(str(model_dir))
+    logits = []
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            pixels = torch.stack([preprocess(image) for image in images[start : start + batch_size]])
+            logits.append(model(pixel_values=pixels).logits)
+    return torch.cat(logits)
+
+
+def make_test_set(directory: Path, task: str, size: int, finetuned: str | Path, seed: int) -> Path:
+    """A ``save_to_disk`` test split of ``size`` noise images; rows ``i % 3 != 0`` are
+    labelled with ``finetuned``'s prediction, the others with a seeded random class."""
+    classnames = list(get_task(task).classnames)
+    images = noise_images(size, seed)
+    predicted = classify(finetuned, images).argmax(dim=1).tolist()
+    rng = np.random.default_rng(seed + 1)
+    labels = [predicted[i] if i % 3 else int(rng.integers(len(classnames))) for i in range(size)]
+    features = Features({"image": Image(), "label": ClassLabel(names=classnames)})
+    DatasetDict({"test": Dataset.from_dict({"image": images, "label": labels}, features=features)}).save_to_disk(
+        str(directory)
+    )
+    return directory
+
+
+def read_test_set(directory: str | Path) -> tuple[list[PILImage.Image], torch.Tensor]:
+    data = load_from_disk(str(directory))["test"]
+    return list(data["image"]), torch.tensor(data["label"])
+
+
+def evaluate(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Accuracy and mean cross-entropy, the way any reader would compute them."""
+    return {
+        "accuracy": (logits.argmax(dim=1) == labels).double().mean().item(),
+        "loss": torch.nn.functional.cross_entropy(logits.double(), labels).item(),
+        "num_samples": len(labels),
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    for key in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "WORLD_SIZE", "LOCAL_RANK", "GLOBAL_RANK"):
+        env.pop(key, None)
+    env.update(extra)
+    return env
+
+
+# --- The merge formulas, written out over whole state dicts (the tests' reference) -------------
+
+
+def task_vectors(pretrained: Mapping[str, torch.Tensor], finetuned: Sequence[Mapping[str, torch.Tensor]]):
+    return [{key: model[key].float() - pretrained[key].float() for key in pretrained} for model in finetuned]
+
+
+def reference_simple_average(finetuned: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """``(1/T) sum_t theta_t``, summed in float64 (exact for float32 inputs of similar scale)."""
+    return {key: (sum(model[key].double() for model in finetuned) / len(finetuned)).float() for key in finetuned[0]}
+
+
+def reference_task_arithmetic(pretrained, vectors, scaling_factor: float) -> dict[str, torch.Tensor]:
+    """``theta_0 + lambda * sum_t tau_t``."""
+    return {key: pretrained[key].float() + scaling_factor * sum(tau[key] for tau in vectors) for key in pretrained}
+
+
+def reference_thresholds(vectors, top_k: float) -> list[float]:
+    """Per task: the ``k``-th largest ``|tau|`` over the whole task vector, ``k = int(top_k * n)``."""
+    thresholds = []
+    for tau in vectors:
+        magnitudes = torch.cat([tensor.abs().reshape(-1) for tensor in tau.values()]).sort(descending=True).values
+        k = int(top_k * magnitudes.numel())
+        thresholds.append(float("inf") if k == 0 else float(magnitudes[k - 1]))
+    return thresholds
+
+
+def reference_ties(pretrained, vectors, top_k: float, scaling_factor: float) -> dict[str, torch.Tensor]:
+    """Trim each task to its top-k magnitudes, elect the sign of the summed trimmed values,
+    average the trimmed values that carry that sign (0 where the sum is 0)."""
+    thresholds = reference_thresholds(vectors, top_k)
+    merged = {}
+    for key in pretrained:
+        trimmed = torch.stack([torch.where(tau[key].abs() >= t, tau[key], 0.0) for tau, t in zip(vectors, thresholds)])
+        elected = torch.sign(trimmed.sum(dim=0))
+        agree = (torch.sign(trimmed) == elected) & (trimmed != 0)
+        mean = (trimmed * agree).sum(dim=0) / agree.sum(dim=0).clamp(min=1)
+        merged[key] = pretrained[key].float() + scaling_factor * torch.where(elected == 0, 0.0, mean)
+    return merged
+
+
+def reference_dare(vectors, drop_rate: float, seed: int) -> list[dict[str, torch.Tensor]]:
+    """Each entry of task ``t``'s vector kept where the (seed, t, key) generator's uniform draw
+    is ``>= p``, then divided by ``1 - p``."""
+    from merging.methods import dare_generator
+
+    out = []
+    for index, tau in enumerate(vectors):
+        dropped = {}
+        for key, tensor in tau.items():
+            keep = torch.rand(tensor.shape, generator=dare_generator(seed, index, key)) >= drop_rate
+            dropped[key] = torch.where(keep, tensor / (1 - drop_rate), 0.0)
+        out.append(dropped)
+    return out
+
+
+def reference_merge(method: str, params: Mapping[str, float], pretrained, finetuned) -> dict[str, torch.Tensor]:
+    """The merged backbone for a method name of ``merging.methods.METHODS``."""
+    if method == "simple_average":
+        return reference_simple_average(finetuned)
+    vectors = task_vectors(pretrained, finetuned)
+    if method.startswith("dare_"):
+        vectors = reference_dare(vectors, params["drop_rate"], params.get("seed", 0))
+        method = method.removeprefix("dare_")
+    if method == "task_arithmetic":
+        return reference_task_arithmetic(pretrained, vectors, params["scaling_factor"])
+    if method == "ties":
+        return reference_ties(pretrained, vectors, params["top_k"], params["scaling_factor"])
+    raise ValueError(method)
+
+
+# --- Damaged checkpoints ----------------------------------------------------------------------
+
+
+def copy_checkpoint(source: str | Path, target: Path) -> Path:
+    shutil.copytree(source, target)
+    return target
+
+
+def rewrite_tensors(directory: str | Path, change) -> Path:
+    """Apply ``change(state) -> state`` to a checkpoint's ``model.safetensors``."""
+    from safetensors.torch import save_file
+
+    path = Path(directory) / "model.safetensors"
+    state = change(load_file(str(path)))
+    save_file({key: tensor.contiguous() for key, tensor in state.items()}, str(path), metadata={"format": "pt"})
+    return Path(directory)
+
+
+def truncate(directory: str | Path, keep_fraction: float = 0.6) -> Path:
+    path = Path(directory) / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep_fraction)])
+    return path
+
+
+def corrupt_header(directory: str | Path) -> Path:
+    """Keep the length prefix, overwrite the JSON header's opening bytes."""
+    path = Path(directory) / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[8:24] = b"\x00not json at all"
+    path.write_bytes(bytes(data))
+    return path
+
+
+def first_backbone_key(directory: str | Path, suffix: str = ".weight", ndim: int = 4) -> str:
+    state = load_state(directory)
+    return next(key for key, t in state.items() if key.startswith("convnext.") and key.endswith(suffix) and t.ndim == ndim)

@@ -1,0 +1,355 @@
+"""``merge.py test`` end to end, in-process, offline on CPU.
+
+The report must agree with an independent evaluation: the merged backbone computed here with
+the method's formula from the fully loaded checkpoints, put into a plain
+``ConvNextForImageClassification`` with the task's own head, run over the test images with the
+project's preprocessing. Saving and re-evaluating a merged model, and every kind of bad input
+(one ``error:`` line, non-zero exit, nothing half-written), are checked too.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+import merge_fixtures as mf
+from merge import main
+from merging.saved import load_merged
+
+TASKS = ("eurosat", "dtd")
+# Odd sizes, not multiples of the batch size: the last batch is partial.
+SIZES = {"eurosat": 45, "dtd": 13}
+BATCH_SIZE = 16
+
+
+@dataclass
+class Setup:
+    pool: dict[str, str]
+    data: dict[str, str]
+    root: Path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> Setup:
+    root = tmp_path_factory.mktemp("merge_cli")
+    pool = mf.make_pool(root / "models", TASKS)
+    data = {
+        task: str(mf.make_test_set(root / "data" / task, task, SIZES[task], pool[task], seed=10 + i))
+        for i, task in enumerate(TASKS)
+    }
+    return Setup(pool, data, root)
+
+
+@pytest.fixture(scope="module")
+def individual(setup) -> dict[str, dict[str, float]]:
+    """Each fine-tuned checkpoint as it is, on its own task, evaluated independently."""
+    return independent_results(setup, lambda task: None)
+
+
+@pytest.fixture(autouse=True)
+def quiet_cli(monkeypatch, tmp_path):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setattr(sys, "argv", ["merge.py"])  # pytest's own arguments are not for the CLI
+    monkeypatch.chdir(tmp_path)
+
+
+def cli(setup: Setup, out: Path, *extra: str, models: dict | None = None, tasks=TASKS, model: bool = True) -> list[str]:
+    args = [
+        "test",
+        "--trainer.logger", "false",
+        "--trainer.accelerator", "cpu",
+        "--trainer.devices", "1",
+        "--trainer.default_root_dir", str(out / "root"),
+        *mf.QUIET,
+        "--data.tasks", json.dumps(list(tasks)),
+        "--data.paths", json.dumps({task: setup.data[task] for task in tasks}),
+        "--data.processor", setup.pool[mf.PRETRAINED],
+        "--data.batch_size", str(BATCH_SIZE),
+        "--data.num_workers", "0",
+    ]  # fmt: skip
+    if model:
+        args += ["--model", "lightning_modules.merged.MergedClassifier", "--model.report_dir", str(out / "report")]
+        if models is not False:
+            args += ["--model.models", json.dumps(models if models is not None else setup.pool)]
+    return args + list(extra)
+
+
+def method_args(cls: str, params: dict) -> list[str]:
+    args = ["--model.method", cls]
+    for key, value in params.items():
+        args += [f"--model.method.{key}", str(value)]
+    return args
+
+
+def read_report(out: Path) -> dict:
+    return json.loads((out / "report" / "report.json").read_text())
+
+
+def independent_results(setup: Setup, backbone_for_task) -> dict[str, dict[str, float]]:
+    """Per task: accuracy and mean loss of ``backbone_for_task(task)`` with the task's head."""
+    results = {}
+    for task in TASKS:
+        images, labels = mf.read_test_set(setup.data[task])
+        logits = mf.classify(setup.pool[task], images, backbone_state=backbone_for_task(task))
+        results[task] = mf.evaluate(logits, labels)
+    return results
+
+
+def reference_backbone(setup: Setup, method: str, params: dict) -> dict[str, torch.Tensor]:
+    pretrained = mf.backbone(mf.load_state(setup.pool[mf.PRETRAINED]))
+    finetuned = [mf.backbone(mf.load_state(setup.pool[task])) for task in TASKS]
+    return mf.reference_merge(method, params, pretrained, finetuned)
+
+
+def assert_matches(row: dict, expected: dict[str, dict[str, float]]) -> None:
+    for task, values in expected.items():
+        got = row["tasks"][task]
+        assert got["num_samples"] == SIZES[task] == values["num_samples"], task
+        # torchmetrics divides in float32: the same count gives the same float32 quotient.
+        correct = round(values["accuracy"] * SIZES[task])
+        assert got["accuracy"] == float(torch.tensor(correct, dtype=torch.float32) / SIZES[task]), task
+        assert got["loss"] == pytest.approx(values["loss"], abs=1e-5, rel=1e-6), task
+    accuracies = [row["tasks"][task]["accuracy"] for task in expected]
+    assert row["average_accuracy"] == pytest.approx(sum(accuracies) / len(accuracies), abs=1e-12)
+
+
+# --- The report against an independent evaluation -------------------------------------------
+
+METHODS = [
+    ("TiesMerging", "ties", {"top_k": 0.3, "scaling_factor": 0.6}),
+    ("DareTaskArithmetic", "dare_task_arithmetic", {"drop_rate": 0.4, "seed": 3, "scaling_factor": 0.5}),
+    ("SimpleAverage", "simple_average", {}),
+]
+
+
+@pytest.mark.parametrize("cls, name, params", METHODS, ids=[m[1] for m in METHODS])
+def test_report_equals_an_independent_evaluation(setup, individual, tmp_path, cls, name, params):
+    main(cli(setup, tmp_path, *method_args(cls, params)))
+    report = read_report(tmp_path)
+    files = sorted(p.name for p in (tmp_path / "report").iterdir())
+    assert files == ["accuracy.png", "report.csv", "report.json", "report.md"]
+    assert (tmp_path / "report" / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report["method_name"] == name
+    assert {key: report["hyperparameters"][key] for key in params} == params
+    assert report["models"] == setup.pool
+    (row_name, row), = report["rows"].items()  # one row: no individual models asked for
+    assert row_name == report["method"] and row_name.startswith(name)
+    merged = reference_backbone(setup, name, params)
+    expected = independent_results(setup, lambda task: merged)
+    assert_matches(row, expected)
+    # The merged model is not any single fine-tuned model.
+    assert any(row["tasks"][task]["loss"] != pytest.approx(individual[task]["loss"]) for task in TASKS)
+    # The Markdown and CSV tables carry the same numbers, in percent.
+    lines = list(csv.reader((tmp_path / "report" / "report.csv").read_text().splitlines()))
+    assert lines[0] == ["model", *TASKS, "average"]
+    assert lines[1] == [row_name, *(f"{100 * row['tasks'][t]['accuracy']:.2f}" for t in TASKS), f"{100 * row['average_accuracy']:.2f}"]
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert f"| {' | '.join(lines[1])} |" in markdown
+    assert f"eurosat {SIZES['eurosat']}, dtd {SIZES['dtd']}" in markdown
+
+
+def test_evaluate_individual_adds_the_individual_row_and_normalized_accuracy(setup, individual, tmp_path):
+    params = {"scaling_factor": 0.4}
+    main(cli(setup, tmp_path, *method_args("TaskArithmetic", params), "--model.evaluate_individual", "true"))
+    report = read_report(tmp_path)
+    assert list(report["rows"]) == ["task_arithmetic(scaling_factor=0.4)", "individual"]
+    merged_row, individual_row = report["rows"].values()
+    merged = reference_backbone(setup, "task_arithmetic", params)
+    assert_matches(merged_row, independent_results(setup, lambda task: merged))
+    assert_matches(individual_row, individual)
+    assert all(values["accuracy"] > 0 for values in individual.values())  # the fixture's labels see to it
+    for task in TASKS:
+        ratio = merged_row["tasks"][task]["accuracy"] / individual_row["tasks"][task]["accuracy"]
+        assert merged_row["tasks"][task]["normalized_accuracy"] == pytest.approx(ratio, rel=1e-12)
+        assert "normalized_accuracy" not in individual_row["tasks"][task]
+    average = sum(merged_row["tasks"][t]["normalized_accuracy"] for t in TASKS) / len(TASKS)
+    assert merged_row["average_normalized_accuracy"] == pytest.approx(average, rel=1e-12)
+    header = (tmp_path / "report" / "report.csv").read_text().splitlines()[0]
+    assert header == "model,eurosat,dtd,average,normalized average"
+
+
+def test_a_pool_given_as_a_fusionbench_yaml_file(setup, tmp_path):
+    """``--model.models <file.yaml>`` and a YAML config give the same run as the JSON mapping."""
+    import yaml
+
+    pool_file = tmp_path / "pool.yaml"
+    pool_file.write_text(yaml.safe_dump({"models": {name: {"config_path": path} for name, path in setup.pool.items()}}))
+    config = tmp_path / "merge.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {
+                    "class_path": "lightning_modules.merged.MergedClassifier",
+                    "init_args": {
+                        "models": str(pool_file),
+                        "method": {"class_path": "merging.methods.TaskArithmetic", "init_args": {"scaling_factor": 0.4}},
+                        "report_dir": str(tmp_path / "report"),
+                    },
+                }
+            }
+        )
+    )
+    main(cli(setup, tmp_path, "--config", str(config), model=False))
+    (row,) = read_report(tmp_path)["rows"].values()
+    merged = reference_backbone(setup, "task_arithmetic", {"scaling_factor": 0.4})
+    assert_matches(row, independent_results(setup, lambda task: merged))
+
+
+# --- Saving, re-evaluating, merging without evaluating ----------------------------------------
+
+
+def test_save_then_evaluate_the_saved_model_again(setup, tmp_path):
+    params = {"top_k": 0.5, "scaling_factor": 0.7}
+    saved = tmp_path / "saved"
+    main(cli(setup, tmp_path / "first", *method_args("TiesMerging", params), "--model.save_dir", str(saved)))
+    first = read_report(tmp_path / "first")
+    model = load_merged(saved)
+    expected = reference_backbone(setup, "ties", params)
+    assert sorted(model.backbone) == sorted(expected)
+    for key, tensor in expected.items():
+        torch.testing.assert_close(model.backbone[key], tensor, rtol=1e-6, atol=1e-7, msg=key)
+    for task in TASKS:
+        state = mf.load_state(setup.pool[task])
+        assert torch.equal(model.heads[task]["weight"], state["classifier.weight"])
+        assert torch.equal(model.heads[task]["bias"], state["classifier.bias"])
+    assert model.info["method"] == first["method"] and model.info["models"] == setup.pool
+    assert (saved / "preprocessor_config.json").is_file()
+
+    main(cli(setup, tmp_path / "again", "--model.merged_model", str(saved), models=False))
+    again = read_report(tmp_path / "again")
+    assert again["merged_model"] == str(saved)
+    assert again["rows"] == first["rows"]  # identical numbers, same row name
+
+
+def test_merge_and_save_without_evaluating(setup, tmp_path):
+    saved = tmp_path / "saved"
+    main(cli(setup, tmp_path, "--model.save_dir", str(saved), "--trainer.limit_test_batches", "0"))
+    assert not (tmp_path / "report").exists()
+    model = load_merged(saved)
+    expected = reference_backbone(setup, "simple_average", {})
+    assert all(torch.equal(model.backbone[key], tensor) for key, tensor in expected.items())
+    assert sorted(model.heads) == sorted(TASKS)
+
+
+def test_overwrite_replaces_an_existing_save_dir(setup, tmp_path):
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    (saved / "stale.txt").write_text("from an earlier run")
+    main(cli(setup, tmp_path, "--model.save_dir", str(saved), "--model.overwrite", "true", "--trainer.limit_test_batches", "0"))
+    assert sorted(p.name for p in saved.iterdir()) == ["config.json", "merge.json", "model.safetensors", "preprocessor_config.json"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left
+
+
+# --- Bad input: one error line, non-zero exit, nothing written ---------------------------------
+
+
+def poisoned(value: float):
+    def change(state):
+        key = "convnext.encoder.stages.2.layers.0.pwconv2.weight"
+        tensor = state[key].clone()
+        tensor[1, 2] = value
+        return {**state, key: tensor}
+
+    return change
+
+
+def reshaped(state):
+    return {**state, "convnext.encoder.stages.2.layers.0.pwconv2.weight": torch.zeros(32, 100)}
+
+
+def bad_pool(setup: Setup, tmp_path: Path, case: str) -> tuple[dict, list[str], list[str]]:
+    """The pool of a bad-input case, extra CLI arguments, and what the error must say."""
+    pool = dict(setup.pool)
+    copy = tmp_path / "damaged"
+    file = str(copy / "model.safetensors")
+    key = "convnext.encoder.stages.2.layers.0.pwconv2.weight"
+    if case == "missing checkpoint":
+        pool["dtd"] = str(tmp_path / "no" / "such" / "checkpoint")
+        return pool, [], [pool["dtd"]]
+    if case == "only pretrained":
+        return {mf.PRETRAINED: setup.pool[mf.PRETRAINED]}, [], ["no fine-tuned models"]
+    if case == "task without a model":
+        del pool["dtd"]
+        return pool, [], ["no fine-tuned model for task 'dtd'", "tasks: eurosat"]
+    if case == "head of the wrong size":
+        pool["dtd"] = str(mf.make_finetuned(setup.pool[mf.PRETRAINED], copy, "eurosat", seed=9))
+        return pool, [], [str(copy), "[10, 64]", "task 'dtd' has 47 classes"]
+    if case == "saved model without the task's head":
+        pool = {mf.PRETRAINED: setup.pool[mf.PRETRAINED], "eurosat": setup.pool["eurosat"]}
+        main(cli(setup, tmp_path / "saving", "--model.save_dir", str(copy), "--trainer.limit_test_batches", "0", models=pool, tasks=["eurosat"]))
+        return pool, ["--model.merged_model", str(copy)], [str(copy), "no head for dtd"]
+    if case == "existing save_dir":
+        existing = tmp_path / "existing"
+        existing.mkdir()
+        (existing / "stale.txt").write_text("from an earlier run")
+        return pool, ["--model.save_dir", str(existing)], [str(existing), "already exists", "--model.overwrite true"]
+    mf.copy_checkpoint(setup.pool["dtd"], copy)
+    pool["dtd"] = str(copy)
+    if case == "truncated safetensors":
+        mf.truncate(copy)
+        return pool, [], [file, "truncated"]
+    if case == "corrupt header":
+        mf.corrupt_header(copy)
+        return pool, [], [file, "unreadable header"]
+    if case == "different shapes":
+        mf.rewrite_tensors(copy, reshaped)
+        return pool, [], [key, "[32, 100]", "[32, 128]", file]
+    value, method = case.split(" with ")
+    mf.rewrite_tensors(copy, poisoned(float(value)))
+    return pool, ["--model.method", method], ["non-finite", key, file]
+
+
+BAD_CASES = [
+    "missing checkpoint",
+    "truncated safetensors",
+    "corrupt header",
+    "different shapes",
+    "nan with SimpleAverage",
+    "inf with SimpleAverage",
+    "nan with TiesMerging",
+    "-inf with TiesMerging",
+    "task without a model",
+    "head of the wrong size",
+    "only pretrained",
+    "existing save_dir",
+    "saved model without the task's head",
+]
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_input_is_one_error_line(setup, tmp_path, capsys, case):
+    pool, extra, fragments = bad_pool(setup, tmp_path, case)
+    save_dir = tmp_path / "merged"
+    args = cli(setup, tmp_path, *extra, models=pool)
+    if "--model.save_dir" not in extra:
+        args += ["--model.save_dir", str(save_dir)]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code not in (0, None)
+    stderr = capsys.readouterr().err
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in errors[0], (fragment, errors[0])
+    assert "Traceback" not in stderr
+    assert not save_dir.exists()
+    assert not (tmp_path / "report" / "report.json").exists()
+    if case == "existing save_dir":  # left as it was
+        assert [p.name for p in (tmp_path / "existing").iterdir()] == ["stale.txt"]
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert leftovers == [], leftovers
+
+
+def test_an_unknown_method_is_refused(setup, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(cli(setup, tmp_path, "--model.method", "NoSuchMethod"))
+    assert exit_info.value.code not in (0, None)
+    assert "NoSuchMethod" in capsys.readouterr().err
+    assert not (tmp_path / "report").exists()
