@@ -18,9 +18,14 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
-## The offline quickstart: fine-tune on digits and mnist5k, merge, evaluate, compare.
+## The offline quickstart: base model, fine-tune on digits and mnist5k, merge, evaluate, compare.
 demo: $(BIN)/.installed
-	$(BIN)/python -m benchmarks.quickstart
+	$(BIN)/python train.py fit --config configs/quickstart/base.yaml --overwrite true
+	$(BIN)/python train.py fit --config configs/quickstart/digits.yaml --overwrite true
+	$(BIN)/python train.py fit --config configs/quickstart/mnist5k.yaml --overwrite true
+	$(BIN)/python merge.py test --config configs/quickstart/merge.yaml
+	$(BIN)/python merge.py fit --config configs/quickstart/adamerging.yaml
+	$(BIN)/python merge.py test --config configs/quickstart/compare.yaml
 
 ## The whole test suite (offline, CPU).
 test: $(BIN)/.installed

@@ -12,14 +12,15 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from datamodules.builtin import SHAPE_NAMES
 from datamodules.errors import DataError
 
 _CLASSNAMES_DIR = Path(__file__).parent / "classnames"
 
 #: The eight tasks of the benchmark, in the order papers report them.
 BENCHMARK_TASKS = ("sun397", "stanford_cars", "resisc45", "eurosat", "svhn", "gtsrb", "mnist", "dtd")
-#: Tasks built from data that ships inside PyPI packages: they never touch the network.
-QUICKSTART_TASKS = ("digits", "mnist5k")
+#: Offline tasks (data inside PyPI packages, or drawn): they never touch the network.
+QUICKSTART_TASKS = ("digits", "mnist5k", "shapes")
 
 _DIGIT_NAMES = tuple(str(i) for i in range(10))
 
@@ -60,7 +61,8 @@ def _load_benchmark_task(name: str) -> TaskInfo:
 
 
 TASKS: dict[str, TaskInfo] = {name: _load_benchmark_task(name) for name in BENCHMARK_TASKS}
-TASKS.update({name: TaskInfo(name, _DIGIT_NAMES) for name in QUICKSTART_TASKS})
+TASKS.update({name: TaskInfo(name, _DIGIT_NAMES) for name in ("digits", "mnist5k")})
+TASKS["shapes"] = TaskInfo("shapes", SHAPE_NAMES)
 
 
 def normalize_task_name(name: str) -> str:
