@@ -1,0 +1,356 @@
+"""``train.py`` end to end, offline on CPU: every config, export, resume, W&B offline, bad input.
+
+Runs go through the real CLI in-process (``main([...])``) with the working directory in
+``tmp_path``, so the configs' relative ``outputs/`` and ``exports`` land there. The models are
+a tiny ConvNeXt built in ``tmp_path`` and the datasets tiny ``save_to_disk`` folders with the
+task's class count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import ConvNextConfig, ConvNextForImageClassification
+
+from conftest import REPO_ROOT as REPO
+from conftest import index_dataset, write_dataset
+from datamodules import BENCHMARK_TASKS, get_task
+from train import main
+
+import train_cli_callbacks
+
+TESTS = Path(__file__).resolve().parent
+TRAIN_CONFIGS = sorted((REPO / "configs" / "train").glob("*.yaml"))
+# configs/quickstart also holds merge.py's configs: those name several tasks (data.tasks).
+QUICKSTART_CONFIGS = [
+    path
+    for path in sorted((REPO / "configs" / "quickstart").glob("*.yaml"))
+    if "task" in yaml.safe_load(path.read_text()).get("data", {})
+]
+TINY_32 = REPO / "configs" / "quickstart" / "convnext-tiny-32"
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+RECORD = "--trainer.callbacks+=train_cli_callbacks.Record"
+
+
+@pytest.fixture(autouse=True)
+def quiet_cli(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setattr(sys, "argv", ["train.py"])  # pytest's own arguments are not for the CLI
+    train_cli_callbacks.RECORDED.clear()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A pretrained-style checkpoint directory: ConvNeXt with 8-64 channels, 32x32 inputs."""
+    directory = tmp_path_factory.mktemp("models") / "tiny"
+    torch.manual_seed(0)
+    config = ConvNextConfig(depths=[1, 1, 1, 1], hidden_sizes=[8, 16, 32, 64], image_size=32, num_labels=10)
+    ConvNextForImageClassification(config).save_pretrained(directory)
+    (directory / "preprocessor_config.json").write_text((TINY_32 / "preprocessor_config.json").read_text())
+    return directory
+
+
+def make_dataset(directory: Path, task: str, num_train: int = 40, num_test: int = 8) -> Path:
+    """A ``save_to_disk`` dataset with the task's class names, rows labelled ``i % num_classes``."""
+    write_dataset(index_dataset({"train": num_train, "test": num_test}, get_task(task).classnames), directory, "disk")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def mnist_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("data") / "mnist", "mnist")
+
+
+def tiny_args(model: Path, data: Path) -> list[str]:
+    return [
+        f"--model.model_name_or_path={model}",
+        f"--data.processor={model}",
+        f"--data.path={data}",
+        "--data.batch_size=8",
+        "--data.num_workers=0",
+    ]
+
+
+def short_run(steps: int, every: int) -> list[str]:
+    """``steps`` optimizer steps, validating and checkpointing every ``every``."""
+    checkpoint = {
+        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        "init_args": {"dirpath": "checkpoints", "every_n_train_steps": every, "save_last": True, "save_top_k": -1},
+    }
+    return [
+        f"--trainer.max_steps={steps}",
+        f"--trainer.val_check_interval={every}",
+        f"--trainer.callbacks=[{json.dumps(checkpoint)}]",
+    ]
+
+
+def export_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    return load_file(directory / "model.safetensors")
+
+
+# --- 1. every config --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config", TRAIN_CONFIGS + QUICKSTART_CONFIGS, ids=lambda path: path.stem)
+def test_config_parses(config: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    if config.parent.name == "train":
+        task = config.stem
+        assert printed["data"]["task"] == task and printed["data"]["batch_size"] == 64
+        assert printed["model"]["model_name_or_path"] == "facebook/convnext-base-224"
+        assert (printed["model"]["lr"], printed["model"]["momentum"], printed["model"]["weight_decay"]) == (0.01, 0.9, 1e-4)
+        assert printed["trainer"]["max_steps"] == 4000 and printed["trainer"]["precision"] == "32-true"
+        assert printed["trainer"]["val_check_interval"] == 1000 and printed["seed_everything"] == 0
+        checkpoint = printed["trainer"]["callbacks"][0]["init_args"]
+        assert checkpoint["dirpath"] == f"outputs/train/{task}/checkpoints" and checkpoint["every_n_train_steps"] == 1000
+        assert printed["trainer"]["logger"]["init_args"]["name"] == task
+
+
+def test_train_configs_cover_the_benchmark() -> None:
+    assert sorted(path.stem for path in TRAIN_CONFIGS) == sorted(BENCHMARK_TASKS)
+
+
+@pytest.mark.parametrize("config", QUICKSTART_CONFIGS, ids=lambda path: path.stem)
+def test_quickstart_config_fast_dev_run(config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The real built-in data; only the base model (made by the quickstart's base stage) is replaced.
+    monkeypatch.chdir(tmp_path)
+    main(
+        [
+            "fit", "--config", str(config), "--trainer.fast_dev_run=true", "--trainer.logger=false",
+            f"--model.model_name_or_path={TINY_32}", "--model.pretrained=false", f"--data.processor={TINY_32}",
+            *QUIET,
+        ]
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("task", [path.stem for path in TRAIN_CONFIGS])
+def test_train_config_fast_dev_run(task: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = make_dataset(tmp_path / "data", task, num_train=20, num_test=4)
+    monkeypatch.chdir(tmp_path)
+    main(
+        [
+            "fit", "--config", str(REPO / "configs" / "train" / f"{task}.yaml"), "--trainer.fast_dev_run=true",
+            "--trainer.logger=false", f"--model.model_name_or_path={TINY_32}", "--model.pretrained=false",
+            f"--data.processor={TINY_32}", f"--data.path={data}", "--data.num_workers=0", "--data.batch_size=4",
+            RECORD, *QUIET,
+        ]
+    )  # fmt: skip
+    model = train_cli_callbacks.RECORDED["module"].model
+    assert model.classifier.out_features == get_task(task).num_classes
+
+
+# --- 2. export ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model: Path, mnist_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One 6-step fine-tune of the mnist recipe on the tiny model and data, shared by several tests."""
+    run_dir = tmp_path_factory.mktemp("trained")
+    old_cwd = os.getcwd()
+    os.chdir(run_dir)
+    try:
+        train_cli_callbacks.RECORDED.clear()
+        main(
+            ["fit", "--config", str(REPO / "configs" / "train" / "mnist.yaml"), "--trainer.logger=false",
+             *tiny_args(tiny_model, mnist_data), *short_run(6, 3), RECORD, *QUIET]
+        )  # fmt: skip
+    finally:
+        os.chdir(old_cwd)
+    return {
+        "dir": run_dir,
+        "module": train_cli_callbacks.RECORDED["module"],
+        "export": run_dir / "exports" / "tiny_mnist_sgd_batch-size-8_lr-0.01_steps-6",
+        "checkpoint": run_dir / "checkpoints" / "last.ckpt",
+    }
+
+
+def test_export_is_a_complete_hf_checkpoint(trained: dict) -> None:
+    export = trained["export"]
+    assert sorted(path.name for path in trained["dir"].joinpath("exports").iterdir()) == [export.name]
+    names = {"config.json", "model.safetensors", "preprocessor_config.json", "README.md", "train_config.yaml"}
+    assert names <= {path.name for path in export.iterdir()}
+    config = json.loads((export / "config.json").read_text())
+    assert config["id2label"] == {str(i): name for i, name in enumerate(get_task("mnist").classnames)}
+    assert config["finetuning_task"] == "mnist"
+    card = (export / "README.md").read_text()
+    for text in ("SGD (lr 0.01, momentum 0.9, weight decay 0.0001)", "| steps | 6 |", "| global batch size | 8 |", "val/accuracy"):
+        assert text in card
+    train_config = yaml.safe_load((export / "train_config.yaml").read_text())
+    assert train_config["data"]["task"] == "mnist" and train_config["trainer"]["max_steps"] == 6
+
+
+def test_export_reloads_with_identical_logits(trained: dict) -> None:
+    reloaded = ConvNextForImageClassification.from_pretrained(trained["export"]).eval()
+    trained_model = trained["module"].model.eval()
+    assert reloaded.config.id2label == dict(enumerate(get_task("mnist").classnames))
+    pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(reloaded(pixel_values=pixels).logits, trained_model(pixel_values=pixels).logits)
+
+
+# --- 3. resume ---------------------------------------------------------------------------------
+
+
+def test_killed_run_resumes_bitwise(tiny_model: Path, mnist_data: Path, tmp_path: Path, monkeypatch) -> None:
+    config = str(REPO / "configs" / "train" / "mnist.yaml")
+    args = ["--trainer.logger=false", *tiny_args(tiny_model, mnist_data), *short_run(6, 2), *QUIET]
+    python_path = [str(TESTS), str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(python_path)}
+    killed = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "fit", "--config", config, *args,
+         "--trainer.callbacks+=train_cli_callbacks.KillAfterFirstCheckpoint"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["epoch=0-step=2.ckpt", "last.ckpt"]
+    assert not (tmp_path / "exports").exists()
+
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--config", config, *args, "--ckpt_path", "last", RECORD])
+    assert train_cli_callbacks.RECORDED["first_step"] == 2, "did not resume from the checkpoint"
+    resumed = export_tensors(tmp_path / "exports" / "tiny_mnist_sgd_batch-size-8_lr-0.01_steps-6")
+
+    straight_dir = tmp_path / "straight"
+    straight_dir.mkdir()
+    monkeypatch.chdir(straight_dir)
+    main(["fit", "--config", config, *args])
+    straight = export_tensors(straight_dir / "exports" / "tiny_mnist_sgd_batch-size-8_lr-0.01_steps-6")
+    assert resumed.keys() == straight.keys()
+    different = [key for key in straight if not torch.equal(resumed[key], straight[key])]
+    assert not different, f"{len(different)} tensors differ after resume, e.g. {different[:3]}"
+
+
+# --- 4. W&B offline ----------------------------------------------------------------------------
+
+
+def test_wandb_offline_run_directory(tiny_model: Path, mnist_data: Path, tmp_path: Path, monkeypatch) -> None:
+    import wandb
+
+    monkeypatch.chdir(tmp_path)
+    try:
+        main(
+            ["fit", "--config", str(REPO / "configs" / "train" / "eurosat.yaml"), "--trainer.logger.save_dir=wandb_logs",
+             *tiny_args(tiny_model, mnist_data), *short_run(2, 2), "--export_dir=null", *QUIET]
+        )  # fmt: skip
+    finally:
+        wandb.finish()
+    runs = list((tmp_path / "wandb_logs" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    assert any(path.is_file() for path in runs[0].rglob("*"))
+    assert list(runs[0].glob("*.wandb"))
+
+
+# --- 5. validate / test ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage", ["validate", "test"])
+def test_evaluate_lightning_checkpoint(stage: str, trained: dict, tiny_model: Path, mnist_data: Path, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    main(
+        [stage, "--config", str(REPO / "configs" / "train" / "mnist.yaml"), "--trainer.logger=false",
+         *tiny_args(tiny_model, mnist_data), "--ckpt_path", str(trained["checkpoint"]), RECORD, *QUIET]
+    )  # fmt: skip
+    metrics = train_cli_callbacks.RECORDED[stage]
+    prefix = "val" if stage == "validate" else "test"
+    assert {f"{prefix}/loss", f"{prefix}/accuracy", f"{prefix}/accuracy_top5"} <= metrics.keys()
+    if stage == "validate":
+        # The same weights on the same validation split: the score the fit ended with.
+        card = (trained["export"] / "README.md").read_text()
+        assert f"| val/accuracy | {metrics['val/accuracy']:.4f} |" in card
+
+
+# --- 6. bad input ------------------------------------------------------------------------------
+
+
+def assert_input_error(args: list[str], capsys: pytest.CaptureFixture, message: str) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code not in (0, None)
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], errors
+
+
+@pytest.mark.parametrize("source", ["./missing/model", "not//a hub id"])
+def test_bad_model_source(source: str, tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "--config", str(REPO / "configs" / "train" / "mnist.yaml"), "--trainer.logger=false"]
+    assert_input_error([*args, f"--model.model_name_or_path={source}"], capsys, "neither an existing checkpoint directory")
+    assert not list(tmp_path.iterdir())
+
+
+def test_checkpoint_directory_without_config(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    args = ["fit", "--config", str(REPO / "configs" / "train" / "mnist.yaml"), "--trainer.logger=false"]
+    assert_input_error([*args, "--model.model_name_or_path=empty"], capsys, "has no config.json")
+    assert [path.name for path in tmp_path.iterdir()] == ["empty"]
+
+
+def test_existing_export_refused_then_overwritten(tiny_model: Path, mnist_data: Path, tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    target = tmp_path / "exports" / "tiny_mnist_sgd_batch-size-8_lr-0.01_steps-2"
+    target.mkdir(parents=True)
+    (target / "old.txt").write_text("an earlier export")
+    args = ["fit", "--config", str(REPO / "configs" / "train" / "mnist.yaml"), "--trainer.logger=false",
+            *tiny_args(tiny_model, mnist_data), *short_run(2, 2), *QUIET]  # fmt: skip
+    assert_input_error(args, capsys, "already exists")
+    assert [path.name for path in tmp_path.iterdir()] == ["exports"], "refused only after starting"
+    assert [path.name for path in target.iterdir()] == ["old.txt"]
+
+    main([*args, "--overwrite=true"])
+    assert not (target / "old.txt").exists() and (target / "model.safetensors").is_file()
+    assert sorted(path.name for path in (tmp_path / "exports").iterdir()) == [target.name], "staging left behind"
+
+
+def test_export_for_another_task_refused(trained: dict, tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    gtsrb = make_dataset(tmp_path / "gtsrb", "gtsrb", num_train=20, num_test=4)
+    assert_input_error(
+        ["validate", "--config", str(REPO / "configs" / "train" / "gtsrb.yaml"), "--trainer.logger=false",
+         f"--model.model_name_or_path={trained['export']}", "--model.new_head=false",
+         f"--data.processor={trained['export']}", f"--data.path={gtsrb}"],
+        capsys, "has a 10-class head, but the task has 43 classes",
+    )  # fmt: skip
+    # Same class count, other labels: eurosat's ten land-use classes are not mnist's digits.
+    eurosat = make_dataset(tmp_path / "eurosat", "eurosat", num_train=20, num_test=4)
+    assert_input_error(
+        ["validate", "--config", str(REPO / "configs" / "train" / "eurosat.yaml"), "--trainer.logger=false",
+         f"--model.model_name_or_path={trained['export']}", "--model.new_head=false",
+         f"--data.processor={trained['export']}", f"--data.path={eurosat}"],
+        capsys, "was trained for other labels",
+    )  # fmt: skip
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["eurosat", "gtsrb"]
+
+
+def test_own_export_evaluates_with_its_head(trained: dict, mnist_data: Path, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    main(
+        ["validate", "--config", str(REPO / "configs" / "train" / "mnist.yaml"), "--trainer.logger=false",
+         *tiny_args(trained["export"], mnist_data), "--model.new_head=false", RECORD, *QUIET]
+    )  # fmt: skip
+    card = (trained["export"] / "README.md").read_text()
+    assert f"| val/accuracy | {train_cli_callbacks.RECORDED['validate']['val/accuracy']:.4f} |" in card
+
+
+# --- 7. precision and memory format ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("option", ["--trainer.precision=bf16-mixed", "--model.channels_last=true"])
+def test_cpu_variants_fast_dev_run(option: str, tiny_model: Path, mnist_data: Path, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    main(
+        ["fit", "--config", str(REPO / "configs" / "train" / "mnist.yaml"), "--trainer.fast_dev_run=true",
+         "--trainer.logger=false", *tiny_args(tiny_model, mnist_data), option, "--export_dir=null", RECORD, *QUIET]
+    )  # fmt: skip
+    assert train_cli_callbacks.RECORDED["module"].trainer.global_step == 1

@@ -1,0 +1,42 @@
+"""Callbacks that tests add to ``train.py`` runs with ``--trainer.callbacks+=train_cli_callbacks.<Name>``.
+
+This directory must be on ``sys.path`` (``tests/test_train_cli.py`` puts it there, and on
+``PYTHONPATH`` for subprocesses).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+#: What ``Record`` saw in the last in-process run.
+RECORDED: dict[str, Any] = {}
+
+
+class KillAfterFirstCheckpoint(Callback):
+    """SIGKILLs its own process at the start of the first step after a checkpoint file exists:
+    a crash at a known point, with no chance for Lightning to clean up or save anything."""
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if any(Path(trainer.checkpoint_callback.dirpath).glob("*.ckpt")):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Record(Callback):
+    """Keeps the trained module, the step training started from and the metrics of validate/test."""
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        RECORDED["first_step"] = trainer.global_step
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        RECORDED["module"] = pl_module
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        RECORDED["validate"] = {key: float(value) for key, value in trainer.callback_metrics.items()}
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        RECORDED["test"] = {key: float(value) for key, value in trainer.callback_metrics.items()}
