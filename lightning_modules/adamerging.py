@@ -103,12 +103,21 @@ class AdaMerging(MultiTaskEvaluation):
         theta0 = {key: pretrained.read(key).to(torch.float32) for key in self.keys}
         self.backbone = backbone_from_state(pool.config(PRETRAINED), theta0).requires_grad_(False)
         for index, key in enumerate(self.keys):
-            vectors = [pool.reader(task).read(key).to(torch.float32) - theta0[key] for task in self.merge_tasks]
-            stacked = torch.stack(vectors)
-            if not torch.isfinite(stacked).all():
-                raise MergeError(f"non-finite values (NaN/Inf) in task vectors of '{key}'")
+            if not torch.isfinite(theta0[key]).all():
+                raise MergeError(f"non-finite values (NaN/Inf) in '{key}' of '{pretrained.path_of(key)}' (pretrained)")
+            # Each task vector is read straight into its row of the stacked tensor: no list of
+            # copies and no second copy by torch.stack (transient peak of 2 x tasks x tensor).
+            stacked = torch.empty((len(self.merge_tasks), *theta0[key].shape), dtype=torch.float32)
+            for row, task in zip(stacked, self.merge_tasks):
+                reader = pool.reader(task)
+                if reader.dtype(key) == torch.float32:
+                    reader.read(key, out=row)
+                else:
+                    row.copy_(reader.read(key))
+                row.sub_(theta0[key])
+                if not torch.isfinite(row).all():
+                    raise MergeError(f"non-finite values (NaN/Inf) in '{key}' of '{reader.path_of(key)}' ({task})")
             self.task_vectors.register_buffer(f"k{index}", stacked, persistent=False)
-            del vectors
         self.heads = heads_from_state({task: pool.head(task) for task in self.tasks}).requires_grad_(False)
         self.row_names = [f"adamerging({self.granularity}-wise)"]
         if self.evaluate_individual:
@@ -139,7 +148,11 @@ class AdaMerging(MultiTaskEvaluation):
         self.log("train/entropy", total, prog_bar=True)
         return total
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        # Clamp right after the update, inside the step: callbacks' on_train_batch_end
+        # (ModelCheckpoint among them) run before the module's, and must see clamped values,
+        # or a run resumed from a checkpoint would start from unclamped coefficients.
+        super().optimizer_step(*args, **kwargs)
         if self.clamp:
             with torch.no_grad():
                 self.coefficients.clamp_(*self.clamp_range)
@@ -174,5 +187,6 @@ class AdaMerging(MultiTaskEvaluation):
         return {
             "method": self.row_names[0],
             "models": dict(self.pool.sources),
-            "coefficients": self.coefficient_table() if self.granularity == "task" else str(Path(self.output_dir, "coefficients.json")),
+            # The file evaluated (``--model.coefficients``); only after a fit in this process the output.
+            "coefficients": self.coefficient_table() if self.granularity == "task" else self.coefficients_file or str(Path(self.output_dir, "coefficients.json")),
         }
