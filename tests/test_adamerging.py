@@ -1,0 +1,409 @@
+"""AdaMerging end to end, in-process (and on 2 CPU processes), offline.
+
+The pool is tiny (``merge_fixtures``): a ``_pretrained_`` ConvNeXt and two seeded "fine-tuned"
+ones (eurosat, 10 classes; dtd, 47). The adaptation data are small ``save_to_disk`` test sets;
+with ``adaptation_batch_size`` equal to their size every step sees the whole set, so the
+summed entropy that training minimises can be recomputed here independently: the merged
+backbone from the explicit formula ``theta_0 + sum_t lambda_t,k tau_t,k`` in float64, run
+through a plain ``ConvNextForImageClassification`` with each task's head.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+
+import merge_fixtures as mf
+from datamodules.tasks import get_task
+from datamodules.torch_data import ImageClassificationDataset
+from ddp_scripts.adamerging_steps import StopAfter, read_steps
+from lightning_modules.adamerging import AdaMerging, prediction_entropy
+from merge import main
+from merging.coefficients import LearnedCoefficients, write_coefficients
+from merging.engine import merge_backbone
+from merging.errors import MergeError
+from merging.methods import TaskArithmetic
+from merging.pool import ModelPool
+
+TASKS = ("eurosat", "dtd")
+SIZE = 16  # images per task; also the adaptation batch, so each step sees the whole set
+MERGE_PY = str(mf.REPO_ROOT / "merge.py")
+RECORDER = "ddp_scripts.adamerging_steps.StepRecorder"
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@dataclass
+class Setup:
+    pool: dict[str, str]
+    data: dict[str, str]
+    keys: list[str]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> Setup:
+    root = tmp_path_factory.mktemp("adamerging")
+    pool = mf.make_pool(root / "models", TASKS, seed=3)
+    data = {
+        task: str(mf.make_test_set(root / "data" / task, task, SIZE, pool[task], seed=30 + i))
+        for i, task in enumerate(TASKS)
+    }
+    keys = [key for key in mf.load_state(pool[mf.PRETRAINED]) if key.startswith("convnext.")]
+    return Setup(pool, data, keys)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on shared cores: one intra-op thread avoids spinning threads fighting (10x faster)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def quiet_cli(monkeypatch, tmp_path):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setattr(sys, "argv", ["merge.py"])
+    monkeypatch.chdir(tmp_path)
+
+
+def fit_args(setup: Setup, out: Path, *extra: str, granularity: str = "layer", lr: float = 0.05, steps: int = 10,
+             batch: int = SIZE, callbacks: list | None = None) -> list[str]:  # fmt: skip
+    callbacks = [{"class_path": RECORDER, "init_args": {"directory": str(out / "steps")}}, *(callbacks or [])]
+    return [
+        "fit",
+        "--seed_everything", "0",
+        "--trainer.logger", "false",
+        "--trainer.accelerator", "cpu",
+        "--trainer.max_steps", str(steps),
+        "--trainer.default_root_dir", str(out / "root"),
+        "--trainer.enable_checkpointing", "false",
+        "--trainer.callbacks", json.dumps(callbacks),
+        *mf.QUIET,
+        "--model", "lightning_modules.adamerging.AdaMerging",
+        "--model.models", json.dumps(setup.pool),
+        "--model.granularity", granularity,
+        "--model.lr", str(lr),
+        "--model.output_dir", str(out / "coefficients"),
+        "--model.report_dir", str(out / "report"),
+        "--data.tasks", json.dumps(list(TASKS)),
+        "--data.paths", json.dumps(setup.data),
+        "--data.processor", setup.pool[mf.PRETRAINED],
+        "--data.adaptation_batch_size", str(batch),
+        "--data.num_workers", "0",
+        *extra,
+    ]  # fmt: skip
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def table_of(content: dict) -> dict[str, dict[str, float]]:
+    """``{task: {key: lambda}}`` of a coefficients file, task-wise files expanded to every key."""
+    table = content["coefficients"]
+    if content["granularity"] == "task":
+        return {task: dict.fromkeys(content["keys"], float(value)) for task, value in table.items()}
+    return table
+
+
+def reference_backbone(setup: Setup, table: dict[str, dict[str, float]]) -> dict[str, torch.Tensor]:
+    """``theta_0 + sum_t lambda_t,k (theta_t - theta_0)`` per key, in float64."""
+    pretrained = mf.backbone(mf.load_state(setup.pool[mf.PRETRAINED]))
+    finetuned = {task: mf.load_state(setup.pool[task]) for task in TASKS}
+    merged = {}
+    for key, theta0 in pretrained.items():
+        total = theta0.double()
+        for task in TASKS:
+            total = total + table[task][key] * (finetuned[task][key].double() - theta0.double())
+        merged[key] = total.float()
+    return merged
+
+
+def reference_entropy(setup: Setup, table: dict[str, dict[str, float]]) -> float:
+    """Sum over tasks of the mean prediction entropy on the task's images (labels unused)."""
+    merged = reference_backbone(setup, table)
+    total = 0.0
+    for task in TASKS:
+        images, _ = mf.read_test_set(setup.data[task])
+        log_p = torch.log_softmax(mf.classify(setup.pool[task], images, backbone_state=merged).double(), dim=1)
+        total += float(-(log_p.exp() * log_p).sum(dim=1).mean())
+    return total
+
+
+def constant_table(setup: Setup, value: float) -> dict[str, dict[str, float]]:
+    return {task: dict.fromkeys(setup.keys, value) for task in TASKS}
+
+
+def recorded_table(setup: Setup, coefficients: list[list[float]]) -> dict[str, dict[str, float]]:
+    return {task: dict(zip(setup.keys, row * len(setup.keys) if len(row) == 1 else row)) for task, row in zip(TASKS, coefficients)}
+
+
+def classnames() -> dict[str, list[str]]:
+    return {task: list(get_task(task).classnames) for task in TASKS}
+
+
+# --- prediction_entropy --------------------------------------------------------------------------
+
+
+def test_prediction_entropy_by_hand():
+    assert float(prediction_entropy(torch.full((3, 7), 2.5))) == pytest.approx(math.log(7), abs=1e-6)
+    confident = torch.zeros(2, 10)
+    confident[:, 4] = 60.0
+    assert 0.0 <= float(prediction_entropy(confident)) < 1e-20
+    logits = torch.randn(5, 6, generator=torch.Generator().manual_seed(0)) * 3
+    rows = []
+    for row in logits.tolist():
+        weights = [math.exp(value) for value in row]
+        p = [w / sum(weights) for w in weights]
+        rows.append(-sum(q * math.log(q) for q in p))
+    assert float(prediction_entropy(logits)) == pytest.approx(sum(rows) / len(rows), rel=1e-6)
+    # half precision in, float32 arithmetic: the same value
+    assert float(prediction_entropy(logits.half())) == pytest.approx(float(prediction_entropy(logits.half().float())), rel=1e-6)
+
+
+# --- fit: learning, files, labels, clamping -------------------------------------------------------
+
+
+@pytest.mark.parametrize("granularity", ["layer", "task"])
+def test_fit_lowers_the_summed_entropy_and_writes_the_coefficients(setup, tmp_path, granularity):
+    main(fit_args(setup, tmp_path, granularity=granularity))
+    out = tmp_path / "coefficients"
+    assert sorted(p.name for p in out.iterdir()) == ["coefficients.json", "coefficients.png"]
+    assert (out / "coefficients.png").read_bytes()[:8] == PNG
+    content = read_json(out / "coefficients.json")
+    assert content["granularity"] == granularity
+    assert content["tasks"] == list(TASKS)
+    assert content["keys"] == setup.keys
+    assert list(content["coefficients"]) == list(TASKS)
+    width = len(setup.keys) if granularity == "layer" else 1
+    for task in TASKS:
+        values = content["coefficients"][task]
+        if granularity == "layer":
+            assert list(values) == setup.keys
+        else:
+            assert isinstance(values, float)
+
+    (records,) = read_steps(tmp_path / "steps").values()
+    assert [r["step"] for r in records] == list(range(1, 11))
+    assert all(len(r["coefficients"]) == len(TASKS) and all(len(row) == width for row in r["coefficients"]) for r in records)
+    final = records[-1]["coefficients"]
+    assert table_of(content) == recorded_table(setup, final)
+    assert max(abs(value - 0.3) for row in final for value in row) > 0.02  # the coefficients moved
+
+    # The loss of step 1 is the summed entropy at the initial coefficients (0.3 everywhere),
+    # and of step s+1 the entropy at step s's coefficients: the objective is what it claims.
+    initial = reference_entropy(setup, constant_table(setup, 0.3))
+    assert records[0]["loss"] == pytest.approx(initial, rel=1e-5)
+    assert records[5]["loss"] == pytest.approx(reference_entropy(setup, recorded_table(setup, records[4]["coefficients"])), rel=1e-5)
+    learned = reference_entropy(setup, table_of(content))
+    assert learned < initial - 1e-3, (initial, learned)
+
+
+def test_fit_never_reads_a_label(setup, tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a labelled dataset was read during fit")
+
+    monkeypatch.setattr(ImageClassificationDataset, "__getitem__", refuse)
+    monkeypatch.setattr(ImageClassificationDataset, "__getitems__", refuse)
+    original = datasets.Dataset.__getitem__
+    reads = []
+
+    def guarded(self, key):
+        result = original(self, key)
+        if key == "label" or (isinstance(result, dict) and "label" in result):
+            raise AssertionError(f"label column read during fit ({key!r})")
+        reads.append(key)
+        return result
+
+    monkeypatch.setattr(datasets.Dataset, "__getitem__", guarded)
+    main(fit_args(setup, tmp_path, steps=3, batch=8))
+    assert reads  # the guard saw the image reads
+    assert (tmp_path / "coefficients" / "coefficients.json").is_file()
+    (records,) = read_steps(tmp_path / "steps").values()
+    image = {"tensor": "torch.float32", "shape": [8, 3, 32, 32]}
+    # Each step: one dict of images per task, nothing else (no labels, no tuples).
+    assert [r["batch"] for r in records] == [{"dict": dict.fromkeys(TASKS, image)}] * 3
+
+
+def test_coefficients_stay_within_the_clamp_range_after_every_step(setup, tmp_path):
+    main(fit_args(setup, tmp_path, lr=5.0, steps=4))
+    (records,) = read_steps(tmp_path / "steps").values()
+    values = [v for r in records for row in r["coefficients"] for v in row]
+    assert len(records) == 4
+    assert all(0.0 <= v <= 1.0 for v in values), (min(values), max(values))
+    # The step size (5) really pushes past the range: the bounds are reached, both of them.
+    assert 0.0 in values and 1.0 in values
+    saved = [v for row in table_of(read_json(tmp_path / "coefficients" / "coefficients.json")).values() for v in row.values()]
+    assert all(0.0 <= v <= 1.0 for v in saved)
+
+
+# --- DDP and resume ---------------------------------------------------------------------------------
+
+
+def test_two_processes_follow_the_one_process_trajectory(setup, tmp_path):
+    steps, batch = 6, 8  # 4 images per rank and step
+    main(fit_args(setup, tmp_path / "single", steps=steps, batch=batch))
+    command = fit_args(setup, tmp_path / "ddp", "--trainer.devices", "2", "--trainer.strategy", "ddp", steps=steps, batch=batch)
+    pythonpath = f"{mf.REPO_ROOT}:{mf.REPO_ROOT / 'tests'}"
+    result = subprocess.run(
+        [sys.executable, MERGE_PY, *command],
+        cwd=tmp_path,
+        env=mf.subprocess_env(PYTHONPATH=pythonpath),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    per_rank = read_steps(tmp_path / "ddp" / "steps")
+    (single,) = read_steps(tmp_path / "single" / "steps").values()
+    assert sorted(per_rank) == [0, 1]
+    assert all(r["world_size"] == 2 for records in per_rank.values() for r in records)
+    for step, (zero, one, reference) in enumerate(zip(per_rank[0], per_rank[1], single), start=1):
+        assert zero["step"] == one["step"] == reference["step"] == step
+        assert zero["coefficients"] == one["coefficients"], f"ranks differ after step {step}"
+        got, expected = torch.tensor(zero["coefficients"]), torch.tensor(reference["coefficients"])
+        assert torch.allclose(got, expected, rtol=0, atol=1e-6), f"step {step}: {(got - expected).abs().max()}"
+        # The ranks split the one-process batch between them: the same images per step.
+        for task in TASKS:
+            assert zero["batch"]["dict"][task]["shape"][0] == batch // 2
+            both = zero["image_sums"][task] + one["image_sums"][task]
+            assert both == pytest.approx(reference["image_sums"][task], rel=1e-9, abs=1e-6)
+    assert torch.tensor(single[-1]["coefficients"]).sub(0.3).abs().max() > 0.02
+    files = tmp_path / "ddp" / "coefficients"
+    assert table_of(read_json(files / "coefficients.json")) == recorded_table(setup, per_rank[0][-1]["coefficients"])
+
+
+def test_a_resumed_fit_ends_where_an_uninterrupted_one_does(setup, tmp_path):
+    checkpoints = tmp_path / "interrupted" / "checkpoints"
+    every = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+             "init_args": {"dirpath": str(checkpoints), "every_n_train_steps": 4, "save_last": True, "save_top_k": -1}}  # fmt: skip
+    lr = 0.2  # large enough that some coefficients sit on a bound by the checkpoint
+    main(fit_args(setup, tmp_path / "straight", lr=lr))
+    with pytest.raises(StopAfter):
+        main(fit_args(setup, tmp_path / "interrupted", "--trainer.enable_checkpointing", "true", lr=lr,
+                      callbacks=[every, {"class_path": "ddp_scripts.adamerging_steps.FailAtStep", "init_args": {"step": 6}}]))  # fmt: skip
+    assert not (tmp_path / "interrupted" / "coefficients").exists()
+    saved = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=False)
+    assert saved["global_step"] == 4
+    (straight,) = read_steps(tmp_path / "straight" / "steps").values()
+    at_checkpoint = torch.tensor(straight[3]["coefficients"])
+    assert ((at_checkpoint == 0) | (at_checkpoint == 1)).any()  # clamping was active by then
+    assert torch.equal(saved["state_dict"]["coefficients"], at_checkpoint)
+
+    main(fit_args(setup, tmp_path / "interrupted", "--trainer.enable_checkpointing", "true", "--ckpt_path", "last",
+                  lr=lr, callbacks=[every]))  # fmt: skip
+    (records,) = read_steps(tmp_path / "interrupted" / "steps").values()
+    resumed = records[6:]  # the first run wrote steps 1-6, the resumed one 5-10
+    assert [r["step"] for r in records[:6]] == list(range(1, 7))
+    assert [r["step"] for r in resumed] == list(range(5, 11))
+    for got, expected in zip(resumed, straight[4:]):
+        assert got["image_sums"] == expected["image_sums"], f"step {got['step']}: other images"
+        assert got["coefficients"] == expected["coefficients"], f"step {got['step']}"
+    final = read_json(tmp_path / "interrupted" / "coefficients" / "coefficients.json")
+    assert final == read_json(tmp_path / "straight" / "coefficients" / "coefficients.json")
+
+
+# --- The learned merge equals task arithmetic at equal lambdas; merge.py test -------------------
+
+
+@pytest.mark.parametrize("granularity", ["layer", "task"])
+def test_equal_coefficients_are_task_arithmetic(setup, tmp_path, granularity):
+    c = 0.37
+    width = len(setup.keys) if granularity == "layer" else 1
+    path = tmp_path / "coefficients.json"
+    write_coefficients(path, torch.full((len(TASKS), width), c), TASKS, setup.keys, granularity)
+    pool = ModelPool(setup.pool)
+    expected = merge_backbone(pool, TaskArithmetic(c), progress=False)
+    learned = merge_backbone(pool, LearnedCoefficients(str(path)), progress=False)
+    assert sorted(learned) == sorted(expected) == sorted(setup.keys)
+    for key, tensor in expected.items():
+        assert torch.allclose(learned[key], tensor, rtol=1e-6, atol=1e-6), key
+
+    model = AdaMerging(list(TASKS), classnames(), setup.pool, granularity=granularity, init_value=c)
+    model.build()
+    assert tuple(model.coefficients.shape) == (len(TASKS), width)
+    with torch.no_grad():
+        merged = model.merged_parameters()
+    assert sorted("convnext." + name for name in merged) == sorted(setup.keys)
+    for key, tensor in expected.items():
+        assert torch.allclose(merged[key.removeprefix("convnext.")], tensor, rtol=1e-6, atol=1e-6), key
+
+    # Started from the file instead of init_value: the same coefficients.
+    from_file = AdaMerging(list(TASKS), classnames(), setup.pool, granularity=granularity, init_value=0.9, coefficients=str(path))
+    assert torch.equal(from_file.coefficients.detach(), torch.full((len(TASKS), width), c))
+
+
+def random_coefficients(setup: Setup, path: Path, seed: int = 7) -> dict[str, dict[str, float]]:
+    values = torch.rand(len(TASKS), len(setup.keys), generator=torch.Generator().manual_seed(seed))
+    write_coefficients(path, values, TASKS, setup.keys, "layer")
+    return table_of(read_json(path))
+
+
+def test_unequal_coefficients_follow_the_formula(setup, tmp_path):
+    table = random_coefficients(setup, tmp_path / "coefficients.json")
+    expected = reference_backbone(setup, table)
+    learned = merge_backbone(ModelPool(setup.pool), LearnedCoefficients(str(tmp_path / "coefficients.json")), progress=False)
+    model = AdaMerging(list(TASKS), classnames(), setup.pool, coefficients=str(tmp_path / "coefficients.json"))
+    model.build()
+    with torch.no_grad():
+        merged = model.merged_parameters()
+    for key, tensor in expected.items():
+        assert torch.allclose(learned[key], tensor, rtol=1e-5, atol=1e-6), key
+        assert torch.allclose(merged[key.removeprefix("convnext.")], tensor, rtol=1e-5, atol=1e-6), key
+
+
+def test_merge_py_test_with_learned_coefficients(setup, tmp_path):
+    path = tmp_path / "coefficients.json"
+    table = random_coefficients(setup, path, seed=11)
+    common = [
+        "--trainer.logger", "false", "--trainer.accelerator", "cpu", "--trainer.devices", "1", *mf.QUIET,
+        "--data.tasks", json.dumps(list(TASKS)), "--data.paths", json.dumps(setup.data),
+        "--data.processor", setup.pool[mf.PRETRAINED], "--data.batch_size", "8", "--data.num_workers", "0",
+    ]  # fmt: skip
+    pool = ["--model.models", json.dumps(setup.pool)]
+    main(["test", *common, "--model", "lightning_modules.adamerging.AdaMerging", *pool, "--model.coefficients", str(path),
+          "--model.report_dir", str(tmp_path / "ada"), "--model.output_dir", str(tmp_path / "unused")])  # fmt: skip
+    main(["test", *common, "--model", "lightning_modules.merged.MergedClassifier", *pool,
+          "--model.method", "merging.coefficients.LearnedCoefficients", "--model.method.coefficients", str(path),
+          "--model.report_dir", str(tmp_path / "merged")])  # fmt: skip
+    ada, merged = read_json(tmp_path / "ada" / "report.json"), read_json(tmp_path / "merged" / "report.json")
+    assert sorted(p.name for p in (tmp_path / "ada").iterdir()) == ["accuracy.png", "report.csv", "report.json", "report.md"]
+    assert not (tmp_path / "unused").exists()  # test writes no coefficients
+    assert ada["coefficients"] == str(path)  # the report names the file that was evaluated
+    (ada_row,) = ada["rows"].values()
+    (merged_row,) = merged["rows"].values()
+    reference = reference_backbone(setup, table)
+    for task in TASKS:
+        got, expected = ada_row["tasks"][task], merged_row["tasks"][task]
+        assert got["num_samples"] == expected["num_samples"] == SIZE
+        assert got["accuracy"] == expected["accuracy"], task
+        assert got["loss"] == pytest.approx(expected["loss"], rel=1e-5, abs=1e-6), task
+        images, labels = mf.read_test_set(setup.data[task])
+        independent = mf.evaluate(mf.classify(setup.pool[task], images, backbone_state=reference), labels)
+        assert got["accuracy"] == pytest.approx(independent["accuracy"], abs=1e-6), task
+        assert got["loss"] == pytest.approx(independent["loss"], rel=1e-4, abs=1e-5), task
+
+
+def test_a_non_finite_task_vector_is_refused_naming_file_and_key(setup, tmp_path):
+    key = "convnext.encoder.stages.1.layers.0.pwconv1.weight"
+    copy = mf.copy_checkpoint(setup.pool["dtd"], tmp_path / "nan")
+
+    def poison(state):
+        tensor = state[key].clone()
+        tensor[3, 1] = float("nan")
+        return {**state, key: tensor}
+
+    mf.rewrite_tensors(copy, poison)
+    model = AdaMerging(list(TASKS), classnames(), {**setup.pool, "dtd": str(copy)})
+    with pytest.raises(MergeError, match="non-finite") as error:
+        model.build()
+    assert key in str(error.value) and str(copy / "model.safetensors") in str(error.value)

@@ -1,0 +1,189 @@
+"""``merge.py test`` with ``MethodComparison``: every method on the quickstart tasks in one pass.
+
+The quickstart example config (``configs/quickstart/compare.yaml``) runs as it is, with only
+its paths pointed at a tiny pool built here (``merge_fixtures``) and a learned-coefficients
+file written here; the data are the built-in ``digits`` and ``mnist5k`` test splits (no
+network). Every row of the comparison must equal a separate single-method
+``MergedClassifier`` run on the same data: sharing one pass changes no number.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from lightning.pytorch import Trainer
+
+import merge_fixtures as mf
+from datamodules import MultiTaskDataModule
+from lightning_modules.comparison import MethodComparison
+from lightning_modules.merged import MergedClassifier
+from merge import main
+from merging.coefficients import write_coefficients
+from merging.errors import MergeError
+from merging.methods import TaskArithmetic
+
+TASKS = ("digits", "mnist5k")
+CONFIG = mf.REPO_ROOT / "configs" / "quickstart" / "compare.yaml"
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on shared cores: one intra-op thread avoids spinning threads fighting."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def quiet_cli(monkeypatch, tmp_path):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setattr(sys, "argv", ["merge.py"])
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("compare")
+    models = mf.make_pool(root / "models", TASKS, seed=5)
+    keys = [key for key in mf.load_state(models[mf.PRETRAINED]) if key.startswith("convnext.")]
+    values = torch.rand(len(TASKS), len(keys), generator=torch.Generator().manual_seed(3))
+    write_coefficients(root / "coefficients.json", values, TASKS, keys, "layer")
+    return {**models, "coefficients": str(root / "coefficients.json")}
+
+
+def example_config(pool: dict[str, str], out: Path) -> dict:
+    """``compare.yaml`` with its ``outputs/quickstart`` paths replaced by this test's."""
+    config = yaml.safe_load(CONFIG.read_text())
+    init = config["model"]["init_args"]
+    assert set(init["models"]) == {mf.PRETRAINED, *TASKS}
+    init["models"] = {name: pool[name] for name in init["models"]}
+    init["report_dir"] = str(out / "report")
+    for method in init["methods"]:
+        if method["class_path"].endswith("LearnedCoefficients"):
+            method["init_args"]["coefficients"] = pool["coefficients"]
+    config["data"]["processor"] = pool[mf.PRETRAINED]
+    config["trainer"]["default_root_dir"] = str(out / "root")
+    return config
+
+
+def run(config: dict, out: Path) -> None:
+    path = out / "compare.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config))
+    main(["test", "--config", str(path), "--trainer.logger", "false", *mf.QUIET])
+
+
+def instantiate(spec: dict):
+    module, _, name = spec["class_path"].rpartition(".")
+    return getattr(importlib.import_module(module), name)(**spec.get("init_args", {}))
+
+
+def single_method_report(method, data: MultiTaskDataModule, out: Path, models: dict, individual: bool) -> dict:
+    model = MergedClassifier(
+        data.task_names, data.classnames, models, method, evaluate_individual=individual, report_dir=str(out)
+    )
+    trainer = Trainer(accelerator="cpu", devices=1, logger=False, use_distributed_sampler=False,
+                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)  # fmt: skip
+    trainer.test(model, datamodule=data, verbose=False)
+    return model.report
+
+
+def table(path: Path) -> list[list[str]]:
+    """The rows (header first) of the Markdown table in ``report.md``."""
+    lines = [line for line in path.read_text().splitlines() if line.startswith("| ")]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+    return [row for row in rows if set(row) != {"---"}]
+
+
+def test_the_quickstart_comparison_equals_separate_runs(pool, tmp_path):
+    config = example_config(pool, tmp_path / "compare")
+    run(config, tmp_path / "compare")
+    report_dir = tmp_path / "compare" / "report"
+    assert sorted(p.name for p in report_dir.iterdir()) == ["accuracy.png", "report.csv", "report.json", "report.md"]
+    assert (report_dir / "accuracy.png").read_bytes()[:8] == PNG
+    report = json.loads((report_dir / "report.json").read_text())
+
+    specs = config["model"]["init_args"]["methods"]
+    methods = [instantiate(spec) for spec in specs]
+    labels = [method.describe() for method in methods]
+    assert len(set(labels)) == len(specs) >= 6
+    assert list(report["rows"]) == [*labels, "individual"]
+    assert [m["label"] for m in report["methods"]] == labels
+
+    # One row per method plus `individual`, with the average and the normalised average.
+    header, *rows = table(report_dir / "report.md")
+    assert header == ["model", *TASKS, "average", "normalized average"]
+    assert [row[0] for row in rows] == [*labels, "individual"]
+    with open(report_dir / "report.csv", newline="") as file:
+        assert list(csv.reader(file)) == [header, *rows]
+    for row in rows:
+        values = report["rows"][row[0]]
+        expected = [f"{100 * values['tasks'][t]['accuracy']:.2f}" for t in TASKS] + [f"{100 * values['average_accuracy']:.2f}"]
+        normalized = values.get("average_normalized_accuracy")
+        assert row[1:] == expected + [f"{100 * normalized:.2f}" if normalized is not None else ""]
+    individual = report["rows"]["individual"]
+    for label in labels:
+        for task in TASKS:
+            got = report["rows"][label]["tasks"][task]
+            assert got["normalized_accuracy"] == pytest.approx(got["accuracy"] / individual["tasks"][task]["accuracy"])
+    # Distinct models, except that with two tasks the simple average is task arithmetic at 0.5.
+    losses = {label: report["rows"][label]["average_loss"] for label in labels}
+    assert losses.pop("simple_average") == pytest.approx(losses["task_arithmetic(scaling_factor=0.5)"], rel=1e-5)
+    assert all(abs(a - b) > 1e-3 for i, a in enumerate(losses.values()) for b in list(losses.values())[i + 1 :])
+
+    # Each method alone, on the same data (one DataModule, the config's batch size): the same numbers.
+    data = MultiTaskDataModule(**config["data"])
+    models = config["model"]["init_args"]["models"]
+    for index, method in enumerate(methods):
+        single = single_method_report(method, data, tmp_path / f"single{index}", models, individual=index == 0)
+        names = [labels[index], "individual"] if index == 0 else [labels[index]]
+        assert list(single["rows"]) == names
+        for name in names:
+            for task in TASKS:
+                got, expected = report["rows"][name]["tasks"][task], single["rows"][name]["tasks"][task]
+                assert got["num_samples"] == expected["num_samples"] == len(data.test_datasets[task]), (name, task)
+                assert got["accuracy"] == expected["accuracy"], (name, task)
+                assert got["loss"] == pytest.approx(expected["loss"], rel=1e-6, abs=1e-7), (name, task)
+
+
+@pytest.mark.parametrize("case", ["duplicate", "duplicate label", "empty"])
+def test_duplicate_or_no_methods_are_one_error_line(pool, tmp_path, capsys, case):
+    config = example_config(pool, tmp_path)
+    methods = config["model"]["init_args"]["methods"]
+    if case == "duplicate":
+        methods.append({"class_path": "merging.TaskArithmetic", "init_args": {"scaling_factor": 0.5}})
+        fragments = ["listed twice", "task_arithmetic(scaling_factor=0.5)"]
+    elif case == "duplicate label":
+        methods.append({"class_path": "merging.LearnedCoefficients",
+                        "init_args": {"coefficients": pool["coefficients"], "label": "simple_average"}})  # fmt: skip
+        fragments = ["listed twice", "simple_average"]
+    else:
+        methods.clear()
+        fragments = ["no methods to compare"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run(config, tmp_path)
+    assert exit_info.value.code not in (0, None)
+    stderr = capsys.readouterr().err
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, stderr[-3000:]
+    assert all(fragment in errors[0] for fragment in fragments), errors[0]
+    assert not (tmp_path / "report").exists()
+
+
+def test_method_comparison_refuses_duplicates_and_nothing_directly(pool):
+    models = {name: pool[name] for name in (mf.PRETRAINED, *TASKS)}
+    classnames = {task: [str(i) for i in range(10)] for task in TASKS}
+    with pytest.raises(MergeError, match="no methods"):
+        MethodComparison(list(TASKS), classnames, models, [])
+    with pytest.raises(MergeError, match=r"listed twice: task_arithmetic\(scaling_factor=0.3\)"):
+        MethodComparison(list(TASKS), classnames, models, [TaskArithmetic(0.3), TaskArithmetic(0.3)])
