@@ -118,6 +118,9 @@ class AdaMerging(MultiTaskEvaluation):
                 if not torch.isfinite(row).all():
                     raise MergeError(f"non-finite values (NaN/Inf) in '{key}' of '{reader.path_of(key)}' ({task})")
             self.task_vectors.register_buffer(f"k{index}", stacked, persistent=False)
+        # Identical on every rank by construction: DDP must not re-broadcast gigabytes of
+        # task vectors before every forward (its default for buffers).
+        self._ddp_params_and_buffers_to_ignore = [f"task_vectors.k{index}" for index in range(len(self.keys))]
         self.heads = heads_from_state({task: pool.head(task) for task in self.tasks}).requires_grad_(False)
         self.row_names = [f"adamerging({self.granularity}-wise)"]
         if self.evaluate_individual:
