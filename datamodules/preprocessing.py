@@ -116,11 +116,17 @@ class ImagePreprocessor:
         array = np.array(self.resize_and_crop(image))  # a writable copy torch can own
         return torch.from_numpy(array).permute(2, 0, 1)
 
-    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 ``(..., 3, H, W)`` to normalised float32, in one pass."""
+    def __post_init__(self) -> None:
+        # x * (r / std) - mean / std == (x * r - mean) / std, as one addcmul per pixel.
         scale = torch.tensor([self.rescale_factor / s for s in self.std]).view(3, 1, 1)
-        shift = torch.tensor([m / s for m, s in zip(self.mean, self.std)]).view(3, 1, 1)
-        return torch.addcmul(-shift, pixels.to(torch.float32), scale)
+        shift = torch.tensor([-m / s for m, s in zip(self.mean, self.std)]).view(3, 1, 1)
+        object.__setattr__(self, "_scale", scale)
+        object.__setattr__(self, "_shift", shift)
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 ``(..., 3, H, W)`` to normalised float32, in one pass into a contiguous tensor."""
+        out = torch.empty(pixels.shape, dtype=torch.float32)
+        return torch.addcmul(self._shift, pixels, self._scale, out=out)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         """One PIL image (any mode) to the ``(3, size, size)`` float32 model input."""
