@@ -51,11 +51,29 @@ def test_task_spellings(spelling):
     assert task.hub_name == "stanford-cars"
 
 
-def test_quickstart_tasks_are_builtin_digits():
+def test_quickstart_tasks_are_builtin():
     for name in QUICKSTART_TASKS:
         task = get_task(name)
         assert task.is_builtin and task.hub_dataset is None
-        assert task.classnames == tuple(str(i) for i in range(10))
+    for name in ("digits", "mnist5k"):
+        assert get_task(name).classnames == tuple(str(i) for i in range(10))
+    assert get_task("shapes").num_classes == 10 and len(set(get_task("shapes").classnames)) == 10
+
+
+def test_shapes_are_seeded_balanced_and_distinct():
+    import numpy as np
+
+    from datamodules.builtin import build_builtin_dataset
+
+    first = build_builtin_dataset("shapes", get_task("shapes").classnames)
+    assert (len(first["train"]), len(first["test"])) == (4800, 1200)
+    labels = np.concatenate([np.asarray(first[split]["label"]) for split in ("train", "test")])
+    assert np.bincount(labels).tolist() == [600] * 10
+    images = np.stack([np.asarray(first["test"][i]["image"]) for i in range(50)])
+    assert images.shape == (50, 28, 28) and images.max() == 255 and images.min() == 0
+    assert len({image.tobytes() for image in images}) == 50  # no two drawings alike
+    again = build_builtin_dataset("shapes", get_task("shapes").classnames)
+    assert all(np.array_equal(np.asarray(first["test"][i]["image"]), np.asarray(again["test"][i]["image"])) for i in range(50))
 
 
 def test_unknown_task_lists_known_tasks():
