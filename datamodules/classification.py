@@ -14,7 +14,7 @@ from datamodules.errors import DataError
 from datamodules.loaders import StepStreamDataLoader, check_own_sampling, distributed_context, evaluation_dataloader
 from datamodules.preprocessing import ImagePreprocessor, load_image_processor
 from datamodules.samplers import StepStreamSampler
-from datamodules.sources import check_labels, check_path, get_split, label_mapping, load_task_dataset
+from datamodules.sources import check_path, checked_label_mapping, get_split, load_task_dataset
 from datamodules.tasks import TaskInfo, get_task
 from datamodules.torch_data import ImageClassificationDataset
 
@@ -103,8 +103,7 @@ class ImageClassificationDataModule(LightningDataModule):
 
     def _make(self, split: str, indices: np.ndarray | None = None) -> ImageClassificationDataset:
         data = get_split(self._dataset, split, self.task, self.path)
-        mapping = label_mapping(data, self.task, self._where)
-        check_labels(data, self.task, mapping, f"{self._where}, split '{split}'")
+        mapping = checked_label_mapping(data, self.task, f"{self._where}, split '{split}'")
         return ImageClassificationDataset(data, self.preprocess, indices, mapping)
 
     def setup(self, stage: str | None = None) -> None:

@@ -13,7 +13,7 @@ from datamodules.errors import DataError
 from datamodules.loaders import StepStreamDataLoader, check_own_sampling, distributed_context, evaluation_dataloader
 from datamodules.preprocessing import ImagePreprocessor, load_image_processor
 from datamodules.samplers import StepStreamSampler
-from datamodules.sources import check_labels, check_path, get_split, label_mapping, load_task_dataset
+from datamodules.sources import check_path, checked_label_mapping, get_split, load_task_dataset
 from datamodules.tasks import TaskInfo, get_task
 from datamodules.torch_data import ImageClassificationDataset, UnlabeledImageDataset
 
@@ -105,8 +105,7 @@ class MultiTaskDataModule(LightningDataModule):
         datasets = {}
         for task in self.tasks:
             data = self.test_splits[task.name]
-            mapping = label_mapping(data, task, self._where(task))
-            check_labels(data, task, mapping, self._where(task))
+            mapping = checked_label_mapping(data, task, self._where(task))
             datasets[task.name] = ImageClassificationDataset(data, self.preprocess, label_map=mapping)
         return datasets
 

@@ -75,20 +75,38 @@ def get_split(dataset: DatasetDict, split: str, task: TaskInfo, path: str | None
     return data
 
 
+def _plain(name: str) -> str:
+    """Spellings of one class name: ``Annual_Crop`` and ``annual crop``."""
+    return " ".join(str(name).lower().replace("_", " ").split())
+
+
 def label_mapping(data: Dataset, task: TaskInfo, where: str) -> np.ndarray | None:
     """Map the dataset's label ids to the task's class order, where they differ.
 
-    An image folder numbers its classes alphabetically; when the dataset's ``ClassLabel``
-    names are all task class names, labels are matched by name. Otherwise the integer
-    labels are taken as they are.
+    An image folder numbers its classes alphabetically by folder name. When the dataset's
+    ``ClassLabel`` names are the task's class names, labels are matched by name; when none
+    of them is, the integer labels are taken as they are; a partial match (a misspelt
+    folder) is an error rather than silently wrong labels.
     """
     feature = data.features["label"]
     if not isinstance(feature, ClassLabel):
         return None
-    index = {name: i for i, name in enumerate(task.classnames)}
-    if feature.names == list(task.classnames) or not all(name in index for name in feature.names):
+    index = {_plain(name): i for i, name in enumerate(task.classnames)}
+    known = [_plain(name) in index for name in feature.names]
+    if not any(known):
         return None
-    return np.array([index[name] for name in feature.names], dtype=np.int64)
+    if not all(known):
+        unknown = [name for name, ok in zip(feature.names, known) if not ok]
+        raise DataError(f"{where}: class name(s) {', '.join(map(repr, unknown[:5]))} are not classes of '{task.name}'")
+    mapping = np.array([index[_plain(name)] for name in feature.names], dtype=np.int64)
+    return None if np.array_equal(mapping, np.arange(len(mapping))) else mapping
+
+
+def checked_label_mapping(data: Dataset, task: TaskInfo, where: str) -> np.ndarray | None:
+    """``label_mapping`` after checking every label names one of the task's classes."""
+    mapping = label_mapping(data, task, where)
+    check_labels(data, task, mapping, where)
+    return mapping
 
 
 def check_labels(data: Dataset, task: TaskInfo, mapping: np.ndarray | None, where: str) -> None:

@@ -321,3 +321,20 @@ def test_cli_reports_bad_input_in_one_line(task_or_path, tmp_path, tiny_processo
     assert len(errors) == 1, err
     assert "Traceback" not in err
     assert ("unknown task 'nope'" if task_or_path == "task" else f"task 'dtd', path '{missing}'") in errors[0]
+
+
+def test_a_misspelt_class_folder_is_an_error_not_a_wrong_label(tmp_path):
+    from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
+    from PIL import Image as PILImage
+
+    from datamodules.sources import label_mapping
+    from datamodules.tasks import get_task
+
+    features = Features({"image": Image(), "label": ClassLabel(names=["banded", "crystaline"])})
+    pixels = [PILImage.new("RGB", (8, 8))] * 2
+    split = Dataset.from_dict({"image": pixels, "label": [0, 1]}, features=features)
+    with pytest.raises(DataError, match="'crystaline' are not classes of 'dtd'"):
+        label_mapping(split, get_task("dtd"), "task 'dtd', path 'x'")
+    spelled = Dataset.from_dict({"image": pixels, "label": [0, 1]}, features=features.copy())
+    spelled = spelled.cast_column("label", ClassLabel(names=["Banded", "Crystalline"]))
+    assert label_mapping(spelled, get_task("dtd"), "here").tolist() == [0, 9]
