@@ -1,0 +1,298 @@
+"""Merge speed and memory: the project's merge flow on eight convnext-base-224-sized models.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.merge_speed [--repeats 5] [--cache /tmp/convnext-fusion-bench]
+        [--flows simple_average,task_arithmetic,ties,stream] [--fusionbench-python /tmp/fbvenv/bin/python]
+        [--baseline DIR]
+
+The first run writes nine Hugging Face checkpoint directories (``config.json`` +
+``model.safetensors``) into ``--cache`` and later runs reuse them: a "pretrained" ConvNeXt of
+facebook/convnext-base-224's shape (depths 3/3/27/3, widths 128-1024, random weights,
+1000-class head, about 88.6M parameters, 354 MB in fp32) and eight "fine-tuned" ones, each the
+pretrained backbone plus small Gaussian noise and its own 10-class head.
+
+Every measurement runs in a fresh subprocess, so peaks do not mix, and reports
+
+* merge time: wall time from ``ModelPool({...})`` through the saved merged model on disk
+  (``pool.config`` -> ``merge_backbone`` -> ``pool.head`` for each task -> ``save_merged``
+  of backbone plus heads), imports excluded (they are done before the clock starts);
+* peak RSS: ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` of the whole process at the end,
+  imports included (``import torch`` alone is about 220 MB; the peak after the imports is
+  printed as the import floor). On Linux a child's ru_maxrss starts from its parent's resident
+  size at fork, so this parent never imports torch; ``VmHWM`` (the peak of the child's own
+  memory map) is printed beside it as a cross-check.
+
+Flows: ``simple_average``, ``task_arithmetic`` (lambda 0.3), ``ties`` (top_k 0.2, lambda 0.3)
+through the project's code, and ``stream``, a plain baseline: ``safetensors.safe_open`` one
+file at a time, a running fp32 sum of the backbone, divided by 8 (no checks, no heads, no
+save). ``--baseline DIR`` measures the three project flows again with the ``merging``
+package under ``DIR`` (another version of it, e.g. the last commit's). With
+``--fusionbench-python`` (a venv holding fusion-bench), FusionBench's own SimpleAverageAlgorithm
+on the same directories is measured the same way by ``benchmarks/fusionbench_simple_average.py``,
+with and without collecting and saving the heads.
+
+Before each measurement the flow's output directory is removed, ``os.sync()`` flushes earlier
+writes and every checkpoint file is read once: each flow saves into a new directory and starts
+from a warm page cache. The flows alternate ``--repeats`` times; the best and the median of each
+are printed (the machine may be shared: compare figures of one run). Afterwards the saved
+SimpleAverage backbones are compared with the average computed in the check (summed in
+float64, as ``merging.methods.simple_average`` does). It measures and prints; it asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CACHE = Path("/tmp/convnext-fusion-bench")
+TASKS = ["sun397", "stanford_cars", "resisc45", "eurosat", "svhn", "gtsrb", "mnist", "dtd"]
+NUM_CLASSES = 10
+PROJECT_FLOWS = ("simple_average", "task_arithmetic", "ties")
+CONVNEXT_BASE_PREPROCESSOR = {
+    "crop_pct": 0.875,
+    "do_normalize": True,
+    "do_resize": True,
+    "feature_extractor_type": "ConvNextFeatureExtractor",
+    "image_mean": [0.485, 0.456, 0.406],
+    "image_std": [0.229, 0.224, 0.225],
+    "resample": 3,
+    "size": 224,
+}
+
+
+def _peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def checkpoint_dirs(cache: Path) -> dict[str, Path]:
+    """``_pretrained_`` and the eight tasks -> their checkpoint directories in ``cache``."""
+    return {"_pretrained_": cache / "pretrained", **{task: cache / task for task in TASKS}}
+
+
+def prepare(cache: Path) -> None:
+    """Write the nine checkpoints into ``cache`` unless they are there already."""
+    dirs = checkpoint_dirs(cache)
+    if all((path / "model.safetensors").is_file() and (path / "config.json").is_file() for path in dirs.values()):
+        return
+    import torch
+    from safetensors.torch import save_file
+    from transformers import ConvNextConfig, ConvNextForImageClassification
+
+    print(f"writing nine convnext-base-224-sized checkpoints to {cache} (once) ...", flush=True)
+    shape = {"depths": [3, 3, 27, 3], "hidden_sizes": [128, 256, 512, 1024]}
+    torch.manual_seed(0)
+    pretrained_config = ConvNextConfig(**shape, num_labels=1000)
+    state = {key: value.detach().contiguous() for key, value in ConvNextForImageClassification(pretrained_config).state_dict().items()}
+    backbone = {key: value for key, value in state.items() if key.startswith("convnext.")}
+    print(f"  {sum(value.numel() for value in state.values()) / 1e6:.1f}M parameters", flush=True)
+    for name, directory in dirs.items():
+        directory.mkdir(parents=True, exist_ok=True)
+        if name == "_pretrained_":
+            tensors, config = state, pretrained_config
+            (directory / "preprocessor_config.json").write_text(json.dumps(CONVNEXT_BASE_PREPROCESSOR, indent=2))
+        else:
+            labels = {i: f"{name}_class_{i}" for i in range(NUM_CLASSES)}
+            config = ConvNextConfig(**shape, num_labels=NUM_CLASSES, id2label=labels, label2id={v: k for k, v in labels.items()})
+            tensors = {key: value + 1e-3 * torch.randn_like(value) for key, value in backbone.items()}
+            tensors["classifier.weight"] = 0.02 * torch.randn(NUM_CLASSES, 1024)
+            tensors["classifier.bias"] = torch.zeros(NUM_CLASSES)
+        config.save_pretrained(directory)
+        save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+
+
+def warm_page_cache(dirs: dict[str, Path]) -> None:
+    """Read every checkpoint file once, so each flow starts from the page cache."""
+    buffer = bytearray(8 << 20)
+    for directory in dirs.values():
+        with open(directory / "model.safetensors", "rb", buffering=0) as file:
+            while file.readinto(buffer):
+                pass
+
+
+def output_dir(cache: Path, flow: str) -> Path:
+    """Where a flow saves its merged model (``simple_average (baseline)`` -> ``simple_average-baseline``)."""
+    return cache / "out" / flow.replace(" (", "-").replace(")", "").replace(" ", "-")
+
+
+# ---------------------------------------------------------------- child processes
+
+
+def _child_project(flow: str, cache: Path, out: Path) -> dict[str, float]:
+    if os.environ.get("MERGE_SPEED_BASELINE"):  # the `merging` package of another checkout
+        sys.path.insert(0, os.environ["MERGE_SPEED_BASELINE"])
+    from merging.engine import merge_backbone
+    from merging.methods import SimpleAverage, TaskArithmetic, TiesMerging
+    from merging.pool import PRETRAINED, ModelPool
+    from merging.saved import save_merged
+
+    method = {"simple_average": SimpleAverage, "task_arithmetic": TaskArithmetic, "ties": TiesMerging}[flow]()
+    models = {name: str(path) for name, path in checkpoint_dirs(cache).items()}
+    info = {
+        "method": method.describe(),
+        "method_name": method.name,
+        "hyperparameters": method.hyperparameters(),
+        "models": models,
+        "tasks": {task: {"classnames": [f"{task}_class_{i}" for i in range(NUM_CLASSES)]} for task in TASKS},
+    }
+    floor = _peak_mib()
+    start = time.perf_counter()
+    pool = ModelPool(models)
+    config = pool.config(PRETRAINED)
+    merged = merge_backbone(pool, method, progress=False)
+    heads = {task: pool.head(task) for task in pool.task_names}
+    save_merged(out, merged, heads, config, pool.directory(PRETRAINED), info, overwrite=True)
+    pool.close()
+    return {"seconds": time.perf_counter() - start, "import_floor_mib": floor}
+
+
+def _child_stream(cache: Path) -> dict[str, float]:
+    import torch
+    from safetensors import safe_open
+
+    files = [path / "model.safetensors" for name, path in checkpoint_dirs(cache).items() if name != "_pretrained_"]
+    floor = _peak_mib()
+    start = time.perf_counter()
+    total: dict[str, torch.Tensor] = {}
+    for path in files:
+        with safe_open(path, framework="pt") as file:
+            for key in file.keys():
+                if not key.startswith("convnext."):
+                    continue
+                tensor = file.get_tensor(key)
+                if key in total:
+                    total[key].add_(tensor)
+                else:
+                    total[key] = tensor.to(torch.float32, copy=True)
+    for tensor in total.values():
+        tensor.div_(len(files))
+    return {"seconds": time.perf_counter() - start, "import_floor_mib": floor}
+
+
+def _own_peak_mib() -> float:
+    """VmHWM: the peak of this process's own memory map (a cross-check of ru_maxrss)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def child(flow: str, cache: Path, out: Path) -> None:
+    if flow == "prepare":
+        prepare(cache)
+        return
+    if flow == "compare":
+        compare(cache, ["simple_average", "simple_average-baseline", "fusionbench", "fusionbench-no-heads"])
+        return
+    if os.environ.get("MERGE_SPEED_BASELINE"):
+        out = out.with_name(f"{out.name}-baseline")
+    result = _child_stream(cache) if flow == "stream" else _child_project(flow, cache, out)
+    print(json.dumps({**result, "peak_rss_mib": _peak_mib(), "vm_hwm_mib": _own_peak_mib()}))
+
+
+# ---------------------------------------------------------------- parent
+
+
+def measure(command: list[str], extra_env: dict[str, str] | None = None) -> dict[str, float]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(extra_env or {})}
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def compare(cache: Path, names: list[str]) -> None:
+    """The saved SimpleAverage backbones against the average computed here (summed in float64,
+    as ``merging.methods.simple_average`` defines it)."""
+    import torch
+    from safetensors.torch import load_file
+
+    reference: dict[str, torch.Tensor] = {}
+    for task in TASKS:
+        for key, tensor in load_file(checkpoint_dirs(cache)[task] / "model.safetensors").items():
+            if key.startswith("convnext."):
+                reference[key] = reference[key].add_(tensor) if key in reference else tensor.double()
+    for key, tensor in reference.items():
+        reference[key] = tensor.div_(len(TASKS)).float()
+    for name in names:
+        path = cache / "out" / name / "model.safetensors"
+        if not path.is_file():
+            continue
+        saved = load_file(path)
+        exact = all(torch.equal(saved[key], value) for key, value in reference.items())
+        largest = max(float((saved[key] - value).abs().max()) for key, value in reference.items())
+        print(f"  {name}: backbone {'equal to' if exact else 'differs from'} the float64-summed average (largest |diff| {largest:.3g})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the nine checkpoints live")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--flows", default=",".join([*PROJECT_FLOWS, "stream"]))
+    parser.add_argument("--fusionbench-python", help="python of a venv with fusion-bench installed")
+    parser.add_argument(
+        "--baseline", help="a folder holding another version of the `merging` package: its three project flows are measured too"
+    )
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, args.cache, output_dir(args.cache, args.child))
+        return
+
+    # The parent stays small and never imports torch: a child's ru_maxrss starts from the
+    # parent's resident size at fork (Linux carries it across exec), so the nine checkpoints
+    # are written, and the results compared, in children of their own.
+    self_command = [sys.executable, "-m", "benchmarks.merge_speed", "--cache", str(args.cache), "--child"]
+    subprocess.run([*self_command, "prepare"], cwd=REPO, check=True)
+    dirs = checkpoint_dirs(args.cache)
+    flows: dict[str, tuple[list[str], dict[str, str]]] = {}
+    for flow in filter(None, args.flows.split(",")):
+        flows[flow] = ([*self_command, flow], {})
+        if args.baseline and flow in PROJECT_FLOWS:
+            flows[f"{flow} (baseline)"] = ([*self_command, flow], {"MERGE_SPEED_BASELINE": str(Path(args.baseline).resolve())})
+    if args.fusionbench_python:
+        script = [args.fusionbench_python, str(REPO / "benchmarks" / "fusionbench_simple_average.py"), "--cache", str(args.cache)]
+        flows["fusionbench"] = (script, {})
+        flows["fusionbench (no heads)"] = ([*script, "--no-heads"], {})
+    results: dict[str, list[dict[str, float]]] = {flow: [] for flow in flows}
+    for repeat in range(args.repeats):
+        for flow, (command, extra_env) in flows.items():
+            # Every flow saves into a new directory, with no earlier run's writes still to
+            # flush (the kernel would slow this one's down), from a warm page cache.
+            shutil.rmtree(output_dir(args.cache, flow), ignore_errors=True)
+            os.sync()
+            warm_page_cache(dirs)
+            results[flow].append(measure(command, extra_env))
+            last = results[flow][-1]
+            print(f"[{repeat + 1}/{args.repeats}] {flow:28s} {last['seconds']:6.2f} s  peak {last['peak_rss_mib']:6.0f} MiB", flush=True)
+    print(f"\n8 fine-tuned + 1 pretrained convnext-base-224-sized checkpoints, warm page cache, {args.repeats} runs each")
+    print(f"{'flow':28s} {'best s':>7s} {'median s':>9s} {'peak RSS MiB (min/median)':>26s} {'VmHWM MiB':>10s} {'import floor MiB':>17s}")
+    for flow, runs in results.items():
+        seconds = [run["seconds"] for run in runs]
+        peaks = [run["peak_rss_mib"] for run in runs]
+        floor = statistics.median(run["import_floor_mib"] for run in runs)
+        hwm = statistics.median(run["vm_hwm_mib"] for run in runs)
+        print(
+            f"{flow:28s} {min(seconds):7.2f} {statistics.median(seconds):9.2f} {min(peaks):12.0f} / {statistics.median(peaks):<8.0f}"
+            f"   {hwm:10.0f} {floor:12.0f}"
+        )
+    if "fusionbench" in results and "simple_average" in results:
+        fb, ours = results["fusionbench"], results["simple_average"]
+        print(
+            f"FusionBench / project SimpleAverage: time x{statistics.median(r['seconds'] for r in fb) / statistics.median(r['seconds'] for r in ours):.1f} (medians), "
+            f"peak RSS x{statistics.median(r['peak_rss_mib'] for r in fb) / statistics.median(r['peak_rss_mib'] for r in ours):.1f}"
+        )
+    print(f"parent process at the end: {_peak_mib():.0f} MiB peak RSS (what each child's ru_maxrss can start from)")
+    print("check:", flush=True)
+    subprocess.run([*self_command, "compare"], cwd=REPO, check=True)
+
+
+if __name__ == "__main__":
+    main()
