@@ -57,14 +57,43 @@ def magnitude_threshold(task_vector: Iterable[Tensor], top_k: float) -> float:
     ``top_k = 1`` keeps everything (threshold 0)."""
     if not 0 < top_k <= 1:
         raise MergeError(f"top_k must be in (0, 1], got {top_k}")
-    magnitudes = torch.cat([tensor.detach().abs().reshape(-1).to(torch.float32) for tensor in task_vector])
-    keep = int(top_k * magnitudes.numel())
-    if keep >= magnitudes.numel():
+    # The k-th largest of the concatenated magnitudes, found as torch.kthvalue(cat, n - k + 1)
+    # would find it, without the concatenation nor kthvalue's sorted copy and int64 indices
+    # of everything. The bits of a float with its sign bit clear, read as an int32, sort as
+    # the float does (+Inf above every finite value, NaN above +Inf as kthvalue ranks it), so
+    # the 15 bits below the sign bucket the values in order: count each bucket (as each part
+    # arrives), find the bucket holding the wanted value, run kthvalue on that bucket alone.
+    magnitudes, counts = [], torch.zeros(_BUCKETS, dtype=torch.int64)
+    for tensor in task_vector:
+        part = tensor.detach().abs().reshape(-1).to(torch.float32)
+        counts += torch.bincount(_bucket(part), minlength=_BUCKETS)
+        magnitudes.append(part)
+    if not magnitudes:
+        torch.cat(magnitudes)  # nothing to rank: torch's own error, as ever
+    numel = sum(part.numel() for part in magnitudes)
+    keep = int(top_k * numel)
+    if keep >= numel:
         return 0.0
     if keep == 0:
         return float("inf")
     # k-th largest = (n - k + 1)-th smallest
-    return float(torch.kthvalue(magnitudes, magnitudes.numel() - keep + 1).values)
+    return _kth_smallest(magnitudes, counts, numel - keep + 1)
+
+
+_BUCKETS = 1 << 15
+
+
+def _kth_smallest(parts: list[Tensor], counts: Tensor, k: int) -> float:
+    """``torch.kthvalue(torch.cat(parts), k)`` given the bucket ``counts`` of ``parts``."""
+    below = counts.cumsum(0)
+    bucket = int(torch.searchsorted(below, k, side="left"))  # first bucket with at least k values up to it
+    rank = k - (int(below[bucket - 1]) if bucket else 0)
+    candidates = torch.cat([part[_bucket(part) == bucket] for part in parts])
+    return float(torch.kthvalue(candidates, rank).values)
+
+
+def _bucket(magnitudes: Tensor) -> Tensor:
+    return magnitudes.view(torch.int32).bitwise_right_shift(16).bitwise_and_(0x7FFF)
 
 
 def ties_merging(
@@ -138,6 +167,11 @@ class MergeMethod(ABC):
     #: the output; the engine then checks outputs instead of every input.
     propagates_non_finite: ClassVar[bool] = True
     needs_task_statistics: ClassVar[bool] = False
+    #: True where ``transform`` and ``merge`` compute every entry from the same entry of their
+    #: inputs alone (given the task statistics) and may run in several threads at once: the
+    #: engine then hands them flat slices of each parameter tensor, which stay in the CPU
+    #: cache, several keys at a time, for the same result entry by entry.
+    elementwise: ClassVar[bool] = False
 
     def prepare(self, tasks: Sequence[str], keys: Sequence[str]) -> None:
         """Called once before merging with the fine-tuned tasks (in stream order) and the
@@ -172,6 +206,7 @@ class SimpleAverage(MergeMethod):
 
     name = "simple_average"
     uses_pretrained = False
+    elementwise = True
 
     def merge(self, pretrained: Tensor | None, tensors: Iterable[Tensor], statistics: Sequence[float]) -> Tensor:
         return simple_average(tensors)
@@ -185,6 +220,7 @@ class TaskArithmetic(MergeMethod):
     """
 
     name = "task_arithmetic"
+    elementwise = True
 
     def __init__(self, scaling_factor: float = 0.3) -> None:
         self.scaling_factor = scaling_factor
@@ -208,6 +244,7 @@ class TiesMerging(MergeMethod):
     name = "ties"
     propagates_non_finite = False
     needs_task_statistics = True
+    elementwise = True
 
     def __init__(self, top_k: float = 0.2, scaling_factor: float = 0.3) -> None:
         if not 0 < top_k <= 1:
@@ -229,6 +266,7 @@ class _Dare:
     """DARE in front of another method: every task vector is sparsified first."""
 
     propagates_non_finite = False
+    elementwise = False  # one random mask per whole tensor
     drop_rate: float
     rescale: bool
     seed: int

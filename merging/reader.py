@@ -82,15 +82,26 @@ class _SafetensorsFile:
         os.close(self.fd)
         raise CheckpointError(f"corrupt checkpoint '{self.path}': {reason}")
 
-    def read_into(self, key: str, out: torch.Tensor) -> torch.Tensor:
-        _, _, begin, end = self.entries[key]
-        view = memoryview(out.view(torch.uint8).reshape(-1).numpy())
-        if os.preadv(self.fd, [view], self.data_start + begin) != end - begin:
+    def read_into(self, key: str, out: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Entries ``start:stop`` of ``key`` (flattened, row-major; all by default) into ``out``."""
+        dtype, _, begin, end = self.entries[key]
+        if stop is not None:
+            end = begin + stop * dtype.itemsize
+        begin += start * dtype.itemsize
+        if os.preadv(self.fd, [_bytes_of(out)], self.data_start + begin) != end - begin:
             raise CheckpointError(f"corrupt checkpoint '{self.path}': short read of tensor '{key}'")
         return out
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+def _bytes_of(tensor: torch.Tensor) -> memoryview:
+    """The memory of a contiguous CPU tensor as writable bytes."""
+    try:
+        return memoryview(tensor.numpy()).cast("B")  # the quick way, where numpy has the dtype
+    except TypeError:  # bfloat16, or a shape with a 0 in it
+        return memoryview(tensor.view(torch.uint8).reshape(-1).numpy())
 
 
 class CheckpointReader:
@@ -169,6 +180,17 @@ class CheckpointReader:
         if out is None:
             out = torch.empty(shape, dtype=dtype)
         return self._files[self._key_file[key]].read_into(key, out.view(shape))
+
+    def read_slice(self, key: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Entries ``start:stop`` of ``key`` flattened (row-major), in its stored dtype, as a
+        1-D tensor; into ``out`` (same dtype, ``stop - start`` entries) when given."""
+        if self._legacy is not None:
+            entries = self._legacy[key].reshape(-1)[start:stop]
+            return out.copy_(entries) if out is not None else entries.clone()
+        dtype, _, _, _ = self._entry(key)
+        if out is None:
+            out = torch.empty(stop - start, dtype=dtype)
+        return self._files[self._key_file[key]].read_into(key, out, start, stop)
 
     def items(self, keys: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         for key in keys if keys is not None else self.keys():
