@@ -95,7 +95,8 @@ def bar_chart(report: Mapping[str, Any], title: str, path: Path) -> None:
     labels = [*tasks, "average"]
     rows = report["rows"]
     width = 0.8 / len(rows)
-    figure, axes = plt.subplots(figsize=(max(6.0, 1.1 * len(labels) * max(1, len(rows) / 2)), 4.0))
+    legend_width = 3.5 if len(rows) > 1 else 0.0
+    figure, axes = plt.subplots(figsize=(max(6.0, 1.1 * len(labels) * max(1, len(rows) / 2)) + legend_width, 4.0))
     for index, (name, row) in enumerate(rows.items()):
         values = [100 * row["tasks"][task]["accuracy"] for task in tasks] + [100 * row["average_accuracy"]]
         positions = [i + (index - (len(rows) - 1) / 2) * width for i in range(len(labels))]
@@ -105,7 +106,7 @@ def bar_chart(report: Mapping[str, Any], title: str, path: Path) -> None:
     axes.set_ylim(0, 100)
     axes.set_title(title)
     if len(rows) > 1:
-        axes.legend(fontsize="small", loc="lower left")
+        axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
