@@ -56,16 +56,6 @@ DEFAULT_CACHE = Path("/tmp/convnext-fusion-bench")
 TASKS = ["sun397", "stanford_cars", "resisc45", "eurosat", "svhn", "gtsrb", "mnist", "dtd"]
 NUM_CLASSES = 10
 PROJECT_FLOWS = ("simple_average", "task_arithmetic", "ties")
-CONVNEXT_BASE_PREPROCESSOR = {
-    "crop_pct": 0.875,
-    "do_normalize": True,
-    "do_resize": True,
-    "feature_extractor_type": "ConvNextFeatureExtractor",
-    "image_mean": [0.485, 0.456, 0.406],
-    "image_std": [0.229, 0.224, 0.225],
-    "resample": 3,
-    "size": 224,
-}
 
 
 def _peak_mib() -> float:
@@ -86,6 +76,8 @@ def prepare(cache: Path) -> None:
     from safetensors.torch import save_file
     from transformers import ConvNextConfig, ConvNextForImageClassification
 
+    from datamodules import ImagePreprocessor
+
     print(f"writing nine convnext-base-224-sized checkpoints to {cache} (once) ...", flush=True)
     shape = {"depths": [3, 3, 27, 3], "hidden_sizes": [128, 256, 512, 1024]}
     torch.manual_seed(0)
@@ -97,7 +89,7 @@ def prepare(cache: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         if name == "_pretrained_":
             tensors, config = state, pretrained_config
-            (directory / "preprocessor_config.json").write_text(json.dumps(CONVNEXT_BASE_PREPROCESSOR, indent=2))
+            ImagePreprocessor().to_processor().save_pretrained(directory)  # convnext-base-224's settings
         else:
             labels = {i: f"{name}_class_{i}" for i in range(NUM_CLASSES)}
             config = ConvNextConfig(**shape, num_labels=NUM_CLASSES, id2label=labels, label2id={v: k for k, v in labels.items()})

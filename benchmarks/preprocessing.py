@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,16 +26,6 @@ from datamodules import ImageClassificationDataModule, ImagePreprocessor
 from datamodules.tasks import TASKS
 
 SAMPLE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dtd-10class-sample"
-CONVNEXT_BASE_PREPROCESSOR = {
-    "crop_pct": 0.875,
-    "do_normalize": True,
-    "do_resize": True,
-    "feature_extractor_type": "ConvNextFeatureExtractor",
-    "image_mean": [0.485, 0.456, 0.406],
-    "image_std": [0.229, 0.224, 0.225],
-    "resample": 3,
-    "size": 224,
-}
 
 
 def rates(functions: dict[str, Callable], inputs: list, seconds: float) -> dict[str, float]:
@@ -108,8 +97,7 @@ def main() -> None:
     torch.set_num_threads(1)  # one DataLoader worker's share
     with tempfile.TemporaryDirectory() as tmp:
         processor_dir = Path(tmp) / "processor"
-        processor_dir.mkdir()
-        (processor_dir / "preprocessor_config.json").write_text(json.dumps(CONVNEXT_BASE_PREPROCESSOR))
+        ImagePreprocessor().to_processor().save_pretrained(processor_dir)  # convnext-base-224's settings
         ours = ImagePreprocessor.from_pretrained(str(processor_dir))
         theirs = AutoImageProcessor.from_pretrained(str(processor_dir))
 

@@ -12,7 +12,6 @@ drops the label column before any loader exists).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 

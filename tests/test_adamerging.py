@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import merge_fixtures as mf
+from merge_fixtures import one_thread, quiet_cli  # noqa: F401  (autouse fixtures)
 from datamodules.tasks import get_task
 from datamodules.torch_data import ImageClassificationDataset
 from ddp_scripts.adamerging_steps import StopAfter, read_steps
@@ -57,22 +58,6 @@ def setup(tmp_path_factory) -> Setup:
     }
     keys = [key for key in mf.load_state(pool[mf.PRETRAINED]) if key.startswith("convnext.")]
     return Setup(pool, data, keys)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on shared cores: one intra-op thread avoids spinning threads fighting (10x faster)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def quiet_cli(monkeypatch, tmp_path):
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setattr(sys, "argv", ["merge.py"])
-    monkeypatch.chdir(tmp_path)
 
 
 def fit_args(setup: Setup, out: Path, *extra: str, granularity: str = "layer", lr: float = 0.05, steps: int = 10,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import importlib
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ import yaml
 from lightning.pytorch import Trainer
 
 import merge_fixtures as mf
+from merge_fixtures import one_thread, quiet_cli  # noqa: F401  (autouse fixtures)
 from datamodules import MultiTaskDataModule
 from lightning_modules.comparison import MethodComparison
 from lightning_modules.merged import MergedClassifier
@@ -32,22 +32,6 @@ from merging.methods import TaskArithmetic
 TASKS = ("digits", "mnist5k")
 CONFIG = mf.REPO_ROOT / "configs" / "quickstart" / "compare.yaml"
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on shared cores: one intra-op thread avoids spinning threads fighting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def quiet_cli(monkeypatch, tmp_path):
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setattr(sys, "argv", ["merge.py"])
-    monkeypatch.chdir(tmp_path)
 
 
 @pytest.fixture(scope="module")

@@ -324,7 +324,7 @@ def test_cli_reports_bad_input_in_one_line(task_or_path, tmp_path, tiny_processo
 
 
 def test_a_misspelt_class_folder_is_an_error_not_a_wrong_label(tmp_path):
-    from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
+    from datasets import Dataset, Features, Image
     from PIL import Image as PILImage
 
     from datamodules.sources import label_mapping
