@@ -159,10 +159,17 @@ class MultiTaskEvaluation(LightningModule):
         self._log_results(results)
         self.report = self._write(results)
 
+    def _partial(self) -> bool:
+        """A deliberately partial run (``fast_dev_run``, ``limit_test_batches``): no full count to check."""
+        limit = self.trainer.limit_test_batches  # an int counts batches, a float is a fraction
+        return bool(self.trainer.fast_dev_run) or isinstance(limit, int) or limit < 1.0
+
     def _expected_samples(self) -> dict[str, int]:
         datamodule = self.trainer.datamodule if self.trainer is not None else None
         datasets = getattr(datamodule, "test_datasets", None)
-        return {task: len(datasets[task]) for task in self.tasks} if datasets else {}
+        if not datasets or self._partial():
+            return {}
+        return {task: len(datasets[task]) for task in self.tasks}
 
     def _log_results(self, results: Mapping[str, Mapping[str, Mapping[str, float]]]) -> None:
         single = len(self.row_names) == 1
@@ -181,7 +188,9 @@ class MultiTaskEvaluation(LightningModule):
     def _write(self, results: Mapping[str, Mapping[str, Mapping[str, float]]]) -> dict[str, Any] | None:
         report = None
         if self.trainer.is_global_zero:
-            report = write_report(results, self.report_dir, self.report_title, self.report_extra())
+            extra = {**self.report_extra(), **({"partial": True} if self._partial() else {})}
+            title = f"{self.report_title} (PARTIAL: limited test batches)" if self._partial() else self.report_title
+            report = write_report(results, self.report_dir, title, extra)
             self._log_to_wandb(report)
             print(Path(self.report_dir, "report.md").read_text())
         return report

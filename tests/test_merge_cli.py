@@ -353,3 +353,12 @@ def test_an_unknown_method_is_refused(setup, tmp_path, capsys):
     assert exit_info.value.code not in (0, None)
     assert "NoSuchMethod" in capsys.readouterr().err
     assert not (tmp_path / "report").exists()
+
+
+def test_a_limited_test_run_is_reported_as_partial(setup, tmp_path):
+    """--trainer.limit_test_batches evaluates a subset on purpose: no full-count error, a marked report."""
+    main(cli(setup, tmp_path, "--trainer.limit_test_batches", "1"))
+    report = read_report(tmp_path)
+    assert report["partial"] is True and "PARTIAL" in report["title"]
+    counts = [values["num_samples"] for values in next(iter(report["rows"].values()))["tasks"].values()]
+    assert counts == [min(BATCH_SIZE, SIZES[task]) for task in TASKS]
