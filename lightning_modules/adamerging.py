@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lightning_modules.evaluation import MultiTaskEvaluation, backbone_from_state, heads_from_state
+from lightning_modules.evaluation import MultiTaskEvaluation, backbone_from_state
 from merging.coefficients import coefficients_heatmap, read_coefficients, write_coefficients
 from merging.errors import MergeError
 from merging.pool import BACKBONE_PREFIX, PRETRAINED, ModelPool
@@ -120,13 +120,8 @@ class AdaMerging(MultiTaskEvaluation):
         # Identical on every rank by construction: DDP must not re-broadcast gigabytes of
         # task vectors before every forward (its default for buffers).
         self._ddp_params_and_buffers_to_ignore = [f"task_vectors.k{index}" for index in range(len(self.keys))]
-        self.heads = heads_from_state({task: pool.head(task) for task in self.tasks}).requires_grad_(False)
+        self.set_heads_and_individual(pool, self.evaluate_individual)
         self.row_names = [f"adamerging({self.granularity}-wise)"]
-        if self.evaluate_individual:
-            for task in self.tasks:
-                reader = pool.reader(task)
-                state = {key: reader.read(key) for key in self.keys}
-                self.individual[task] = backbone_from_state(pool.config(task), state).requires_grad_(False)
 
     def merged_parameters(self) -> dict[str, Tensor]:
         """``theta_0 + sum_t lambda_{t,k} tau_{t,k}`` for every backbone tensor ``k``."""

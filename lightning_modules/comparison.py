@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lightning_modules.evaluation import MultiTaskEvaluation, backbone_from_state, heads_from_state
+from lightning_modules.evaluation import MultiTaskEvaluation, backbone_from_state
 from merging.engine import merge_backbone
 from merging.errors import MergeError
 from merging.methods import MergeMethod
@@ -59,12 +59,7 @@ class MethodComparison(MultiTaskEvaluation):
             merged = merge_backbone(pool, method, progress=show_progress)
             self.verify_identical_across_ranks(merged, f"merged weights ({method.describe()})")
             self.add_row(method.describe(), backbone_from_state(config, merged))
-        self.heads = heads_from_state({task: pool.head(task) for task in self.tasks})
-        if self.evaluate_individual:
-            for task in self.tasks:
-                reader = pool.reader(task)
-                state = {key: reader.read(key) for key in pool.backbone_keys}
-                self.individual[task] = backbone_from_state(pool.config(task), state)
+        self.set_heads_and_individual(pool, self.evaluate_individual)
 
     def report_extra(self) -> dict[str, Any]:
         return {

@@ -87,6 +87,16 @@ class MultiTaskEvaluation(LightningModule):
         """Fill ``rows``/``row_names``, ``heads`` and (optionally) ``individual``."""
         raise NotImplementedError
 
+    def set_heads_and_individual(self, pool: Any, evaluate_individual: bool) -> None:
+        """Each task's fine-tuned head from ``pool`` and, for the ``individual`` row, each
+        task's whole fine-tuned backbone; all frozen."""
+        self.heads = heads_from_state({task: pool.head(task) for task in self.tasks}).requires_grad_(False)
+        if evaluate_individual:
+            for task in self.tasks:
+                reader = pool.reader(task)
+                state = {key: reader.read(key) for key in pool.backbone_keys}
+                self.individual[task] = backbone_from_state(pool.config(task), state).requires_grad_(False)
+
     def add_row(self, name: str, backbone: nn.Module) -> None:
         self.rows[f"row{len(self.row_names)}"] = backbone
         self.row_names.append(name)

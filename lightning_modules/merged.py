@@ -83,14 +83,8 @@ class MergedClassifier(MultiTaskEvaluation):
         config = pool.config(PRETRAINED)
         merged = merge_backbone(pool, self.method, progress=self.trainer is None or self.trainer.is_global_zero)
         self.verify_identical_across_ranks(merged, "merged weights")
-        heads = {task: pool.head(task) for task in self.tasks}
         self.add_row(self.method.describe(), backbone_from_state(config, merged))
-        self.heads = heads_from_state(heads)
-        if self.evaluate_individual:
-            for task in self.tasks:
-                reader = pool.reader(task)
-                state = {key: reader.read(key) for key in pool.backbone_keys}
-                self.individual[task] = backbone_from_state(pool.config(task), state)
+        self.set_heads_and_individual(pool, self.evaluate_individual)
         if self.save_dir is not None and (self.trainer is None or self.trainer.is_global_zero):
             all_heads = {task: pool.head(task) for task in pool.task_names}
             save_merged(self.save_dir, merged, all_heads, config, pool.directory(PRETRAINED), self._info(), self.overwrite)
