@@ -11,9 +11,8 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from datamodules.errors import DataError
-from datamodules.loaders import StepStreamDataLoader, check_own_sampling, distributed_context, evaluation_dataloader
+from datamodules.loaders import check_own_sampling, distributed_context, evaluation_dataloader, step_stream_dataloader
 from datamodules.preprocessing import ImagePreprocessor, load_image_processor
-from datamodules.samplers import StepStreamSampler
 from datamodules.sources import check_path, checked_label_mapping, get_split, load_task_dataset
 from datamodules.tasks import TaskInfo, get_task
 from datamodules.torch_data import ImageClassificationDataset
@@ -142,33 +141,19 @@ class ImageClassificationDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         micro_batch, _ = self._per_device_batch()
-        rank, world_size = distributed_context(self.trainer)
-        sampler = StepStreamSampler(
-            len(self.datasets["train"]),
-            self.batch_size,
-            self._steps_per_epoch(),
-            seed=self.shuffle_seed,
-            rank=rank,
-            world_size=world_size,
-        )
-        # On resume the trainer's restored step says where the stream continues.
-        sampler.resume_step = self.trainer.global_step if self.trainer is not None else 0
-        return StepStreamDataLoader(
+        return step_stream_dataloader(
             self.datasets["train"],
-            batch_size=micro_batch,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=self._pin_memory,
+            self.batch_size,
+            micro_batch,
+            self._steps_per_epoch(),
+            self.shuffle_seed,
+            self.num_workers,
+            self.trainer,
         )
-
-    @property
-    def _pin_memory(self) -> bool:
-        return self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
 
     def _eval_loader(self, split: str) -> DataLoader:
         batch = self.eval_batch_size or self._per_device_batch()[0]
-        return evaluation_dataloader(self.datasets[split], batch, self.num_workers, self.trainer, self._pin_memory)
+        return evaluation_dataloader(self.datasets[split], batch, self.num_workers, self.trainer)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")

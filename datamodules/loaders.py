@@ -28,9 +28,30 @@ def check_own_sampling(trainer: Any) -> None:
         )
 
 
-def evaluation_dataloader(
-    dataset: Dataset, batch_size: int, num_workers: int, trainer: Any, pin_memory: bool = False
-) -> DataLoader:
+def pin_memory(trainer: Any) -> bool:
+    """Pinned host memory speeds up copies to a CUDA device and only then."""
+    return trainer is not None and trainer.strategy.root_device.type == "cuda"
+
+
+def step_stream_dataloader(
+    dataset: Dataset, global_batch_size: int, micro_batch_size: int, steps_per_epoch: int, seed: int, num_workers: int, trainer: Any
+) -> StepStreamDataLoader:
+    """A training loader over this rank's share of the seeded stream (``StepStreamSampler``);
+    on resume it continues at the trainer's restored step."""
+    rank, world_size = distributed_context(trainer)
+    sampler = StepStreamSampler(len(dataset), global_batch_size, steps_per_epoch, seed=seed, rank=rank, world_size=world_size)
+    sampler.resume_step = trainer.global_step if trainer is not None else 0
+    return StepStreamDataLoader(
+        dataset,
+        batch_size=micro_batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        pin_memory=pin_memory(trainer),
+    )
+
+
+def evaluation_dataloader(dataset: Dataset, batch_size: int, num_workers: int, trainer: Any) -> DataLoader:
     """In order, and on several processes each sample exactly once over all of them."""
     rank, world_size = distributed_context(trainer)
     sampler = None
@@ -43,7 +64,7 @@ def evaluation_dataloader(
         shuffle=False,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
-        pin_memory=pin_memory,
+        pin_memory=pin_memory(trainer),
     )
 
 

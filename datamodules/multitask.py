@@ -10,9 +10,8 @@ from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader
 
 from datamodules.errors import DataError
-from datamodules.loaders import StepStreamDataLoader, check_own_sampling, distributed_context, evaluation_dataloader
+from datamodules.loaders import check_own_sampling, distributed_context, evaluation_dataloader, step_stream_dataloader
 from datamodules.preprocessing import ImagePreprocessor, load_image_processor
-from datamodules.samplers import StepStreamSampler
 from datamodules.sources import check_path, checked_label_mapping, get_split, load_task_dataset
 from datamodules.tasks import TaskInfo, get_task
 from datamodules.torch_data import ImageClassificationDataset, UnlabeledImageDataset
@@ -110,9 +109,8 @@ class MultiTaskDataModule(LightningDataModule):
         return datasets
 
     def test_dataloader(self) -> list[DataLoader]:
-        pin = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         return [
-            evaluation_dataloader(self.test_datasets[name], self.batch_size, self.num_workers, self.trainer, pin)
+            evaluation_dataloader(self.test_datasets[name], self.batch_size, self.num_workers, self.trainer)
             for name in self.task_names
         ]
 
@@ -122,7 +120,7 @@ class MultiTaskDataModule(LightningDataModule):
         Every task's order is a seeded stream shared by all devices (``StepStreamSampler``),
         so a step sees the same images whatever the device count.
         """
-        rank, world_size = distributed_context(self.trainer)
+        _, world_size = distributed_context(self.trainer)
         if self.adaptation_batch_size % world_size:
             raise DataError(
                 f"adaptation_batch_size {self.adaptation_batch_size} does not split over {world_size} devices"
@@ -130,23 +128,16 @@ class MultiTaskDataModule(LightningDataModule):
         max_steps = self.trainer.max_steps if self.trainer is not None else -1
         if max_steps is None or max_steps <= 0:
             raise DataError("test-time adaptation counts steps: set trainer.max_steps")
-        loaders = {}
-        for index, task in enumerate(self.tasks):
-            dataset = UnlabeledImageDataset(self.test_splits[task.name], self.preprocess)
-            sampler = StepStreamSampler(
-                len(dataset),
+        loaders = {
+            task.name: step_stream_dataloader(
+                UnlabeledImageDataset(self.test_splits[task.name], self.preprocess),
                 self.adaptation_batch_size,
+                self.adaptation_batch_size // world_size,
                 max_steps,
-                seed=self.adaptation_seed + index,
-                rank=rank,
-                world_size=world_size,
+                self.adaptation_seed + index,
+                self.num_workers,
+                self.trainer,
             )
-            sampler.resume_step = self.trainer.global_step if self.trainer is not None else 0
-            loaders[task.name] = StepStreamDataLoader(
-                dataset,
-                batch_size=self.adaptation_batch_size // world_size,
-                sampler=sampler,
-                num_workers=self.num_workers,
-                persistent_workers=self.num_workers > 0,
-            )
+            for index, task in enumerate(self.tasks)
+        }
         return CombinedLoader(loaders, mode="max_size_cycle")
