@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from functools import cached_property
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from datasets import DatasetDict
@@ -25,8 +25,18 @@ def split_train_val(num_samples: int, val_fraction: float, seed: int) -> tuple[n
     return np.sort(order[num_val:]), np.sort(order[:num_val])
 
 
+#: Where validation images come from: the task's ``test`` split (the reference recipe), a
+#: seeded part of ``train`` held out from training, or nowhere.
+ValSplit = Literal["test", "holdout", "none"]
+
+
 class ImageClassificationDataModule(LightningDataModule):
-    """One task of the benchmark: ``train`` minus a seeded validation part, that part, and ``test``.
+    """One task of the benchmark: training images, validation images and the ``test`` split.
+
+    The reference recipe trains on every row of ``train`` and validates on ``test``
+    (``val_split: test``); ``val_split: holdout`` trains on ``train`` minus a seeded
+    ``val_fraction`` and validates on that part, the honest split for choosing
+    hyper-parameters; ``val_split: none`` trains on all of ``train`` and never validates.
 
     Args:
         task: registry name, e.g. ``dtd``, ``stanford_cars`` or the offline ``digits``.
@@ -38,8 +48,11 @@ class ImageClassificationDataModule(LightningDataModule):
         eval_batch_size: per-device batch for validation and test (default: the per-device
             training batch).
         num_workers: DataLoader worker processes per device.
-        val_fraction: share of the train split held out for validation.
-        split_seed: seed of the train/validation split.
+        val_split: where validation images come from: ``test`` (the task's test split, as
+            the reference recipe), ``holdout`` (``val_fraction`` of train, held out from
+            training) or ``none`` (no validation; all of train is trained on).
+        val_fraction: share of the train split held out for validation with ``val_split: holdout``.
+        split_seed: seed of the held-out part with ``val_split: holdout``.
         shuffle_seed: seed of the training order (independent of the global seed, so a resumed
             run sees exactly the samples an uninterrupted one would).
     """
@@ -52,6 +65,7 @@ class ImageClassificationDataModule(LightningDataModule):
         batch_size: int = 64,
         eval_batch_size: int | None = None,
         num_workers: int = 4,
+        val_split: ValSplit = "test",
         val_fraction: float = 0.1,
         split_seed: int = 0,
         shuffle_seed: int = 0,
@@ -59,13 +73,16 @@ class ImageClassificationDataModule(LightningDataModule):
         super().__init__()
         self.task: TaskInfo = get_task(task)
         check_path(self.task, path)
-        if not 0 < val_fraction < 1:
-            raise DataError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+        if val_split not in ("test", "holdout", "none"):
+            raise DataError(f"val_split must be test, holdout or none, got {val_split!r}")
+        if val_split == "holdout" and not 0 < val_fraction < 1:
+            raise DataError(f"val_fraction must be between 0 and 1 for val_split holdout, got {val_fraction}")
         self.path = path
         self.processor = processor
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
+        self.val_split = val_split
         self.val_fraction = val_fraction
         self.split_seed = split_seed
         self.shuffle_seed = shuffle_seed
@@ -97,8 +114,9 @@ class ImageClassificationDataModule(LightningDataModule):
         return f"task '{self.task.name}', path '{self.path or self.task.hub_dataset or 'built-in'}'"
 
     def prepare_data(self) -> None:
-        # Downloads once per machine; setup() on every process then reads the local cache.
-        load_task_dataset(self.task, self.path)
+        # Downloads once per machine; setup() on every other process then reads the local cache.
+        # This process keeps what it loaded instead of loading it again in setup().
+        self._dataset = load_task_dataset(self.task, self.path)
 
     def _make(self, split: str, indices: np.ndarray | None = None) -> ImageClassificationDataset:
         data = get_split(self._dataset, split, self.task, self.path)
@@ -108,14 +126,38 @@ class ImageClassificationDataModule(LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         check_own_sampling(self.trainer)
         if stage in ("fit", "validate", None) and "train" not in self.datasets:
-            num_train = len(get_split(self._dataset, "train", self.task, self.path))
-            train_rows, val_rows = split_train_val(num_train, self.val_fraction, self.split_seed)
-            if len(train_rows) == 0 or len(val_rows) == 0:
-                raise DataError(f"{self._where}: {num_train} training rows are too few to hold out a validation part")
-            self.datasets["train"] = self._make("train", train_rows)
-            self.datasets["val"] = self._make("train", val_rows)
+            self._setup_train_and_val()
         if stage in ("test", None) and "test" not in self.datasets:
             self.datasets["test"] = self._make("test")
+
+    def _setup_train_and_val(self) -> None:
+        if self.val_split != "holdout":
+            self.datasets["train"] = self._make("train")
+            if self.val_split == "test":
+                if "test" not in self.datasets:
+                    self.datasets["test"] = self._make("test")
+                self.datasets["val"] = self.datasets["test"]
+            return
+        num_train = len(get_split(self._dataset, "train", self.task, self.path))
+        train_rows, val_rows = split_train_val(num_train, self.val_fraction, self.split_seed)
+        if len(train_rows) == 0 or len(val_rows) == 0:
+            raise DataError(f"{self._where}: {num_train} training rows are too few to hold out a validation part")
+        self.datasets["train"] = self._make("train", train_rows)
+        self.datasets["val"] = self._make("train", val_rows)
+
+    @property
+    def recipe(self) -> dict[str, str | int]:
+        """What the model card says about the data: training split, its size, validation split."""
+        if self.val_split == "holdout":
+            held_out = f"{self.val_fraction:g} of train held out (seed {self.split_seed})"
+            training, validation = f"train minus {held_out}", held_out
+        else:
+            training, validation = "train (every row)", "test" if self.val_split == "test" else "none"
+        recipe: dict[str, str | int] = {"training split": training}
+        if "train" in self.datasets:
+            recipe["training images"] = len(self.datasets["train"])
+        recipe["validation split"] = validation
+        return recipe
 
     def _per_device_batch(self) -> tuple[int, int]:
         """``(micro-batch per device, global batch per device and step)``."""
@@ -155,8 +197,9 @@ class ImageClassificationDataModule(LightningDataModule):
         batch = self.eval_batch_size or self._per_device_batch()[0]
         return evaluation_dataloader(self.datasets[split], batch, self.num_workers, self.trainer)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._eval_loader("val")
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        # No loader, no validation: Lightning skips the loop for an empty list.
+        return self._eval_loader("val") if self.val_split != "none" else []
 
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader("test")

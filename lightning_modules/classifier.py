@@ -70,6 +70,9 @@ class ImageClassifier(LightningModule):
             raise CheckpointError(f"{len(classnames)} class names given for {num_classes} classes")
         self.classnames = classnames
         self.model = self._build(model_name_or_path, pretrained, new_head, classnames)
+        # from_pretrained hands the model back in eval mode; training needs train mode (stochastic
+        # depth, dropout), and Lightning's loops switch to eval for validation and test themselves.
+        self.model.train()
         self.scheduler = scheduler
         self.channels_last = channels_last
         self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)

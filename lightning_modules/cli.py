@@ -125,7 +125,7 @@ class TrainCLI(ProjectCLI):
             "steps": trainer.global_step,
             "precision": trainer.precision,
             "label smoothing": hparams.label_smoothing,
-            "validation split": f"{data.val_fraction:g} of train, seed {data.split_seed}",
+            **data.recipe,
             "seed": self.subcommand_config().get("seed_everything"),
         }
         metrics = {key: float(value) for key, value in trainer.callback_metrics.items() if key.startswith("val/")}

@@ -36,7 +36,7 @@ def decoded(dataset, decode_index) -> list[tuple[int, int]]:
 
 @pytest.mark.parametrize("form", FORMS)
 def test_local_dataset_splits(form, make_local_dataset, tiny_processor, decode_index):
-    data = datamodule(make_local_dataset(form, SIZES, CLASSES), tiny_processor)
+    data = datamodule(make_local_dataset(form, SIZES, CLASSES), tiny_processor, val_split="holdout")
     data.setup(None)
     train, val, test = (data.datasets[split] for split in ("train", "val", "test"))
 
@@ -55,7 +55,7 @@ def test_local_dataset_splits(form, make_local_dataset, tiny_processor, decode_i
     pixels, label = test[0]
     assert pixels.shape == (3, 32, 32) and pixels.dtype == torch.float32 and isinstance(label, int)
 
-    again = datamodule(data.path, tiny_processor)
+    again = datamodule(data.path, tiny_processor, val_split="holdout")
     again.setup("fit")
     assert np.array_equal(again.datasets["train"].indices, train.indices)
     assert np.array_equal(again.datasets["val"].indices, val.indices)
@@ -64,7 +64,7 @@ def test_local_dataset_splits(form, make_local_dataset, tiny_processor, decode_i
 def test_save_to_disk_and_parquet_give_identical_rows(make_local_dataset, tiny_processor, decode_index):
     results = []
     for form in ("disk", "parquet"):
-        data = datamodule(make_local_dataset(form, SIZES, CLASSES), tiny_processor)
+        data = datamodule(make_local_dataset(form, SIZES, CLASSES), tiny_processor, val_split="holdout")
         data.setup(None)
         results.append({split: decoded(data.datasets[split], decode_index) for split in ("train", "val", "test")})
     assert results[0] == results[1]
@@ -72,12 +72,12 @@ def test_save_to_disk_and_parquet_give_identical_rows(make_local_dataset, tiny_p
 
 def test_datamodule_uses_the_documented_split(make_local_dataset, tiny_processor):
     path = make_local_dataset("disk", SIZES, CLASSES)
-    data = datamodule(path, tiny_processor, split_seed=3, val_fraction=0.2)
+    data = datamodule(path, tiny_processor, val_split="holdout", split_seed=3, val_fraction=0.2)
     data.setup("fit")
     train_rows, val_rows = split_train_val(SIZES["train"], 0.2, 3)
     assert np.array_equal(data.datasets["train"].indices, train_rows)
     assert np.array_equal(data.datasets["val"].indices, val_rows)
-    other = datamodule(path, tiny_processor, split_seed=4, val_fraction=0.2)
+    other = datamodule(path, tiny_processor, val_split="holdout", split_seed=4, val_fraction=0.2)
     other.setup("fit")
     assert not np.array_equal(other.datasets["val"].indices, val_rows)
 
@@ -93,7 +93,7 @@ def test_split_train_val_rule(num_samples, fraction, seed):
 
 
 def test_train_loader_covers_the_train_part_once_per_pass(make_local_dataset, tiny_processor, decode_index):
-    data = datamodule(make_local_dataset("disk", SIZES, CLASSES), tiny_processor, batch_size=9)
+    data = datamodule(make_local_dataset("disk", SIZES, CLASSES), tiny_processor, val_split="holdout", batch_size=9)
     data.setup("fit")
     loader = data.train_dataloader()
     batches = list(loader)
@@ -206,7 +206,7 @@ def test_digits_builtin_matches_sklearn(tiny_processor):
     assert image_counter(dataset["train"]) + image_counter(dataset["test"]) == source
     assert dataset["train"][0]["image"].mode == "L" and dataset["train"][0]["image"].size == (8, 8)
 
-    data = datamodule(None, tiny_processor, task="digits")
+    data = datamodule(None, tiny_processor, task="digits", val_split="holdout")
     data.setup(None)
     num_train = len(dataset["train"])
     assert len(data.datasets["val"]) == round(0.1 * num_train)

@@ -112,7 +112,7 @@ def test_config_parses(config: Path, capsys: pytest.CaptureFixture) -> None:
         assert (printed["model"]["lr"], printed["model"]["momentum"], printed["model"]["weight_decay"]) == (0.01, 0.9, 1e-4)
         assert printed["trainer"]["max_steps"] == 4000 and printed["trainer"]["precision"] == "32-true"
         assert printed["trainer"]["val_check_interval"] == 1000 and printed["seed_everything"] == 0
-        checkpoint = printed["trainer"]["callbacks"][0]["init_args"]
+        checkpoint = printed["trainer"]["callbacks"][-1]["init_args"]
         assert checkpoint["dirpath"] == f"outputs/train/{task}/checkpoints" and checkpoint["every_n_train_steps"] == 1000
         assert printed["trainer"]["logger"]["init_args"]["name"] == task
 
@@ -148,6 +148,64 @@ def test_train_config_fast_dev_run(task: str, tmp_path: Path, monkeypatch: pytes
     )  # fmt: skip
     model = train_cli_callbacks.RECORDED["module"].model
     assert model.classifier.out_features == get_task(task).num_classes
+
+
+# --- 1b. the reference recipe: every train row, test split for validation, train mode --------
+
+
+def test_reference_recipe_trains_on_every_row_once_per_epoch(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, decode_index, recwarn: pytest.WarningsRecorder
+) -> None:
+    data = make_dataset(tmp_path / "data", "mnist", num_train=40, num_test=8)
+    monkeypatch.chdir(tmp_path)
+    main(
+        ["fit", "--config", str(REPO / "configs" / "train" / "mnist.yaml"), "--trainer.logger=false",
+         *tiny_args(tiny_model, data), *short_run(5, 5), "--trainer.callbacks+=train_cli_callbacks.RecordTrainingRows",
+         RECORD, *QUIET]
+    )  # fmt: skip
+    seen = [decode_index(image) for batch in train_cli_callbacks.RECORDED["train_images"] for image in batch]
+    assert sorted(seen) == list(range(40)), "5 steps of 8 are one epoch: every train row exactly once"
+    data_module = train_cli_callbacks.RECORDED["module"].trainer.datamodule
+    assert data_module.datasets["val"] is data_module.datasets["test"] and len(data_module.datasets["val"]) == 8
+    card = (tmp_path / "exports" / "tiny_mnist_sgd_batch-size-8_lr-0.01_steps-5" / "README.md").read_text()
+    for row in ("| training split | train (every row) |", "| training images | 40 |", "| validation split | test |"):
+        assert row in card
+    assert not [warning for warning in recwarn if "eval mode" in str(warning.message)]
+
+
+@pytest.mark.parametrize("val_split", ["holdout", "none"])
+def test_other_validation_splits(val_split: str, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = make_dataset(tmp_path / "data", "mnist", num_train=40, num_test=8)
+    monkeypatch.chdir(tmp_path)
+    main(
+        ["fit", "--config", str(REPO / "configs" / "train" / "mnist.yaml"), "--trainer.logger=false",
+         *tiny_args(tiny_model, data), *short_run(2, 2), f"--data.val_split={val_split}", RECORD, *QUIET]
+    )  # fmt: skip
+    card = (tmp_path / "exports" / "tiny_mnist_sgd_batch-size-8_lr-0.01_steps-2" / "README.md").read_text()
+    if val_split == "holdout":
+        assert "| training images | 36 |" in card and "| validation split | 0.1 of train held out (seed 0) |" in card
+        assert "val/accuracy" in train_cli_callbacks.RECORDED["validate"]
+    else:
+        assert "| training images | 40 |" in card and "| validation split | none |" in card
+        assert "validate" not in train_cli_callbacks.RECORDED and "val/accuracy" not in card
+
+
+def test_train_mode_in_training_eval_mode_in_validation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With stochastic depth, two training forwards of one batch differ; two eval forwards do not."""
+    model_dir = tmp_path / "drop-path"
+    config = ConvNextConfig(depths=[1, 1, 1, 1], hidden_sizes=[8, 16, 32, 64], image_size=32, drop_path_rate=0.1)
+    ConvNextForImageClassification(config).save_pretrained(model_dir)
+    (model_dir / "preprocessor_config.json").write_text((TINY_32 / "preprocessor_config.json").read_text())
+    data = make_dataset(tmp_path / "data", "mnist", num_train=16, num_test=8)
+    monkeypatch.chdir(tmp_path)
+    main(
+        ["fit", "--config", str(REPO / "configs" / "train" / "mnist.yaml"), "--trainer.logger=false",
+         *tiny_args(model_dir, data), *short_run(2, 2), "--export_dir=null",
+         "--trainer.callbacks+=train_cli_callbacks.CheckModes", *QUIET]
+    )  # fmt: skip
+    train, val = train_cli_callbacks.RECORDED["train_forwards"], train_cli_callbacks.RECORDED["val_forwards"]
+    assert len(train) == 2 and all(not forward["equal"] and forward["modes"] == {True} for forward in train)
+    assert val and all(forward["equal"] and forward["modes"] == {False} for forward in val)
 
 
 # --- 2. export ---------------------------------------------------------------------------------

@@ -40,3 +40,29 @@ class Record(Callback):
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         RECORDED["test"] = {key: float(value) for key, value in trainer.callback_metrics.items()}
+
+
+class RecordTrainingRows(Callback):
+    """Keeps every training batch's images, to read back which rows training saw."""
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        RECORDED.setdefault("train_images", []).append(batch[0].clone())
+
+
+class CheckModes(Callback):
+    """Runs the model twice on the batch at hand, in whatever mode Lightning's loop left it,
+    and keeps whether the two outputs were equal and whether any module was in eval mode."""
+
+    def _check(self, stage: str, pl_module: LightningModule, batch: Any) -> None:
+        import torch
+
+        with torch.no_grad():
+            first, second = pl_module(batch[0]), pl_module(batch[0])
+        modes = {module.training for module in pl_module.modules()}
+        RECORDED.setdefault(stage, []).append({"equal": bool(torch.equal(first, second)), "modes": modes})
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._check("train_forwards", pl_module, batch)
+
+    def on_validation_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._check("val_forwards", pl_module, batch)
