@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from datasets import ClassLabel, Dataset, DatasetDict, load_dataset, load_from_disk
+from datasets import ClassLabel, Dataset, DatasetDict, Value, load_dataset, load_from_disk
 
 from datamodules.builtin import build_builtin_dataset
 from datamodules.errors import DataError
@@ -80,32 +80,85 @@ def _plain(name: str) -> str:
     return " ".join(str(name).lower().replace("_", " ").split())
 
 
-def label_mapping(data: Dataset, task: TaskInfo, where: str) -> np.ndarray | None:
-    """Map the dataset's label ids to the task's class order, where they differ.
+def folder_name(classname: str) -> str:
+    """The folder spelling of a class name: ``/`` cannot be in a folder name, ``_`` stands for it."""
+    return classname.replace("/", "_")
 
-    An image folder numbers its classes alphabetically by folder name. When the dataset's
-    ``ClassLabel`` names are the task's class names, labels are matched by name; when none
-    of them is, the integer labels are taken as they are; a partial match (a misspelt
-    folder) is an error rather than silently wrong labels.
+
+def class_index(task: TaskInfo) -> dict[str, int]:
+    """Every accepted spelling (see ``_plain``, ``folder_name``) of the task's class names -> label."""
+    index = {}
+    for label, name in enumerate(task.classnames):
+        index[_plain(name)] = label
+        index.setdefault(_plain(folder_name(name)), label)
+    return index
+
+
+def _examples(task: TaskInfo) -> str:
+    return ", ".join(repr(folder_name(name)) for name in task.classnames[:3]) + ", ..."
+
+
+def label_mapping(data: Dataset, task: TaskInfo, where: str) -> np.ndarray | dict[str, int] | None:
+    """Map the dataset's labels to the task's class order, where they differ.
+
+    A ``ClassLabel`` whose names are the task's class names is matched by name; a partial
+    match (a misspelt folder) is an error rather than silently wrong labels. An image folder
+    numbers its classes alphabetically by folder name (``10`` before ``2``), so there the
+    folders must be the class names or all class numbers (matched by value), nothing else.
+    Other sources' names that match none (generic or numeric) keep their integer labels.
+    A label column of strings must hold class names: the result then maps each to its label.
     """
     feature = data.features["label"]
+    if isinstance(feature, Value) and feature.dtype in ("string", "large_string"):
+        return _string_label_mapping(data, task, where)
     if not isinstance(feature, ClassLabel):
         return None
-    index = {_plain(name): i for i, name in enumerate(task.classnames)}
-    known = [_plain(name) in index for name in feature.names]
-    if not any(known):
-        return None
-    if not all(known):
-        unknown = [name for name, ok in zip(feature.names, known) if not ok]
+    mapping = _class_label_mapping(feature.names, task, where, data.info.builder_name == "imagefolder")
+    return None if mapping is None or np.array_equal(mapping, np.arange(len(mapping))) else mapping
+
+
+def _class_label_mapping(names: list[str], task: TaskInfo, where: str, folders: bool) -> np.ndarray | None:
+    index = class_index(task)
+    known = [_plain(name) in index for name in names]
+    if all(known):
+        return np.array([index[_plain(name)] for name in names], dtype=np.int64)
+    if any(known):
+        unknown = [name for name, ok in zip(names, known) if not ok]
         raise DataError(f"{where}: class name(s) {', '.join(map(repr, unknown[:5]))} are not classes of '{task.name}'")
-    mapping = np.array([index[_plain(name)] for name in feature.names], dtype=np.int64)
-    return None if np.array_equal(mapping, np.arange(len(mapping))) else mapping
+    if not folders:
+        return None
+    if not all(name.isascii() and name.isdigit() for name in names):
+        raise DataError(
+            f"{where}: class folders {', '.join(map(repr, names[:5]))} match none of the class names of "
+            f"'{task.name}' ({_examples(task)}) and are not all class numbers (0-{task.num_classes - 1})"
+        )
+    values = np.array([int(name) for name in names], dtype=np.int64)
+    outside = [name for name, value in zip(names, values) if value >= task.num_classes]
+    if outside:
+        raise DataError(
+            f"{where}: class folder(s) {', '.join(map(repr, outside[:5]))} are outside the "
+            f"{task.num_classes} classes of '{task.name}' (0-{task.num_classes - 1})"
+        )
+    return values
 
 
-def checked_label_mapping(data: Dataset, task: TaskInfo, where: str) -> np.ndarray | None:
+def _string_label_mapping(data: Dataset, task: TaskInfo, where: str) -> dict[str, int]:
+    index = class_index(task)
+    values = data.unique("label")
+    unknown = [value for value in values if value is None or _plain(value) not in index]
+    if unknown:
+        raise DataError(
+            f"{where}: label {unknown[0]!r} is not a class name of '{task.name}' "
+            f"({_examples(task)}); {len(unknown)} such value(s)"
+        )
+    return {value: index[_plain(value)] for value in values}
+
+
+def checked_label_mapping(data: Dataset, task: TaskInfo, where: str) -> np.ndarray | dict[str, int] | None:
     """``label_mapping`` after checking every label names one of the task's classes."""
     mapping = label_mapping(data, task, where)
-    check_labels(data, task, mapping, where)
+    if not isinstance(mapping, dict):  # a name -> label dict was checked value by value
+        check_labels(data, task, mapping, where)
     return mapping
 
 
