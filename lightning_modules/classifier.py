@@ -12,7 +12,7 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 from transformers import AutoConfig, ConvNextForImageClassification
 
-from merging.checkpoints import check_head_labels, resolve_model_dir
+from merging.checkpoints import check_convnext_checkpoint, check_head_labels, resolve_model_dir
 from merging.errors import CheckpointError
 
 
@@ -86,6 +86,7 @@ class ImageClassifier(LightningModule):
     @staticmethod
     def _build(source: str, pretrained: bool, new_head: bool, classnames: list[str]) -> ConvNextForImageClassification:
         directory = resolve_model_dir(source)
+        check_convnext_checkpoint(directory, source, weights=pretrained)
         if pretrained:
             model = ConvNextForImageClassification.from_pretrained(directory, dtype=torch.float32)
         else:

@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import tempfile
 from collections.abc import Callable
-from typing import Any
 from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import ConvNextConfig, ConvNextModel
 
 from merging.errors import CheckpointError
+from merging.reader import CheckpointReader
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 #: What a checkpoint needs to be merged or fine-tuned; model cards and the rest are skipped.
 _CHECKPOINT_FILES = ["*.json", "*.safetensors"]
+#: Key prefix of the backbone in a ``ConvNextForImageClassification`` checkpoint.
+BACKBONE_PREFIX = "convnext."
+#: The ConvNeXt classes whose checkpoints hold a ``ConvNextModel`` backbone.
+_CONVNEXT_ARCHITECTURES = ("ConvNextForImageClassification", "ConvNextModel")
 
 
 def is_hub_id(name: str) -> bool:
@@ -49,6 +58,66 @@ def resolve_model_dir(name_or_path: str) -> Path:
         return Path(snapshot_download(name_or_path, allow_patterns=_CHECKPOINT_FILES))
     except Exception as error:  # offline, unknown repo, network: one line naming the id
         raise CheckpointError(f"cannot fetch checkpoint '{name_or_path}' from the hub: {type(error).__name__}") from error
+
+
+def _read_config(directory: Path, source: str) -> dict[str, Any]:
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"checkpoint '{source}': unreadable config.json ({error})") from error
+    if not isinstance(config, dict):
+        raise CheckpointError(f"checkpoint '{source}': config.json holds a JSON {type(config).__name__}, not an object")
+    return config
+
+
+def check_convnext_checkpoint(directory: Path, source: str, weights: bool = True) -> None:
+    """The checkpoint in ``directory`` (named ``source``) must be a ConvNeXt whose backbone loads whole.
+
+    transformers loads any checkpoint into ``ConvNextForImageClassification`` with only a
+    warning about missing and unexpected keys, leaving those weights random: another
+    architecture would be fine-tuned or merged from noise. Checked: the config's
+    ``model_type`` and ``architectures``, then (``weights``) every backbone tensor's key and
+    shape against the ones the config asks for.
+    """
+    config = _read_config(directory, source)
+    model_type, architectures = config.get("model_type"), config.get("architectures") or []
+    if model_type != "convnext" or any(name not in _CONVNEXT_ARCHITECTURES for name in architectures):
+        kind = ", ".join(map(str, architectures)) or "no architectures named"
+        raise CheckpointError(
+            f"checkpoint '{source}' is a '{model_type}' model ({kind}), not a ConvNeXt "
+            f"({' or '.join(_CONVNEXT_ARCHITECTURES)})"
+        )
+    if weights:
+        _check_backbone_weights(directory, source)
+
+
+def _config_backbone(directory: Path) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of the backbone the checkpoint's config describes."""
+    with torch.device("meta"):  # shapes only: nothing allocated, nothing initialised
+        model = ConvNextModel(ConvNextConfig.from_pretrained(directory))
+    return {BACKBONE_PREFIX + key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
+
+
+def _check_backbone_weights(directory: Path, source: str) -> None:
+    expected = _config_backbone(directory)
+    with CheckpointReader(directory) as reader:
+        # transformers also loads a bare ConvNextModel checkpoint, whose keys have no prefix.
+        stored = {BACKBONE_PREFIX + key.removeprefix(BACKBONE_PREFIX): key for key in reader.keys()}
+        stored = {key: name for key, name in stored.items() if not name.startswith("classifier.")}
+        missing = sorted(expected.keys() - stored.keys())
+        unexpected = sorted(stored[key] for key in stored.keys() - expected.keys())
+        problems = [f"{len(keys)} {kind} weight(s) ({', '.join(keys[:3])})"
+                    for kind, keys in (("missing", missing), ("unexpected", unexpected)) if keys]  # fmt: skip
+        if problems:
+            raise CheckpointError(
+                f"checkpoint '{source}' does not hold the backbone its ConvNeXt config describes: {'; '.join(problems)}"
+            )
+        for key, shape in expected.items():
+            if reader.shape(stored[key]) != shape:
+                raise CheckpointError(
+                    f"shape mismatch for '{stored[key]}': {list(reader.shape(stored[key]))} in "
+                    f"'{reader.path_of(stored[key])}' vs {list(shape)} in its config ({source})"
+                )
 
 
 def _plain(label: str) -> str:

@@ -11,12 +11,17 @@ import torch
 import yaml
 from transformers import AutoConfig, PretrainedConfig
 
-from merging.checkpoints import check_head_labels, check_model_source, resolve_model_dir
+from merging.checkpoints import (
+    BACKBONE_PREFIX,
+    check_convnext_checkpoint,
+    check_head_labels,
+    check_model_source,
+    resolve_model_dir,
+)
 from merging.errors import CheckpointError, MergeError
 from merging.reader import CheckpointReader
 
 PRETRAINED = "_pretrained_"
-BACKBONE_PREFIX = "convnext."
 HEAD_KEYS = ("classifier.weight", "classifier.bias")
 
 
@@ -35,12 +40,17 @@ def _source_of(name: str, entry: str | Mapping[str, Any]) -> str:
 
 
 def read_pool_file(path: str) -> dict[str, Any]:
-    """The ``models`` mapping of a FusionBench-style model pool YAML."""
+    """The ``models`` mapping of a FusionBench-style model pool YAML, or of a ``merge.py``
+    config (``model.init_args.models``)."""
     file = Path(path)
     if not file.is_file():
         raise MergeError(f"model pool file '{path}' does not exist")
     content = yaml.safe_load(file.read_text()) or {}
+    if isinstance(content, dict) and isinstance(content.get("model"), dict):
+        content = content["model"].get("init_args", content["model"])
     models = content.get("models", content) if isinstance(content, dict) else None
+    if isinstance(models, str) and models != path:  # a merge config naming its pool file
+        return read_pool_file(models)
     if not isinstance(models, dict):
         raise MergeError(f"model pool file '{path}' has no 'models' mapping")
     return models
@@ -74,13 +84,21 @@ class ModelPool:
         for source in self.sources.values():
             check_model_source(source)
         self._readers: dict[str, CheckpointReader] = {}
+        self._directories: dict[str, Path] = {}
 
     @property
     def task_names(self) -> list[str]:
         return [name for name in self.sources if name != PRETRAINED]
 
     def directory(self, name: str) -> Path:
-        return resolve_model_dir(self.sources[name])
+        """The checkpoint's local directory, checked to be a ConvNeXt on first use. The
+        pretrained backbone is checked against its config; every fine-tuned one is compared
+        with the pretrained one by ``check_backbones`` (which names both files)."""
+        if name not in self._directories:
+            directory = resolve_model_dir(self.sources[name])
+            check_convnext_checkpoint(directory, self.sources[name], weights=name == PRETRAINED)
+            self._directories[name] = directory
+        return self._directories[name]
 
     def reader(self, name: str) -> CheckpointReader:
         if name not in self._readers:

@@ -1,5 +1,5 @@
 """Bad input through the real CLIs (``train.py``, ``merge.py``, in-process): class folders that
-are not the task's classes and string labels.
+are not the task's classes, string labels and checkpoints that are not ConvNeXt.
 
 Every error case ends in one ``error:`` line naming what is wrong and where, exit status 1,
 and nothing written in the working directory or the output paths.
@@ -7,21 +7,27 @@ and nothing written in the working directory or the output paths.
 
 from __future__ import annotations
 
+import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 from datasets import Dataset, DatasetDict, Features, Image, Value
+from transformers import ResNetConfig, ResNetForImageClassification
 
 import merge_fixtures as mf
-from conftest import gray_image, write_dataset
+from conftest import gray_image, index_dataset, write_dataset
 from datamodules import ImageClassificationDataModule, MultiTaskDataModule
 from datamodules.sources import class_index, folder_name
-from datamodules.tasks import TASKS
+from datamodules.tasks import TASKS, get_task
+from merge import main as merge_main
 from merge_fixtures import one_thread  # noqa: F401  (autouse: one intra-op thread)
 from train import main as train_main
 
 
+MERGE_TASKS = ("eurosat", "dtd")
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
@@ -186,3 +192,127 @@ def test_string_labels_are_mapped_by_class_name(form, tmp_path, tiny_processor, 
     eurosat = write_dataset(string_label_dataset(["annual_crop_land", "River"] * 2), tmp_path / "eurosat", form)
     module = single_task("eurosat", eurosat, tiny_processor)
     assert decoded(module.datasets["test"], decode_index) == [(row, (0, 8)[row % 2]) for row in range(4)]
+
+
+# --- 3. checkpoints that are not ConvNeXt ------------------------------------------------------
+
+
+def small_dataset(task: str) -> DatasetDict:
+    return index_dataset({"train": 12, "test": 4}, get_task(task).classnames)
+
+
+NOT_CONVNEXT = "is a 'resnet' model (ResNetForImageClassification), not a ConvNeXt"
+
+
+def make_resnet(directory: Path, stages: int) -> Path:
+    config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 32, 64][:stages], depths=[1] * stages, num_labels=10)
+    torch.manual_seed(0)
+    ResNetForImageClassification(config).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def resnets(tmp_path_factory) -> dict[int, Path]:
+    root = tmp_path_factory.mktemp("resnets")
+    return {stages: make_resnet(root / f"resnet-{stages}-stages", stages) for stages in (4, 2)}
+
+
+@pytest.mark.parametrize("stages", [4, 2])
+def test_fine_tuning_from_a_resnet_is_one_error_line(stages, resnets, convnext, tmp_path, workdir, capsys):
+    data = write_dataset(small_dataset("mnist"), tmp_path / "mnist", "disk")
+    args = train_args(convnext, data, "mnist", f"--model.model_name_or_path={resnets[stages]}")
+    line = one_error_line(train_main, args, capsys)
+    assert_contains(line, f"checkpoint '{resnets[stages]}'", NOT_CONVNEXT)
+    assert not list(workdir.iterdir())
+
+
+def rewrite_backbone(directory: Path, case: str) -> str:
+    """Drop one backbone tensor, or add one the ConvNeXt config does not have; the key."""
+    key = "convnext.encoder.stages.1.layers.0.pwconv1.weight"
+    if case == "missing":
+        mf.rewrite_tensors(directory, lambda state: {k: v for k, v in state.items() if k != key})
+        return key
+    extra = "convnext.encoder.stages.1.layers.1.pwconv1.weight"
+    mf.rewrite_tensors(directory, lambda state: {**state, extra: state[key].clone()})
+    return extra
+
+
+@pytest.mark.parametrize("case", ["missing", "unexpected"])
+def test_fine_tuning_from_a_convnext_with_other_backbone_weights_is_one_error_line(
+    case, convnext, tmp_path, workdir, capsys
+):
+    key = rewrite_backbone(mf.copy_checkpoint(convnext, tmp_path / "model"), case)
+    data = write_dataset(small_dataset("mnist"), tmp_path / "mnist", "disk")
+    line = one_error_line(train_main, train_args(tmp_path / "model", data, "mnist"), capsys)
+    expected = f"does not hold the backbone its ConvNeXt config describes: 1 {case} weight(s) ({key})"
+    assert_contains(line, f"checkpoint '{tmp_path / 'model'}'", expected)
+    assert not list(workdir.iterdir())
+
+
+# --- merge.py: a tiny pool and test sets --------------------------------------------------------
+
+
+@dataclass
+class Pool:
+    models: dict[str, str]
+    data: dict[str, str]
+    keys: list[str]
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory) -> Pool:
+    root = tmp_path_factory.mktemp("pool")
+    models = mf.make_pool(root / "models", MERGE_TASKS)
+    data = {
+        task: str(mf.make_test_set(root / "data" / task, task, 6, models[task], seed=20 + index))
+        for index, task in enumerate(MERGE_TASKS)
+    }
+    keys = [key for key in mf.load_state(models[mf.PRETRAINED]) if key.startswith("convnext.")]
+    return Pool(models, data, keys)
+
+
+def merge_args(pool: Pool, out: Path, *model: str, models: dict | None = None) -> list[str]:
+    return [
+        "test",
+        "--trainer.logger", "false",
+        "--trainer.accelerator", "cpu",
+        "--trainer.devices", "1",
+        "--trainer.default_root_dir", str(out / "root"),
+        *mf.QUIET,
+        "--data.tasks", json.dumps(list(MERGE_TASKS)),
+        "--data.paths", json.dumps(pool.data),
+        "--data.processor", pool.models[mf.PRETRAINED],
+        "--data.batch_size", "4",
+        "--data.num_workers", "0",
+        *model,
+        "--model.models", json.dumps(models or pool.models),
+        "--model.report_dir", str(out / "report"),
+    ]  # fmt: skip
+
+
+def merged_classifier(out: Path, *method: str, save_dir: Path | None = None) -> list[str]:
+    save_dir = save_dir or out / "merged"
+    return ["--model", "lightning_modules.merged.MergedClassifier", "--model.save_dir", str(save_dir), *method]
+
+
+def assert_nothing_written(out: Path, workdir: Path) -> None:
+    assert not (out / "report").exists() and not (out / "merged").exists() and not (out / "coefficients").exists()
+    assert not list(workdir.iterdir())
+
+
+@pytest.mark.parametrize("member", [mf.PRETRAINED, "dtd"])
+@pytest.mark.parametrize("stages", [4, 2])
+def test_a_resnet_in_the_merge_pool_is_one_error_line(member, stages, pool, resnets, tmp_path, workdir, capsys):
+    models = {**pool.models, member: str(resnets[stages])}
+    line = one_error_line(merge_main, merge_args(pool, tmp_path, *merged_classifier(tmp_path), models=models), capsys)
+    assert_contains(line, f"checkpoint '{resnets[stages]}'", NOT_CONVNEXT)
+    assert_nothing_written(tmp_path, workdir)
+
+
+def test_a_pretrained_checkpoint_missing_backbone_weights_is_one_error_line(pool, tmp_path, workdir, capsys):
+    copy = mf.copy_checkpoint(pool.models[mf.PRETRAINED], tmp_path / "pretrained")
+    key = rewrite_backbone(copy, "missing")
+    models = {**pool.models, mf.PRETRAINED: str(copy)}
+    line = one_error_line(merge_main, merge_args(pool, tmp_path, *merged_classifier(tmp_path), models=models), capsys)
+    assert_contains(line, f"checkpoint '{copy}'", "does not hold the backbone", key)
+    assert_nothing_written(tmp_path, workdir)
