@@ -47,7 +47,8 @@ class AdaMerging(MultiTaskEvaluation):
         clamp_min: lower bound of the coefficients.
         clamp_max: upper bound of the coefficients.
         coefficients: a coefficients file (``coefficients.json`` of an earlier fit) to start
-            from, or to evaluate with ``merge.py test``.
+            from, or to evaluate with ``merge.py test``: exactly the pool's tasks and backbone
+            keys, finite numbers, within ``[clamp_min, clamp_max]`` when ``clamp`` is on.
         output_dir: where ``coefficients.json`` and ``coefficients.png`` are written after fit.
         evaluate_individual: in test, also evaluate each fine-tuned model on its own task.
         report_dir: where the test report goes.
@@ -92,7 +93,9 @@ class AdaMerging(MultiTaskEvaluation):
         self.task_vectors = nn.Module()
 
     def _read_coefficients(self, path: str) -> Tensor:
-        return read_coefficients(path, self.merge_tasks, self.keys, self.granularity)
+        # Values training could never reach (outside the clamp range) mean another run's settings or a hand edit.
+        bounds = self.clamp_range if self.clamp else None
+        return read_coefficients(path, self.merge_tasks, self.keys, self.granularity, bounds)
 
     def build(self) -> None:
         pool = self.pool

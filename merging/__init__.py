@@ -18,15 +18,19 @@ from merging.methods import (
     TiesMerging,
 )
 from merging.pool import ModelPool
+from merging.spectral import SPECTRAL_METHODS, IsotropicCommon, IsotropicCommonTask, TaskSingularVectors
 from merging.switch import SwitchModule
 
 METHODS[LearnedCoefficients.name] = LearnedCoefficients
+METHODS.update(SPECTRAL_METHODS)
 
 __all__ = [
     "METHODS",
     "CheckpointError",
     "DareTaskArithmetic",
     "DareTies",
+    "IsotropicCommon",
+    "IsotropicCommonTask",
     "LearnedCoefficients",
     "MergeError",
     "MergeMethod",
@@ -34,6 +38,7 @@ __all__ = [
     "SimpleAverage",
     "SwitchModule",
     "TaskArithmetic",
+    "TaskSingularVectors",
     "TiesMerging",
     "merge_backbone",
 ]

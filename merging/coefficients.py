@@ -4,6 +4,7 @@ writes, its heat map, and the merge method that applies a learned file."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Sequence
@@ -31,10 +32,18 @@ def write_coefficients(path: Path, coefficients: Tensor, tasks: Sequence[str], k
     os.replace(temporary, path)
 
 
-def read_coefficients(path: str | Path, tasks: Sequence[str], keys: Sequence[str], granularity: str | None = None) -> Tensor:
+def read_coefficients(
+    path: str | Path,
+    tasks: Sequence[str],
+    keys: Sequence[str],
+    granularity: str | None = None,
+    bounds: tuple[float, float] | None = None,
+) -> Tensor:
     """The ``(tasks, keys)`` (layer-wise) or ``(tasks, 1)`` (task-wise) coefficient matrix of
     a file written by ``write_coefficients``, checked against the tasks and keys it will
-    be applied to."""
+    be applied to: exactly those tasks and keys, every value a finite number, and within
+    ``bounds`` (``(low, high)``) where given. Each failure is a ``MergeError`` naming the
+    file, the task and the key."""
     try:
         content = json.loads(Path(path).read_text())
         stored_granularity, table = content["granularity"], content["coefficients"]
@@ -42,17 +51,56 @@ def read_coefficients(path: str | Path, tasks: Sequence[str], keys: Sequence[str
         raise MergeError(f"unreadable coefficients file '{path}': {error}") from error
     if granularity is not None and stored_granularity != granularity:
         raise MergeError(f"coefficients file '{path}' is {stored_granularity}-wise, expected {granularity}-wise")
-    if set(table) != set(tasks):
-        raise MergeError(f"coefficients file '{path}' is for tasks {sorted(table)}, the model pool has {sorted(tasks)}")
+    if not isinstance(table, dict) or set(table) != set(tasks):
+        found = sorted(table) if isinstance(table, dict) else type(table).__name__
+        raise MergeError(f"coefficients file '{path}' is for tasks {found}, the model pool has {sorted(tasks)}")
     if stored_granularity == "task":
-        return torch.tensor([[float(table[task])] for task in tasks])
-    rows = []
-    for task in tasks:
-        missing = [key for key in keys if key not in table[task]]
-        if missing:
-            raise MergeError(f"coefficients file '{path}' has no coefficient for '{missing[0]}' of {task}")
-        rows.append([float(table[task][key]) for key in keys])
-    return torch.tensor(rows)
+        matrix = torch.tensor([[_coefficient(table[task], path, task, "every key (task-wise)")] for task in tasks])
+    else:
+        matrix = torch.tensor([_layer_row(table[task], path, task, keys) for task in tasks])
+    if bounds is not None:
+        _check_bounds(matrix, bounds, path, tasks, keys)
+    return matrix
+
+
+def _layer_row(row: object, path: str | Path, task: str, keys: Sequence[str]) -> list[float]:
+    if not isinstance(row, dict):
+        kind = type(row).__name__
+        raise MergeError(f"coefficients file '{path}': the coefficients of {task} are a {kind}, not a key-value table")
+    missing = [key for key in keys if key not in row]
+    if missing:
+        raise MergeError(f"coefficients file '{path}' has no coefficient for '{missing[0]}' of {task}")
+    # A key the pool lacks means the file was learned for other models: applying the rest would be a guess.
+    extra = sorted(set(row) - set(keys))
+    if extra:
+        raise MergeError(
+            f"coefficients file '{path}' has a coefficient for '{extra[0]}' of {task}, which the model pool's "
+            f"backbone does not have ({len(extra)} such key(s))"
+        )
+    return [_coefficient(row[key], path, task, f"'{key}'") for key in keys]
+
+
+def _coefficient(value: object, path: str | Path, task: str, key: str) -> float:
+    """A finite number: JSON's NaN/Infinity (which Python reads) would merge into NaN weights."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise MergeError(f"coefficients file '{path}': the coefficient of {task} for {key} is {value!r}, not a number")
+    if not math.isfinite(value):
+        raise MergeError(f"coefficients file '{path}': the coefficient of {task} for {key} is {value}, not finite")
+    return float(value)
+
+
+def _check_bounds(
+    matrix: Tensor, bounds: tuple[float, float], path: str | Path, tasks: Sequence[str], keys: Sequence[str]
+) -> None:
+    # Compared in float32, the dtype the coefficients are clamped in, so a clamped value passes.
+    outside = ((matrix < bounds[0]) | (matrix > bounds[1])).nonzero()
+    if len(outside):
+        row, column = outside[0].tolist()
+        key = f"'{keys[column]}'" if matrix.shape[1] > 1 else "every key (task-wise)"
+        raise MergeError(
+            f"coefficients file '{path}': the coefficient of {tasks[row]} for {key} is {matrix[row, column].item():g}, "
+            f"outside the clamp range [{bounds[0]:g}, {bounds[1]:g}] ({len(outside)} such value(s))"
+        )
 
 
 def coefficients_heatmap(path: Path, coefficients: Tensor, tasks: Sequence[str], keys: Sequence[str]) -> None:
@@ -81,6 +129,9 @@ def coefficients_heatmap(path: Path, coefficients: Tensor, tasks: Sequence[str],
 class LearnedCoefficients(MergeMethod):
     """Task arithmetic with a coefficient per task (and per parameter tensor) from a file
     AdaMerging wrote: ``theta_k = theta_0,k + sum_t lambda_{t,k} tau_{t,k}``.
+
+    The file must name exactly the pool's tasks and backbone keys, with finite numbers; the
+    values are applied as they are (no clamp range is known here, so none is enforced).
 
     Args:
         coefficients: path of a ``coefficients.json`` (``merge.py fit`` with AdaMerging).

@@ -1,5 +1,6 @@
 """Bad input through the real CLIs (``train.py``, ``merge.py``, in-process): class folders that
-are not the task's classes, string labels and checkpoints that are not ConvNeXt.
+are not the task's classes, string labels, checkpoints that are not ConvNeXt and broken
+AdaMerging coefficient files.
 
 Every error case ends in one ``error:`` line naming what is wrong and where, exit status 1,
 and nothing written in the working directory or the output paths.
@@ -22,8 +23,13 @@ from conftest import gray_image, index_dataset, write_dataset
 from datamodules import ImageClassificationDataModule, MultiTaskDataModule
 from datamodules.sources import class_index, folder_name
 from datamodules.tasks import TASKS, get_task
+from lightning_modules.adamerging import AdaMerging
 from merge import main as merge_main
 from merge_fixtures import one_thread  # noqa: F401  (autouse: one intra-op thread)
+from merging.coefficients import LearnedCoefficients, write_coefficients
+from merging.engine import merge_backbone
+from merging.methods import TaskArithmetic
+from merging.pool import ModelPool
 from train import main as train_main
 
 
@@ -316,3 +322,70 @@ def test_a_pretrained_checkpoint_missing_backbone_weights_is_one_error_line(pool
     line = one_error_line(merge_main, merge_args(pool, tmp_path, *merged_classifier(tmp_path), models=models), capsys)
     assert_contains(line, f"checkpoint '{copy}'", "does not hold the backbone", key)
     assert_nothing_written(tmp_path, workdir)
+
+
+# --- 4. AdaMerging coefficient files -------------------------------------------------------------
+
+
+def coefficients_file(pool: Pool, path: Path, case: str) -> tuple[str, str]:
+    """A layer-wise file with one bad entry (dtd's coefficient of a key): the text the error names."""
+    write_coefficients(path, torch.full((2, len(pool.keys)), 0.3), MERGE_TASKS, pool.keys, "layer")
+    content = json.loads(path.read_text())
+    key = pool.keys[5]
+    values = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf"), "above the clamp range": 1.5,
+              "below the clamp range": -0.25, "a string": "0.3", "null": None}  # fmt: skip
+    if case == "a key the pool lacks":
+        key = "convnext.encoder.stages.9.layers.0.pwconv1.weight"
+        content["coefficients"]["dtd"][key] = 0.3
+        expected = "which the model pool's backbone does not have"
+    else:
+        content["coefficients"]["dtd"][key] = values[case]
+        expected = {"nan": "is nan, not finite", "inf": "is inf, not finite", "-inf": "is -inf, not finite",
+                    "above the clamp range": "is 1.5, outside the clamp range [0, 1]",
+                    "below the clamp range": "is -0.25, outside the clamp range [0, 1]",
+                    "a string": "is '0.3', not a number", "null": "is None, not a number"}[case]  # fmt: skip
+    path.write_text(json.dumps(content))  # json writes NaN and Infinity, as Python reads them
+    return key, expected
+
+
+ADAMERGING_CASES = ["nan", "inf", "-inf", "above the clamp range", "below the clamp range", "a key the pool lacks",
+                    "a string", "null"]  # fmt: skip
+LEARNED_CASES = ["nan", "-inf", "a key the pool lacks", "a string"]
+
+
+@pytest.mark.parametrize("case", ADAMERGING_CASES)
+def test_a_bad_adamerging_coefficients_file_is_one_error_line(case, pool, tmp_path, workdir, capsys):
+    path = tmp_path / "coefficients.json"
+    key, expected = coefficients_file(pool, path, case)
+    model = ["--model", "lightning_modules.adamerging.AdaMerging", "--model.coefficients", str(path),
+             "--model.output_dir", str(tmp_path / "coefficients")]  # fmt: skip
+    line = one_error_line(merge_main, merge_args(pool, tmp_path, *model), capsys)
+    assert_contains(line, f"coefficients file '{path}'", "dtd", f"'{key}'", expected)
+    assert_nothing_written(tmp_path, workdir)
+
+
+@pytest.mark.parametrize("case", LEARNED_CASES)
+def test_a_bad_learned_coefficients_file_is_one_error_line(case, pool, tmp_path, workdir, capsys):
+    path = tmp_path / "coefficients.json"
+    key, expected = coefficients_file(pool, path, case)
+    method = ["--model.method", "merging.coefficients.LearnedCoefficients", "--model.method.coefficients", str(path)]
+    line = one_error_line(merge_main, merge_args(pool, tmp_path, *merged_classifier(tmp_path, *method)), capsys)
+    assert_contains(line, f"coefficients file '{path}'", "dtd", f"'{key}'", expected)
+    assert_nothing_written(tmp_path, workdir)
+
+
+def test_coefficients_outside_the_clamp_range_apply_where_no_range_is_enforced(pool, tmp_path):
+    """LearnedCoefficients does not clamp, nor does AdaMerging with ``clamp: false``: 1.5 is applied."""
+    path = tmp_path / "coefficients.json"
+    write_coefficients(path, torch.full((2, 1), 1.5), MERGE_TASKS, pool.keys, "task")
+    model_pool = ModelPool(pool.models)
+    expected = merge_backbone(model_pool, TaskArithmetic(1.5), progress=False)
+    learned = merge_backbone(model_pool, LearnedCoefficients(str(path)), progress=False)
+    model_pool.close()
+    for key, tensor in expected.items():
+        assert torch.allclose(learned[key], tensor, rtol=1e-6, atol=1e-6), key
+    classnames = {task: list(get_task(task).classnames) for task in MERGE_TASKS}
+    unclamped = AdaMerging(
+        list(MERGE_TASKS), classnames, pool.models, granularity="task", clamp=False, coefficients=str(path)
+    )
+    assert torch.equal(unclamped.coefficients.detach(), torch.full((2, 1), 1.5))

@@ -1,0 +1,317 @@
+"""Spectral merge methods: task singular vectors (TSV-M) and isotropic merging (Iso-C, Iso-CTS).
+
+Each works on the weight *matrices* through their singular value decomposition and averages
+every other parameter. Notation as in ``merging.methods``: ``theta_0`` the pretrained tensor,
+``tau_t = theta_t - theta_0`` task ``t``'s task vector, ``T`` the number of fine-tuned models,
+``alpha`` the scaling factor; for a matrix, ``r = min(rows, columns)`` its full rank and
+``svd(M) = U S V^T`` the thin SVD.
+
+Which parameters are matrices: exactly those whose tensor is 2-D (``len(shape) == 2``), as in
+the papers' code and in FusionBench 0.2.33 (``TaskSingularVectorMerging``,
+``IsotropicMergingInCommonSubspace`` and ``IsotropicMergingInCommonAndTaskSubspace`` with their
+default ``exclude_keys``: none). In a ConvNeXt backbone these are the ``pwconv1`` / ``pwconv2``
+Linear weights (``4C x C`` and ``C x 4C``); the 4-D convolutions (4x4 patch embedding, 2x2
+downsampling, 7x7 depthwise), the LayerNorms, the layer-scale vectors and every bias are not,
+and get the papers' rule for non-matrix parameters, the mean task vector:
+``theta = theta_0 + alpha * (1/T) sum_t tau_t``.
+
+Orthogonalisation ("whitening") of a matrix ``M = U S P^T`` is its orthogonal polar factor
+``U P^T``: the nearest matrix with orthonormal columns (or rows), computed as the papers and
+FusionBench do, from an SVD. The SVDs run in float64 on CPU (LAPACK, deterministic); results
+are float32. A singular vector's sign is arbitrary, but every result below is a product in
+which each sign appears twice, so it is not.
+
+Against FusionBench 0.2.33 (``benchmarks/fusionbench_spectral.py``) the formulas are the
+same, non-matrix rule and scaling included, and so are the sizes (``tsv_rank``,
+``iso_cts_dimensions``). FusionBench pads TSV-M's and Iso-CTS's concatenations with zero
+columns up to ``r``; those carry zero singular values and change nothing, so they are left out
+here. FusionBench's SVDs run in float32: on tiny ConvNeXt pools its results differ from these
+by up to about 1e-5, and by one float32 rounding (< 3e-7) when it is run on float64 models.
+The authors' CLIP code also averages CLIP's 2-D ``text_projection``; ConvNeXt has nothing like it.
+
+The functions take one parameter's tensors, like those of ``merging.methods``; the classes at
+the end are the ``MergeMethod``s that ``merging.engine`` streams a backbone through.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterable, Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from merging.errors import MergeError
+from merging.methods import MergeMethod
+
+
+def is_matrix(tensor: Tensor) -> bool:
+    """A parameter the spectral methods decompose: a 2-D tensor (FusionBench's ``len(shape) == 2``)."""
+    return tensor.ndim == 2
+
+
+def orthogonal_factor(matrix: Tensor) -> Tensor:
+    """``U P^T`` for ``matrix = U S P^T``: the polar factor with orthonormal columns (rows if wide)."""
+    u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
+    return u @ vh
+
+
+def tsv_rank(rank: int, num_tasks: int) -> int:
+    """Singular components kept per task by TSV-M: ``floor(r / T)``, the rank share ``1/T``.
+
+    (FusionBench computes ``int(r * (1 / T))``, which rounds one lower where ``1 / T`` is
+    inexact, e.g. ``r = T = 49``; the two agree for every ``T <= 48`` and ``r <= 4096``.)"""
+    return rank // num_tasks
+
+
+def iso_cts_dimensions(rank: int, num_tasks: int, common_space_fraction: float) -> tuple[int, int]:
+    """``(k, s)``: Iso-CTS's common-subspace size ``k`` and task-specific size ``s`` per task.
+
+    As the paper's code and FusionBench compute them: ``k0 = int(r * fraction)``, then the
+    task-specific total ``(r - k0) / T`` rounded (Python's ``round``, half to even) to a
+    multiple of ``T`` so that ``s`` is whole, ``k = r - T s``. ``k + T s = r`` always."""
+    common = int(rank * common_space_fraction)
+    per_task = round((rank - common) / num_tasks)
+    common = rank - per_task * num_tasks
+    if common < 0:
+        raise MergeError(
+            f"common_space_fraction {common_space_fraction} leaves {common} common dimensions for a rank-{rank} "
+            f"matrix and {num_tasks} tasks ({per_task} task-specific ones each): choose a larger fraction"
+        )
+    return common, per_task
+
+
+def _peek(tensors: Iterable[Tensor]) -> tuple[Tensor, Iterator[Tensor]]:
+    iterator = iter(tensors)
+    first = next(iterator, None)
+    if first is None:
+        raise MergeError("nothing to merge: no fine-tuned model")
+    return first, itertools.chain([first], iterator)
+
+
+def _add_scaled(pretrained: Tensor, merged: Tensor, scaling_factor: float) -> Tensor:
+    """``theta_0 + alpha * merged``, rounded to float32 once."""
+    return (pretrained.to(torch.float64) + scaling_factor * merged).to(torch.float32)
+
+
+def _mean_merge(pretrained: Tensor, task_vectors: Iterable[Tensor], scaling_factor: float, num_tasks: int | None) -> Tensor:
+    """``theta_0 + alpha * (1/T) sum_t tau_t``, the rule for non-matrix parameters (summed in float64)."""
+    total, count = None, 0
+    for tau in task_vectors:
+        total = tau.to(torch.float64, copy=True) if total is None else total.add_(tau)
+        count += 1
+    _check_count(count, num_tasks, pretrained)
+    return _add_scaled(pretrained, total.div_(count), scaling_factor)
+
+
+def _check_count(count: int, num_tasks: int | None, pretrained: Tensor) -> None:
+    if num_tasks is not None and count != num_tasks:
+        raise MergeError(f"expected {num_tasks} task vectors for a {tuple(pretrained.shape)} parameter, got {count}")
+
+
+def tsv_merge(
+    pretrained: Tensor, task_vectors: Iterable[Tensor], scaling_factor: float, num_tasks: int | None = None
+) -> Tensor:
+    """Task Singular Vectors merge, TSV-M (Gargiulo et al., CVPR 2025, arXiv 2412.00081), of one parameter.
+
+    For a matrix: with ``k = floor(r / T)`` (``tsv_rank``) and ``tau_t = U_t S_t V_t^T``, keep
+    each task's top ``k`` components and concatenate them,
+    ``U = [U_1[:, :k], ..., U_T[:, :k]]``, ``S = diag(S_1[:k], ..., S_T[:k])``,
+    ``V = [V_1[:, :k], ..., V_T[:, :k]]``; orthogonalise both sets of singular vectors
+    (``U_perp = orthogonal_factor(U)``, likewise ``V_perp``), and
+    ``theta = theta_0 + alpha * U_perp S V_perp^T``.
+    With ``T > r`` no component is kept and the matrix stays ``theta_0`` (as in the paper's
+    code and FusionBench). Any other parameter: ``theta_0 + alpha * mean_t tau_t``.
+
+    Streams the task vectors: a matrix keeps only each task's ``k`` components, ``r (m + n)``
+    numbers in all. ``num_tasks`` (needed to know ``k`` before the stream ends; checked against
+    it) may be left out, and the task vectors are then read into a list first.
+    """
+    first, stream = _peek(task_vectors)
+    if not is_matrix(first):
+        return _mean_merge(pretrained, stream, scaling_factor, num_tasks)
+    if num_tasks is None:
+        materialised = [tau.clone() for tau in stream]  # the stream may reuse one buffer
+        num_tasks, stream = len(materialised), iter(materialised)
+    keep = tsv_rank(min(first.shape), num_tasks)
+    lefts, values, rights, count = [], [], [], 0
+    for tau in stream:
+        u, s, vh = torch.linalg.svd(tau.to(torch.float64), full_matrices=False)
+        # Copies, so that the full factors are freed.
+        lefts.append(u[:, :keep].clone())
+        values.append(s[:keep].clone())
+        rights.append(vh[:keep].clone())
+        count += 1
+    _check_count(count, num_tasks, pretrained)
+    u_perp = orthogonal_factor(torch.cat(lefts, dim=1))
+    vh_perp = orthogonal_factor(torch.cat(rights, dim=0))
+    return _add_scaled(pretrained, (u_perp * torch.cat(values)) @ vh_perp, scaling_factor)
+
+
+def iso_c(pretrained: Tensor, task_vectors: Iterable[Tensor], scaling_factor: float, num_tasks: int | None = None) -> Tensor:
+    """Isotropic merging in the common subspace, Iso-C (Marczak et al., ICML 2025, arXiv 2502.04959).
+
+    For a matrix: the task-arithmetic sum ``Delta = sum_t tau_t = U S V^T`` with its spectrum
+    flattened, every singular value replaced by their mean ``sigma = (1/r) sum_i s_i``:
+    ``theta = theta_0 + alpha * sigma U V^T``. Any other parameter:
+    ``theta_0 + alpha * mean_t tau_t``. Streams: one running sum, whatever ``T``."""
+    first, stream = _peek(task_vectors)
+    if not is_matrix(first):
+        return _mean_merge(pretrained, stream, scaling_factor, num_tasks)
+    total, count = None, 0
+    for tau in stream:
+        total = tau.to(torch.float64, copy=True) if total is None else total.add_(tau)
+        count += 1
+    _check_count(count, num_tasks, pretrained)
+    u, s, vh = torch.linalg.svd(total, full_matrices=False)
+    return _add_scaled(pretrained, s.mean() * (u @ vh), scaling_factor)
+
+
+def iso_cts(
+    pretrained: Tensor,
+    task_vectors: Iterable[Tensor],
+    common_space_fraction: float,
+    scaling_factor: float,
+    num_tasks: int | None = None,
+) -> Tensor:
+    """Isotropic merging in common and task-specific subspaces, Iso-CTS (Marczak et al., ICML
+    2025, arXiv 2502.04959), of one parameter.
+
+    For a matrix, with ``(k, s) = iso_cts_dimensions(r, T, common_space_fraction)``:
+
+    1. Common subspace: the top ``k`` components of ``Delta = sum_t tau_t = U S V^T``.
+    2. Task-specific subspaces: each task with the common subspace projected out,
+       ``tau_t - U_k U_k^T tau_t = U_t S_t V_t^T``, gives its top ``s`` components.
+    3. The ``k + T s = r`` left and right singular vectors are concatenated and orthogonalised
+       (``orthogonal_factor``: ``U_perp``, ``V_perp``), and the spectrum made isotropic: every
+       singular value becomes the mean ``sigma`` of the ``r`` kept ones (``S[:k]`` and each
+       ``S_t[:s]``).
+    4. ``theta = theta_0 + alpha * sigma U_perp V_perp^T``.
+
+    Any other parameter: ``theta_0 + alpha * mean_t tau_t``. A matrix needs all ``T`` task
+    vectors at once (the common subspace comes from their sum); they are kept in float32.
+    """
+    first, stream = _peek(task_vectors)
+    if not is_matrix(first):
+        return _mean_merge(pretrained, stream, scaling_factor, num_tasks)
+    vectors = [tau.to(torch.float32, copy=True) for tau in stream]
+    _check_count(len(vectors), num_tasks, pretrained)
+    common, per_task = iso_cts_dimensions(min(first.shape), len(vectors), common_space_fraction)
+    total = torch.zeros(first.shape, dtype=torch.float64)
+    for tau in vectors:
+        total.add_(tau)
+    u, s, vh = torch.linalg.svd(total, full_matrices=False)
+    basis = u[:, :common].clone()  # copies: the full factors are freed
+    lefts, values, rights = [basis], [s[:common].clone()], [vh[:common].clone()]
+    del total, u, s, vh
+    if per_task:
+        for tau in vectors:
+            tau = tau.to(torch.float64)
+            residual = tau - basis @ (basis.T @ tau)
+            u_t, s_t, vh_t = torch.linalg.svd(residual, full_matrices=False)
+            lefts.append(u_t[:, :per_task].clone())
+            values.append(s_t[:per_task].clone())
+            rights.append(vh_t[:per_task].clone())
+    sigma = torch.cat(values).mean()
+    u_perp = orthogonal_factor(torch.cat(lefts, dim=1))
+    vh_perp = orthogonal_factor(torch.cat(rights, dim=0))
+    return _add_scaled(pretrained, sigma * (u_perp @ vh_perp), scaling_factor)
+
+
+def _check_scaling_factor(scaling_factor: float) -> None:
+    if not (math.isfinite(scaling_factor) and scaling_factor > 0):
+        raise MergeError(f"scaling_factor must be a finite number > 0, got {scaling_factor}")
+
+
+class _Spectral(MergeMethod):
+    """What the three share: task vectors in, every input checked (an SVD does not pass a NaN
+    on as a NaN, it fails), whole tensors, and ``T`` learnt in ``prepare``."""
+
+    propagates_non_finite = False
+    scaling_factor: float
+    _num_tasks: int | None = None
+
+    def prepare(self, tasks: Sequence[str], keys: Sequence[str]) -> None:
+        self._num_tasks = len(tasks)
+
+    def hyperparameters(self) -> dict[str, float | int | bool]:
+        return {"scaling_factor": self.scaling_factor}
+
+
+class TaskSingularVectors(_Spectral):
+    """TSV-M (Gargiulo et al., "Task Singular Vectors: Reducing Task Interference in Model
+    Merging", CVPR 2025, arXiv 2412.00081): per weight matrix, each task's top ``1/T`` share of
+    singular components, concatenated, their singular vectors orthogonalised,
+    ``theta_0 + alpha * U_perp S V_perp^T``; other parameters ``theta_0 + alpha * mean_t tau_t``
+    (``tsv_merge``).
+
+    Args:
+        scaling_factor: alpha, applied to the merged task vector (the paper's default 1.0).
+    """
+
+    name = "tsv_m"
+
+    def __init__(self, scaling_factor: float = 1.0) -> None:
+        _check_scaling_factor(scaling_factor)
+        self.scaling_factor = scaling_factor
+
+    def merge(self, pretrained: Tensor | None, tensors: Iterable[Tensor], statistics: Sequence[float]) -> Tensor:
+        return tsv_merge(pretrained, tensors, self.scaling_factor, self._num_tasks)
+
+
+class IsotropicCommon(_Spectral):
+    """Iso-C (Marczak et al., "No Task Left Behind: Isotropic Model Merging with Common and
+    Task-Specific Subspaces", ICML 2025, arXiv 2502.04959): per weight matrix, the summed task
+    vectors ``U S V^T`` with a flat spectrum, ``theta_0 + alpha * mean(S) U V^T``; other
+    parameters ``theta_0 + alpha * mean_t tau_t`` (``iso_c``).
+
+    Args:
+        scaling_factor: alpha, applied to the merged task vector. The paper picks it on
+            held-out validation data per backbone and number of tasks; 1.0 is FusionBench's
+            configured default (its CLIP examples use 1.5).
+    """
+
+    name = "iso_c"
+
+    def __init__(self, scaling_factor: float = 1.0) -> None:
+        _check_scaling_factor(scaling_factor)
+        self.scaling_factor = scaling_factor
+
+    def merge(self, pretrained: Tensor | None, tensors: Iterable[Tensor], statistics: Sequence[float]) -> Tensor:
+        return iso_c(pretrained, tensors, self.scaling_factor, self._num_tasks)
+
+
+class IsotropicCommonTask(_Spectral):
+    """Iso-CTS (Marczak et al., ICML 2025, arXiv 2502.04959): per weight matrix, the top
+    ``common_space_fraction`` of the summed task vectors' singular components plus each task's
+    top components outside that common subspace, orthogonalised, with a flat spectrum (the
+    mean of the kept singular values), scaled by alpha; other parameters
+    ``theta_0 + alpha * mean_t tau_t`` (``iso_cts``).
+
+    Args:
+        common_space_fraction: share of the rank given to the common subspace (the paper's 0.8);
+            the rest is split evenly between the tasks.
+        scaling_factor: alpha, applied to the merged task vector. The paper picks it on
+            held-out validation data per backbone and number of tasks; 1.0 is FusionBench's
+            configured default (its CLIP examples use 1.5).
+    """
+
+    name = "iso_cts"
+
+    def __init__(self, common_space_fraction: float = 0.8, scaling_factor: float = 1.0) -> None:
+        if not 0 <= common_space_fraction <= 1:
+            raise MergeError(f"common_space_fraction must be in [0, 1], got {common_space_fraction}")
+        _check_scaling_factor(scaling_factor)
+        self.common_space_fraction = common_space_fraction
+        self.scaling_factor = scaling_factor
+
+    def hyperparameters(self) -> dict[str, float | int | bool]:
+        return {"common_space_fraction": self.common_space_fraction, "scaling_factor": self.scaling_factor}
+
+    def merge(self, pretrained: Tensor | None, tensors: Iterable[Tensor], statistics: Sequence[float]) -> Tensor:
+        return iso_cts(pretrained, tensors, self.common_space_fraction, self.scaling_factor, self._num_tasks)
+
+
+#: The spectral methods by name, merged into ``merging.METHODS``.
+SPECTRAL_METHODS: dict[str, type[MergeMethod]] = {cls.name: cls for cls in (TaskSingularVectors, IsotropicCommon, IsotropicCommonTask)}
