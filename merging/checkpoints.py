@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -149,10 +151,16 @@ def check_export_target(target: Path, overwrite: bool, flag: str = "--overwrite 
 def write_atomically(
     target: Path, write: Callable[[Path], None], overwrite: bool, flag: str = "--overwrite true"
 ) -> None:
-    """Run ``write(tmp_dir)`` and move the result to ``target``: it appears whole or not at all."""
+    """Run ``write(tmp_dir)`` and move the result to ``target``: it appears whole or not at all.
+
+    The staging directory's name holds the writer's pid and host, so that the next write to
+    ``target`` removes what killed writers left (``remove_dead_staging``) and no live one's.
+    """
     check_export_target(target, overwrite, flag)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    remove_dead_staging(target)
+    prefix = f".{target.name}.{os.getpid()}@{socket.gethostname()}."
+    staging = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
     try:
         write(staging)
         _make_readable(staging)
@@ -167,6 +175,27 @@ def write_atomically(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def remove_dead_staging(target: Path) -> None:
+    """Remove the staging directories of ``target`` whose writer ran on this host and is gone
+    (killed: ``write_atomically`` had no chance to clean up). Another host's pids mean nothing here."""
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(\d+)@(.+)\.[^.]+")
+    host = socket.gethostname()
+    for path in target.parent.glob(f".{glob.escape(target.name)}.*@*"):
+        match = pattern.fullmatch(path.name)
+        if match and match[2] == host and path.is_dir() and not _process_alive(int(match[1])):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's process
+        return True
+    return True
 
 
 def _make_readable(directory: Path) -> None:

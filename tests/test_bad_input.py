@@ -1,6 +1,6 @@
 """Bad input through the real CLIs (``train.py``, ``merge.py``, in-process): class folders that
-are not the task's classes, string labels, checkpoints that are not ConvNeXt and broken
-AdaMerging coefficient files.
+are not the task's classes, string labels, checkpoints that are not ConvNeXt, broken AdaMerging
+coefficient files, and the staging directory a killed save leaves behind.
 
 Every error case ends in one ``error:`` line naming what is wrong and where, exit status 1,
 and nothing written in the working directory or the output paths.
@@ -9,6 +9,10 @@ and nothing written in the working directory or the output paths.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +30,13 @@ from datamodules.tasks import TASKS, get_task
 from lightning_modules.adamerging import AdaMerging
 from merge import main as merge_main
 from merge_fixtures import one_thread  # noqa: F401  (autouse: one intra-op thread)
+from merging.checkpoints import remove_dead_staging
 from merging.coefficients import LearnedCoefficients, write_coefficients
 from merging.engine import merge_backbone
 from merging.methods import TaskArithmetic
 from merging.pool import ModelPool
+from merging.saved import save_merged
 from train import main as train_main
-
 
 MERGE_TASKS = ("eurosat", "dtd")
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -389,3 +394,78 @@ def test_coefficients_outside_the_clamp_range_apply_where_no_range_is_enforced(p
         list(MERGE_TASKS), classnames, pool.models, granularity="task", clamp=False, coefficients=str(path)
     )
     assert torch.equal(unclamped.coefficients.detach(), torch.full((2, 1), 1.5))
+
+
+# --- 5. staging directories of killed saves -------------------------------------------------------
+
+SLOW_SAVE = """
+import sys, time
+from pathlib import Path
+import torch
+from transformers import ConvNextConfig
+import merging.saved as saved
+
+real_save_file = saved.save_file
+
+def slow_save_file(tensors, path, metadata=None):
+    real_save_file(tensors, path, metadata=metadata)
+    print("writing", flush=True)
+    time.sleep(600)
+
+saved.save_file = slow_save_file
+backbone = {"convnext.embeddings.patch_embeddings.weight": torch.zeros(8, 3, 4, 4)}
+saved.save_merged(sys.argv[1], backbone, {}, ConvNextConfig(), None, {"method": "slow"})
+"""
+
+
+def start_slow_save(target: Path) -> subprocess.Popen:
+    """A real ``save_merged`` in a subprocess, stopped mid-write (after the tensors, before the rest)."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", SLOW_SAVE, str(target)], stdout=subprocess.PIPE, text=True, env=mf.subprocess_env()
+    )
+    assert process.stdout.readline().strip() == "writing", "the writer died before writing"
+    return process
+
+
+def staging_dirs(target: Path) -> list[Path]:
+    return sorted(target.parent.glob(f".{target.name}.*"))
+
+
+def test_the_next_save_removes_a_killed_saves_staging_but_never_a_live_ones(pool, tmp_path, workdir):
+    target = tmp_path / "saved" / "merged"
+    writer = start_slow_save(target)
+    try:
+        (live,) = staging_dirs(target)
+        assert f".{writer.pid}@" in live.name and (live / "model.safetensors").is_file()
+        # A concurrent save while the writer lives: its staging directory is left alone.
+        save_merged(target, {}, {}, mf.tiny_config(["a", "b"]), None, {"method": "concurrent"})
+        assert staging_dirs(target) == [live] and (target / "merge.json").is_file()
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()  # reaped: a zombie still counts as a live process
+    assert writer.returncode == -signal.SIGKILL and staging_dirs(target) == [live]
+
+    model = merged_classifier(tmp_path, "--model.overwrite", "true", save_dir=target)
+    merge_main([*merge_args(pool, tmp_path, *model), "--trainer.limit_test_batches", "0"])
+    assert staging_dirs(target) == [], "the killed save's staging directory is still there"
+    assert json.loads((target / "merge.json").read_text())["models"] == pool.models
+    assert sorted(path.name for path in target.parent.iterdir()) == ["merged"]
+
+
+def test_only_dead_writers_of_this_host_are_cleaned_up(tmp_path):
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(finished.stdout)
+    target = tmp_path / "exports" / "out.v2"
+    target.parent.mkdir()
+    host = socket.gethostname()
+    names = {
+        "dead here": f".out.v2.{dead}@{host}.abcd1234",
+        "alive here": f".out.v2.{os.getpid()}@{host}.efgh5678",
+        "dead elsewhere": f".out.v2.{dead}@another-host.example.ijkl9012",
+        "other target": f".out.{dead}@{host}.mnop3456",
+    }
+    for name in names.values():
+        (target.parent / name).mkdir()
+    remove_dead_staging(target)
+    left = {path.name for path in target.parent.iterdir()}
+    assert left == {names["alive here"], names["dead elsewhere"], names["other target"]}
