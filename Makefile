@@ -4,10 +4,11 @@ VENV ?= .venv
 # CPU build by default; on a GPU machine use e.g. TORCH_SPEC="torch==2.13.0" with the CUDA index.
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
-export HF_HUB_OFFLINE ?= 1
-export WANDB_MODE ?= offline
+# The demo and the tests never touch the network; `reproduce` downloads models and datasets.
+demo test: export HF_HUB_OFFLINE ?= 1
+demo test: export WANDB_MODE ?= offline
 
-.PHONY: install demo test clean
+.PHONY: install demo test reproduce clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +27,14 @@ demo: $(BIN)/.installed
 	$(BIN)/python merge.py test --config configs/quickstart/merge.yaml
 	$(BIN)/python merge.py fit --config configs/quickstart/adamerging.yaml
 	$(BIN)/python merge.py test --config configs/quickstart/compare.yaml
+
+## The benchmark: the eight reference fine-tunes GPUS at a time (one GPU each; finished tasks
+## are skipped, interrupted ones resume), then AdaMerging and the method comparison of the exports.
+GPUS ?= 1
+TRAIN_ARGS ?=
+MERGE_ARGS ?=
+reproduce: $(BIN)/.installed
+	$(BIN)/python -m lightning_modules.reproduce --gpus $(GPUS) --train-args "$(TRAIN_ARGS)" --merge-args "$(MERGE_ARGS)"
 
 ## The whole test suite (offline, CPU).
 test: $(BIN)/.installed

@@ -5,6 +5,7 @@ from __future__ import annotations
 from functools import cached_property
 
 from datasets import Dataset as HFDataset
+from datasets import DatasetDict
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader
@@ -64,6 +65,7 @@ class MultiTaskDataModule(LightningDataModule):
         self.num_workers = num_workers
         self.adaptation_batch_size = adaptation_batch_size
         self.adaptation_seed = adaptation_seed
+        self._loaded: dict[str, DatasetDict] = {}
 
     @property
     def task_names(self) -> list[str]:
@@ -81,17 +83,26 @@ class MultiTaskDataModule(LightningDataModule):
     def preprocess(self) -> ImagePreprocessor:
         return ImagePreprocessor.from_processor(load_image_processor(self.processor))
 
+    def _load(self, task: TaskInfo) -> DatasetDict:
+        """A task's dataset, loaded once per process (downloaded once per machine)."""
+        if task.name not in self._loaded:
+            self._loaded[task.name] = load_task_dataset(task, self.paths.get(task.name))
+        return self._loaded[task.name]
+
     @cached_property
     def test_splits(self) -> dict[str, HFDataset]:
-        splits = {}
-        for task in self.tasks:
-            path = self.paths.get(task.name)
-            splits[task.name] = get_split(load_task_dataset(task, path), "test", task, path)
-        return splits
+        return {task.name: get_split(self._load(task), "test", task, self.paths.get(task.name)) for task in self.tasks}
+
+    def _evaluates_nothing(self) -> bool:
+        """``merge.py test --trainer.limit_test_batches 0`` (merge and save only) reads no data."""
+        trainer = self.trainer
+        return trainer is not None and trainer.testing and trainer.limit_test_batches == 0
 
     def prepare_data(self) -> None:
+        if self._evaluates_nothing():
+            return
         for task in self.tasks:
-            load_task_dataset(task, self.paths.get(task.name))
+            self._load(task)
 
     def setup(self, stage: str | None = None) -> None:
         check_own_sampling(self.trainer)

@@ -13,7 +13,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.trainer.states import TrainerStatus
 
 from datamodules.errors import DataError
-from lightning_modules.export import check_export_target, export_name, model_card, write_atomically
+from lightning_modules.export import check_export_target, export_path, model_card, write_atomically
 from merging.errors import CheckpointError, MergeError
 
 #: Errors that mean bad input: reported as one line, without a traceback.
@@ -73,17 +73,7 @@ class TrainCLI(ProjectCLI):
         parser.add_argument("--overwrite", type=bool, default=False, help="Replace an existing export.")
 
     def _export_target(self, steps: int) -> Path | None:
-        export_dir = self.subcommand_config().get("export_dir")
-        if export_dir is None:
-            return None
-        name = self.subcommand_config().get("export_name") or export_name(
-            self.model.hparams.model_name_or_path,
-            self.datamodule.task.hub_name,
-            self.datamodule.batch_size,
-            self.model.hparams.lr,
-            steps,
-        )
-        return Path(export_dir) / name
+        return export_path(self.subcommand_config().as_dict(), steps)
 
     def before_fit(self) -> None:
         if not self.trainer.loggers:

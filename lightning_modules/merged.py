@@ -70,6 +70,11 @@ class MergedClassifier(MultiTaskEvaluation):
             self.report_title = f"Saved merged model: {merged_model}"
 
     def build(self) -> None:
+        if self.trainer is not None and self.trainer.testing and self.trainer.limit_test_batches == 0 and self.save_dir is None:
+            raise MergeError(
+                "trainer.limit_test_batches 0 evaluates nothing, and no model.save_dir is given: "
+                "nothing would be done (give --model.save_dir to merge and save only)"
+            )
         if self.merged_model is not None:
             self._load_saved()
         else:
