@@ -10,6 +10,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader
 
+from datamodules.classification import split_train_val
 from datamodules.errors import DataError
 from datamodules.loaders import check_own_sampling, distributed_context, evaluation_dataloader, step_stream_dataloader
 from datamodules.preprocessing import ImagePreprocessor, load_image_processor
@@ -23,6 +24,11 @@ class MultiTaskDataModule(LightningDataModule):
     the order of ``tasks``, so ``dataloader_idx`` names the task. On several processes each
     test sample is seen exactly once in total (no padding).
 
+    With ``val_fraction``, a seeded part of each task's *train* split is held out as a
+    ``validation`` split for choosing merge hyper-parameters without looking at the test
+    set: ``test_dataloader()`` then returns the validation loaders first, then the test
+    loaders (``splits`` names the order), each image read once per split.
+
     For test-time adaptation (AdaMerging), ``train_dataloader()`` gives the same test images
     *without labels*: the label column is removed before any loader exists.
 
@@ -35,6 +41,10 @@ class MultiTaskDataModule(LightningDataModule):
         num_workers: DataLoader worker processes per device and task.
         adaptation_batch_size: images per task and step for test-time adaptation, over all devices.
         adaptation_seed: seed of the adaptation order.
+        val_fraction: share of each task's train split held out as the ``validation`` split
+            (None: the test split only). The rows are those ``train.py`` holds out with
+            ``data.val_split: holdout`` and the same fraction and seed.
+        split_seed: seed of the held-out part.
     """
 
     def __init__(
@@ -46,6 +56,8 @@ class MultiTaskDataModule(LightningDataModule):
         num_workers: int = 2,
         adaptation_batch_size: int = 16,
         adaptation_seed: int = 0,
+        val_fraction: float | None = None,
+        split_seed: int = 0,
     ) -> None:
         super().__init__()
         if not tasks:
@@ -65,11 +77,20 @@ class MultiTaskDataModule(LightningDataModule):
         self.num_workers = num_workers
         self.adaptation_batch_size = adaptation_batch_size
         self.adaptation_seed = adaptation_seed
+        if val_fraction is not None and not 0 < val_fraction < 1:
+            raise DataError(f"data.val_fraction must be between 0 and 1 (or null), got {val_fraction}")
+        self.val_fraction = val_fraction
+        self.split_seed = split_seed
         self._loaded: dict[str, DatasetDict] = {}
 
     @property
     def task_names(self) -> list[str]:
         return [task.name for task in self.tasks]
+
+    @property
+    def splits(self) -> list[str]:
+        """The evaluated splits, in the order of ``test_dataloader()``'s loaders."""
+        return ["validation", "test"] if self.val_fraction is not None else ["test"]
 
     @property
     def num_classes(self) -> dict[str, int]:
@@ -107,21 +128,33 @@ class MultiTaskDataModule(LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         check_own_sampling(self.trainer)
 
-    def _where(self, task: TaskInfo) -> str:
-        return f"task '{task.name}', path '{self.paths.get(task.name) or task.hub_dataset or 'built-in'}', split 'test'"
+    def _where(self, task: TaskInfo, split: str) -> str:
+        return f"task '{task.name}', path '{self.paths.get(task.name) or task.hub_dataset or 'built-in'}', split '{split}'"
+
+    def _dataset(self, task: TaskInfo, split: str) -> ImageClassificationDataset:
+        if split == "test":
+            data, rows = self.test_splits[task.name], None
+        else:  # validation: the held-out rows of train
+            data = get_split(self._load(task), "train", task, self.paths.get(task.name))
+            _, rows = split_train_val(len(data), self.val_fraction, self.split_seed)
+            if len(rows) == 0:
+                raise DataError(f"{self._where(task, 'train')}: {len(data)} rows are too few to hold out a validation part")
+        mapping = checked_label_mapping(data, task, self._where(task, "train" if split == "validation" else split))
+        return ImageClassificationDataset(data, self.preprocess, rows, mapping)
 
     @cached_property
+    def evaluation_datasets(self) -> dict[str, dict[str, ImageClassificationDataset]]:
+        """split -> task -> dataset, for every split of ``splits``."""
+        return {split: {task.name: self._dataset(task, split) for task in self.tasks} for split in self.splits}
+
+    @property
     def test_datasets(self) -> dict[str, ImageClassificationDataset]:
-        datasets = {}
-        for task in self.tasks:
-            data = self.test_splits[task.name]
-            mapping = checked_label_mapping(data, task, self._where(task))
-            datasets[task.name] = ImageClassificationDataset(data, self.preprocess, label_map=mapping)
-        return datasets
+        return self.evaluation_datasets["test"]
 
     def test_dataloader(self) -> list[DataLoader]:
         return [
-            evaluation_dataloader(self.test_datasets[name], self.batch_size, self.num_workers, self.trainer)
+            evaluation_dataloader(self.evaluation_datasets[split][name], self.batch_size, self.num_workers, self.trainer)
+            for split in self.splits
             for name in self.task_names
         ]
 

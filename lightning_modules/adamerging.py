@@ -52,6 +52,7 @@ class AdaMerging(MultiTaskEvaluation):
         output_dir: where ``coefficients.json`` and ``coefficients.png`` are written after fit.
         evaluate_individual: in test, also evaluate each fine-tuned model on its own task.
         report_dir: where the test report goes.
+        splits: evaluated splits, in the DataModule's loader order (linked from ``data.splits``).
     """
 
     def __init__(
@@ -69,8 +70,9 @@ class AdaMerging(MultiTaskEvaluation):
         output_dir: str = "outputs/adamerging",
         evaluate_individual: bool = False,
         report_dir: str = "outputs/adamerging/report",
+        splits: list[str] | None = None,
     ) -> None:
-        super().__init__(tasks, classnames, report_dir, report_title=f"AdaMerging ({granularity}-wise)")
+        super().__init__(tasks, classnames, report_dir, report_title=f"AdaMerging ({granularity}-wise)", splits=splits)
         self.pool = ModelPool(models)
         self.granularity = granularity
         self.init_value = init_value

@@ -131,3 +131,4 @@ class MergeCLI(ProjectCLI):
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.link_arguments("data.task_names", "model.init_args.tasks", apply_on="instantiate")
         parser.link_arguments("data.classnames", "model.init_args.classnames", apply_on="instantiate")
+        parser.link_arguments("data.splits", "model.init_args.splits", apply_on="instantiate")

@@ -22,7 +22,7 @@ from torchmetrics import MeanMetric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 from transformers import ConvNextConfig, ConvNextModel
 
-from lightning_modules.report import INDIVIDUAL, write_report
+from lightning_modules.report import INDIVIDUAL, summarize, write_report
 from merging.errors import MergeError
 from merging.switch import SwitchModule
 
@@ -63,6 +63,8 @@ class MultiTaskEvaluation(LightningModule):
         classnames: class names per task (linked from ``data.classnames``).
         report_dir: where ``report.json``, ``report.md``, ``report.csv`` and ``accuracy.png`` go.
         report_title: heading of the report.
+        splits: the evaluated splits in the DataModule's loader order (linked from
+            ``data.splits``): ``test``, or ``validation`` and ``test``.
     """
 
     def __init__(
@@ -71,10 +73,16 @@ class MultiTaskEvaluation(LightningModule):
         classnames: dict[str, list[str]],
         report_dir: str = "outputs/merge",
         report_title: str = "Merged model",
+        splits: list[str] | None = None,
     ) -> None:
         super().__init__()
         self.tasks = list(tasks)
         self.classnames = {task: list(classnames[task]) for task in self.tasks}
+        self.splits = list(splits) if splits else ["test"]
+        #: dataloader_idx -> (split, task): the DataModule's order, split by split.
+        self.loaders = [(split, task) for split in self.splits for task in self.tasks]
+        #: split -> row -> task -> {accuracy, loss, num_samples}, after a test run.
+        self.results: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
         self.report_dir = report_dir
         self.report_title = report_title
         self.rows = nn.ModuleDict()
@@ -102,6 +110,9 @@ class MultiTaskEvaluation(LightningModule):
         self.row_names.append(name)
 
     def setup(self, stage: str) -> None:
+        data_splits = getattr(self.trainer.datamodule, "splits", None) if self.trainer is not None else None
+        if data_splits is not None and list(data_splits) != self.splits:
+            raise MergeError(f"the data module evaluates splits {data_splits}, the model expects {self.splits}: pass splits=data.splits")
         if self.heads is None:
             self.build()
             self._make_metrics()
@@ -112,7 +123,7 @@ class MultiTaskEvaluation(LightningModule):
     def _make_metrics(self) -> None:
         def per_task(factory: Any) -> nn.ModuleList:
             return nn.ModuleList(
-                nn.ModuleDict({task: factory(task) for task in self.tasks}) for _ in self._all_rows()
+                nn.ModuleDict({f"{split}/{task}": factory(task) for split, task in self.loaders}) for _ in self._all_rows()
             )
 
         self.accuracy = per_task(lambda task: MulticlassAccuracy(len(self.classnames[task]), average="micro"))
@@ -137,37 +148,39 @@ class MultiTaskEvaluation(LightningModule):
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         images, labels = batch
-        task = self.tasks[dataloader_idx]
+        split, task = self.loaders[dataloader_idx]
+        key = f"{split}/{task}"
         for row in range(len(self._all_rows())):
             logits = self._row_logits(row, images, task)
             loss = nn.functional.cross_entropy(logits, labels)
-            self.accuracy[row][task].update(logits, labels)
-            self.mean_loss[row][task].update(loss, weight=labels.numel())
-            self.samples[row][task].update(labels.numel())
+            self.accuracy[row][key].update(logits, labels)
+            self.mean_loss[row][key].update(loss, weight=labels.numel())
+            self.samples[row][key].update(labels.numel())
 
     def on_test_epoch_end(self) -> None:
         expected = self._expected_samples()
-        results: dict[str, dict[str, dict[str, float]]] = {}
+        self.results = {split: {} for split in self.splits}
         for row, name in enumerate(self._all_rows()):
-            results[name] = {}
-            for task in self.tasks:
+            for split, task in self.loaders:
+                key = f"{split}/{task}"
                 # compute() syncs over all processes (same order everywhere).
                 values = {
-                    "accuracy": float(self.accuracy[row][task].compute()),
-                    "loss": float(self.mean_loss[row][task].compute()),
-                    "num_samples": int(self.samples[row][task].compute()),
+                    "accuracy": float(self.accuracy[row][key].compute()),
+                    "loss": float(self.mean_loss[row][key].compute()),
+                    "num_samples": int(self.samples[row][key].compute()),
                 }
-                if expected and values["num_samples"] != expected[task]:
+                if expected and values["num_samples"] != expected[key]:
                     raise RuntimeError(
-                        f"{name} on {task}: {values['num_samples']} samples evaluated, test set has {expected[task]}"
+                        f"{name} on {task}: {values['num_samples']} samples evaluated, its {split} split has {expected[key]}"
                     )
-                results[name][task] = values
+                self.results[split].setdefault(name, {})[task] = values
         for metric in (self.accuracy, self.mean_loss, self.samples):
             for per_task in metric:
                 for task_metric in per_task.values():
                     task_metric.reset()
-        self._log_results(results)
-        self.report = self._write(results)
+        for split, results in self.results.items():
+            self._log_results(results, split)
+        self.report = self._write(self.results["test"])
 
     def _partial(self) -> bool:
         """A deliberately partial run (``fast_dev_run``, ``limit_test_batches``): no full count to check."""
@@ -176,15 +189,15 @@ class MultiTaskEvaluation(LightningModule):
 
     def _expected_samples(self) -> dict[str, int]:
         datamodule = self.trainer.datamodule if self.trainer is not None else None
-        datasets = getattr(datamodule, "test_datasets", None)
+        datasets = getattr(datamodule, "evaluation_datasets", None)
         if not datasets or self._partial():
             return {}
-        return {task: len(datasets[task]) for task in self.tasks}
+        return {f"{split}/{task}": len(datasets[split][task]) for split, task in self.loaders}
 
-    def _log_results(self, results: Mapping[str, Mapping[str, Mapping[str, float]]]) -> None:
+    def _log_results(self, results: Mapping[str, Mapping[str, Mapping[str, float]]], split: str = "test") -> None:
         single = len(self.row_names) == 1
         for name, per_task in results.items():
-            prefix = "test" if single and name == self.row_names[0] else f"test/{name}"
+            prefix = split if single and name == self.row_names[0] else f"{split}/{name}"
             for task, values in per_task.items():
                 self.log(f"{prefix}/{task}/accuracy", values["accuracy"], add_dataloader_idx=False)
                 self.log(f"{prefix}/{task}/loss", values["loss"], add_dataloader_idx=False)
@@ -195,12 +208,18 @@ class MultiTaskEvaluation(LightningModule):
         """More fields for ``report.json`` (method, pool, ...)."""
         return {}
 
+    def report_sections(self) -> list[str]:
+        """More Markdown for ``report.md``, after the test table."""
+        return []
+
     def _write(self, results: Mapping[str, Mapping[str, Mapping[str, float]]]) -> dict[str, Any] | None:
         report = None
         if self.trainer.is_global_zero:
             extra = {**self.report_extra(), **({"partial": True} if self._partial() else {})}
+            if "validation" in self.results:
+                extra["validation"] = summarize(self.results["validation"])
             title = f"{self.report_title} (PARTIAL: limited test batches)" if self._partial() else self.report_title
-            report = write_report(results, self.report_dir, title, extra)
+            report = write_report(results, self.report_dir, title, extra, self.report_sections())
             self._log_to_wandb(report)
             print(Path(self.report_dir, "report.md").read_text())
         return report

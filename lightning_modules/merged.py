@@ -34,6 +34,7 @@ class MergedClassifier(MultiTaskEvaluation):
             ``--trainer.limit_test_batches 0`` it is merged and saved without evaluating.
         overwrite: replace an existing ``save_dir``.
         report_dir: where the report files go.
+        splits: evaluated splits, in the DataModule's loader order (linked from ``data.splits``).
         channels_last: run the backbones in channels-last memory format (faster on GPUs).
     """
 
@@ -48,10 +49,11 @@ class MergedClassifier(MultiTaskEvaluation):
         save_dir: str | None = None,
         overwrite: bool = False,
         report_dir: str = "outputs/merge",
+        splits: list[str] | None = None,
         channels_last: bool = False,
     ) -> None:
         self.method = method if method is not None else SimpleAverage()
-        super().__init__(tasks, classnames, report_dir, report_title=f"Merged model: {self.method.describe()}")
+        super().__init__(tasks, classnames, report_dir, report_title=f"Merged model: {self.method.describe()}", splits=splits)
         if merged_model is None and models is None:
             raise MergeError("give the model pool (model.models) or a saved merged model (model.merged_model)")
         if merged_model is not None and not Path(merged_model).is_dir():

@@ -12,7 +12,7 @@ import io
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +96,8 @@ def bar_chart(report: Mapping[str, Any], title: str, path: Path) -> None:
     rows = report["rows"]
     width = 0.8 / len(rows)
     legend_width = 3.5 if len(rows) > 1 else 0.0
-    figure, axes = plt.subplots(figsize=(max(6.0, 1.1 * len(labels) * max(1, len(rows) / 2)) + legend_width, 4.0))
+    height = max(4.0, 1.0 + 0.2 * len(rows))  # room for a legend entry per row
+    figure, axes = plt.subplots(figsize=(max(6.0, 1.1 * len(labels) * max(1, len(rows) / 2)) + legend_width, height))
     for index, (name, row) in enumerate(rows.items()):
         values = [100 * row["tasks"][task]["accuracy"] for task in tasks] + [100 * row["average_accuracy"]]
         positions = [i + (index - (len(rows) - 1) / 2) * width for i in range(len(labels))]
@@ -119,13 +120,20 @@ def _write_text_atomically(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
-def write_report(results: Results, directory: str | Path, title: str, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Write ``report.json``, ``report.md``, ``report.csv`` and ``accuracy.png`` to ``directory``."""
+def write_report(
+    results: Results,
+    directory: str | Path,
+    title: str,
+    extra: Mapping[str, Any] | None = None,
+    sections: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Write ``report.json``, ``report.md`` (the table, then ``sections``), ``report.csv`` and
+    ``accuracy.png`` to ``directory``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     report = {"title": title, **(dict(extra) if extra else {}), **summarize(results)}
     _write_text_atomically(directory / "report.json", json.dumps(report, indent=2) + "\n")
-    _write_text_atomically(directory / "report.md", markdown(report, title))
+    _write_text_atomically(directory / "report.md", "\n".join([markdown(report, title), *sections]))
     _write_text_atomically(directory / "report.csv", _csv(report))
     handle, temporary = tempfile.mkstemp(prefix=".accuracy.", suffix=".png", dir=directory)
     os.close(handle)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import importlib
+import itertools
 import json
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from lightning.pytorch import Trainer
 import merge_fixtures as mf
 from merge_fixtures import one_thread, quiet_cli  # noqa: F401  (autouse fixtures)
 from datamodules import MultiTaskDataModule
-from lightning_modules.comparison import MethodComparison
+from lightning_modules.comparison import MethodComparison, expand_grid
 from lightning_modules.merged import MergedClassifier
 from merge import main
 from merging.coefficients import write_coefficients
@@ -73,7 +74,7 @@ def instantiate(spec: dict):
 
 def single_method_report(method, data: MultiTaskDataModule, out: Path, models: dict, individual: bool) -> dict:
     model = MergedClassifier(
-        data.task_names, data.classnames, models, method, evaluate_individual=individual, report_dir=str(out)
+        data.task_names, data.classnames, models, method, evaluate_individual=individual, report_dir=str(out), splits=data.splits
     )
     trainer = Trainer(accelerator="cpu", devices=1, logger=False, use_distributed_sampler=False,
                       enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)  # fmt: skip
@@ -82,8 +83,10 @@ def single_method_report(method, data: MultiTaskDataModule, out: Path, models: d
 
 
 def table(path: Path) -> list[list[str]]:
-    """The rows (header first) of the Markdown table in ``report.md``."""
-    lines = [line for line in path.read_text().splitlines() if line.startswith("| ")]
+    """The rows (header first) of the first Markdown table in ``report.md`` (the test table)."""
+    text = path.read_text()
+    start = text.index("\n| ")
+    lines = list(itertools.takewhile(lambda line: line.startswith("|"), text[start + 1 :].splitlines()))
     rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
     return [row for row in rows if set(row) != {"---"}]
 
@@ -97,9 +100,10 @@ def test_the_quickstart_comparison_equals_separate_runs(pool, tmp_path):
     report = json.loads((report_dir / "report.json").read_text())
 
     specs = config["model"]["init_args"]["methods"]
-    methods = [instantiate(spec) for spec in specs]
+    groups = expand_grid([instantiate(spec) for spec in specs], config["model"]["init_args"]["grid"])
+    methods = [method for group in groups for method in group]
     labels = [method.describe() for method in methods]
-    assert len(set(labels)) == len(specs) >= 6
+    assert len(set(labels)) == len(methods) > len(specs) >= 8
     assert list(report["rows"]) == [*labels, "individual"]
     assert [m["label"] for m in report["methods"]] == labels
 
@@ -120,23 +124,50 @@ def test_the_quickstart_comparison_equals_separate_runs(pool, tmp_path):
             got = report["rows"][label]["tasks"][task]
             assert got["normalized_accuracy"] == pytest.approx(got["accuracy"] / individual["tasks"][task]["accuracy"])
     # Distinct models, except that with two tasks the simple average is task arithmetic at 0.5.
-    losses = {label: report["rows"][label]["average_loss"] for label in labels}
-    assert losses.pop("simple_average") == pytest.approx(losses["task_arithmetic(scaling_factor=0.5)"], rel=1e-5)
-    assert all(abs(a - b) > 1e-3 for i, a in enumerate(losses.values()) for b in list(losses.values())[i + 1 :])
+    # (Per task: a grid along one factor can meet the same average loss on both sides of its best.)
+    losses = {label: [report["rows"][label]["tasks"][task]["loss"] for task in TASKS] for label in labels}
+    simple_average, half = losses.pop("simple_average"), losses["task_arithmetic(scaling_factor=0.5)"]
+    assert simple_average == pytest.approx(half, rel=1e-5)
+    values = list(losses.values())
+    assert all(max(abs(x - y) for x, y in zip(a, b)) > 1e-3 for i, a in enumerate(values) for b in values[i + 1 :])
 
-    # Each method alone, on the same data (one DataModule, the config's batch size): the same numbers.
+    # Each method alone, on the same data (one DataModule, the config's batch size): the same
+    # numbers, on both splits. The first and last grid point of every method.
     data = MultiTaskDataModule(**config["data"])
     models = config["model"]["init_args"]["models"]
-    for index, method in enumerate(methods):
-        single = single_method_report(method, data, tmp_path / f"single{index}", models, individual=index == 0)
+    checked = sorted({labels.index(group[0].describe()) for group in groups} | {labels.index(group[-1].describe()) for group in groups})
+    for index in checked:
+        single = single_method_report(methods[index], data, tmp_path / f"single{index}", models, individual=index == 0)
         names = [labels[index], "individual"] if index == 0 else [labels[index]]
         assert list(single["rows"]) == names
-        for name in names:
-            for task in TASKS:
-                got, expected = report["rows"][name]["tasks"][task], single["rows"][name]["tasks"][task]
-                assert got["num_samples"] == expected["num_samples"] == len(data.test_datasets[task]), (name, task)
-                assert got["accuracy"] == expected["accuracy"], (name, task)
-                assert got["loss"] == pytest.approx(expected["loss"], rel=1e-6, abs=1e-7), (name, task)
+        for split, got_rows, expected_rows in [
+            ("test", report["rows"], single["rows"]),
+            ("validation", report["validation"]["rows"], single["validation"]["rows"]),
+        ]:
+            for name in names:
+                for task in TASKS:
+                    got, expected = got_rows[name]["tasks"][task], expected_rows[name]["tasks"][task]
+                    count = len(data.evaluation_datasets[split][task])
+                    assert got["num_samples"] == expected["num_samples"] == count, (split, name, task)
+                    assert got["accuracy"] == expected["accuracy"], (split, name, task)
+                    assert got["loss"] == pytest.approx(expected["loss"], rel=1e-6, abs=1e-7), (split, name, task)
+
+    # Each method's grid point chosen on the validation averages, beside the best on test.
+    def average(rows: dict, label: str) -> float:
+        return sum(rows[label]["tasks"][task]["accuracy"] for task in TASKS) / len(TASKS)
+
+    grids = [group for group in groups if len(group) > 1]
+    assert [entry["method"] for entry in report["selection"]] == [group[0].name for group in grids]
+    for entry, group in zip(report["selection"], grids):
+        points = [method.describe() for method in group]
+        chosen = max(points, key=lambda label: average(report["validation"]["rows"], label))
+        best = max(points, key=lambda label: average(report["rows"], label))
+        assert (entry["chosen_on_validation"], entry["best_on_test"], entry["grid_points"]) == (chosen, best, len(points))
+        assert entry["test_accuracy"] == pytest.approx(average(report["rows"], chosen))
+        assert entry["best_test_accuracy"] == pytest.approx(average(report["rows"], best))
+        assert entry["best_test_accuracy"] >= entry["test_accuracy"]
+        line = f"| {entry['method']} ({len(points)} points) | {chosen} | {100 * entry['validation_accuracy']:.2f} | "
+        assert line in (report_dir / "report.md").read_text()
 
 
 @pytest.mark.parametrize("case", ["duplicate", "duplicate label", "empty"])
@@ -171,3 +202,29 @@ def test_method_comparison_refuses_duplicates_and_nothing_directly(pool):
         MethodComparison(list(TASKS), classnames, models, [])
     with pytest.raises(MergeError, match=r"listed twice: task_arithmetic\(scaling_factor=0.3\)"):
         MethodComparison(list(TASKS), classnames, models, [TaskArithmetic(0.3), TaskArithmetic(0.3)])
+
+
+@pytest.mark.parametrize(
+    ("case", "fragments"),
+    [
+        ("no validation split", ["grid is chosen on a validation split", "data.val_fraction"]),
+        ("method not listed", ["grid for method(s) not in model.methods: Unlisted"]),
+        ("unknown hyper-parameter", ["TiesMerging has no hyper-parameter scale", "top_k, scaling_factor"]),
+    ],
+)
+def test_bad_grid_is_one_error_line(pool, tmp_path, capsys, case, fragments):
+    config = example_config(pool, tmp_path)
+    grid = config["model"]["init_args"]["grid"]
+    if case == "no validation split":
+        del config["data"]["val_fraction"]
+    elif case == "method not listed":
+        grid["Unlisted"] = {"scaling_factor": [0.1]}
+    else:
+        grid["TiesMerging"] = {"scale": [0.1]}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run(config, tmp_path)
+    assert exit_info.value.code not in (0, None)
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and all(fragment in errors[0] for fragment in fragments), errors
+    assert not (tmp_path / "report").exists()

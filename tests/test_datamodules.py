@@ -338,3 +338,18 @@ def test_a_misspelt_class_folder_is_an_error_not_a_wrong_label(tmp_path):
     spelled = Dataset.from_dict({"image": pixels, "label": [0, 1]}, features=features.copy())
     spelled = spelled.cast_column("label", ClassLabel(names=["Banded", "Crystalline"]))
     assert label_mapping(spelled, get_task("dtd"), "here").tolist() == [0, 9]
+
+
+def test_multitask_validation_split_is_the_held_out_part_of_train(make_local_dataset, tiny_processor, decode_index):
+    path = make_local_dataset("disk", SIZES, CLASSES)
+    data = MultiTaskDataModule(["dtd"], paths={"dtd": path}, processor=tiny_processor, batch_size=7, num_workers=0, val_fraction=0.2, split_seed=3)
+    assert data.splits == ["validation", "test"]
+    _, held_out = split_train_val(SIZES["train"], 0.2, 3)
+    loaders = data.test_dataloader()
+    assert len(loaders) == 2
+    validation = [decode_index(image) for batch in loaders[0] for image in batch[0]]
+    assert validation == held_out.tolist(), "validation = the rows train.py holds out with the same fraction and seed"
+    assert [decode_index(image) for batch in loaders[1] for image in batch[0]] == list(range(SIZES["test"]))
+    assert MultiTaskDataModule(["dtd"], paths={"dtd": path}, processor=tiny_processor).splits == ["test"]
+    with pytest.raises(DataError, match="val_fraction must be between 0 and 1"):
+        MultiTaskDataModule(["dtd"], paths={"dtd": path}, processor=tiny_processor, val_fraction=1.5)

@@ -97,7 +97,9 @@ def test_reproduce_fine_tunes_the_eight_configs_and_merges_their_exports(home: P
     methods = yaml.safe_load((REPO_ROOT / "configs" / "merge" / "compare.yaml").read_text())["model"]["init_args"]["methods"]
     content = report(compare)
     assert_full_report(content, {entry["label"] for entry in content["methods"]} | {"individual"})
-    assert len(content["methods"]) == len(methods)
+    assert len(content["methods"]) > len(methods), "every grid point is a row"
+    assert {entry["method"] for entry in content["selection"]} >= {"task_arithmetic", "ties"}
+    assert all(row["tasks"]["dtd"]["num_samples"] == round(0.1 * SIZES["train"]) for row in content["validation"]["rows"].values())
     assert content["models"] == pool
     assert (tmp_path / "outputs" / "reproduce" / "adamerging" / "coefficients.json").is_file()
     assert "| individual |" in printed
