@@ -14,6 +14,7 @@ from lightning.pytorch.trainer.states import TrainerStatus
 
 from datamodules.errors import DataError
 from lightning_modules.export import check_export_target, export_path, model_card, write_atomically
+from lightning_modules.noise import silence_known_noise
 from merging.errors import CheckpointError, MergeError
 
 #: Errors that mean bad input: reported as one line, without a traceback.
@@ -35,6 +36,7 @@ class ProjectCLI(LightningCLI):
     group is torn down at the end so CPU DDP runs exit cleanly."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        silence_known_noise()
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         try:
             super().__init__(*args, **kwargs)

@@ -56,3 +56,6 @@ class WandbLogger(LightningWandbLogger):
             offline=offline,
             log_model=log_model,
         )
+        # Lightning always passes wandb's deprecated `anonymous` setting (as None), and wandb warns
+        # that it "has no effect" on every run; leaving it out changes nothing else.
+        self._wandb_init.pop("anonymous", None)
