@@ -143,9 +143,11 @@ class AdaMerging(MultiTaskEvaluation):
         for task in self.tasks:
             features = functional_call(self.backbone, merged, (batch[task],)).pooler_output
             entropy = prediction_entropy(self.heads(features, task))
-            self.log(f"train/entropy/{task}", entropy)
+            # Each rank holds its share of the step's images: the mean over ranks is the
+            # entropy of the whole step, what one process logs (equal shares by construction).
+            self.log(f"train/entropy/{task}", entropy, sync_dist=True)
             total = total + entropy
-        self.log("train/entropy", total, prog_bar=True)
+        self.log("train/entropy", total, prog_bar=True, sync_dist=True)
         return total
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:

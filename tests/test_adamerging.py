@@ -257,6 +257,13 @@ def test_two_processes_follow_the_one_process_trajectory(setup, tmp_path):
         assert zero["coefficients"] == one["coefficients"], f"ranks differ after step {step}"
         got, expected = torch.tensor(zero["coefficients"]), torch.tensor(reference["coefficients"])
         assert torch.allclose(got, expected, rtol=0, atol=1e-6), f"step {step}: {(got - expected).abs().max()}"
+        # What is logged is the entropy of the whole step's images, as one process logs it,
+        # on every rank (a per-rank value would be the entropy of half the images).
+        assert sorted(reference["logged"]) == ["train/entropy", *(f"train/entropy/{task}" for task in sorted(TASKS))]
+        for name, value in reference["logged"].items():
+            assert zero["logged"][name] == pytest.approx(value, rel=1e-5), f"step {step}: {name}"
+            assert one["logged"][name] == pytest.approx(value, rel=1e-5), f"step {step}: {name}"
+        assert reference["logged"]["train/entropy"] == pytest.approx(reference["loss"], rel=1e-6)
         # The ranks split the one-process batch between them: the same images per step.
         for task in TASKS:
             assert zero["batch"]["dict"][task]["shape"][0] == batch // 2
