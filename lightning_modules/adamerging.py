@@ -171,7 +171,9 @@ class AdaMerging(MultiTaskEvaluation):
             return
         output = Path(self.output_dir)
         write_coefficients(output / "coefficients.json", self.coefficients.detach().cpu(), self.merge_tasks, self.keys, self.granularity)
-        coefficients_heatmap(output / "coefficients.png", self.coefficients.detach().cpu(), self.merge_tasks, self.keys)
+        coefficients_heatmap(
+            output / "coefficients.png", self.coefficients.detach().cpu(), self.merge_tasks, self.keys, self.pool.network_keys
+        )
         print(f"wrote {output / 'coefficients.json'} and {output / 'coefficients.png'}")
         from lightning.pytorch.loggers import WandbLogger
 

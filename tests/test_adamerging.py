@@ -20,6 +20,7 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
+from transformers import ConvNextConfig, ConvNextModel
 
 import merge_fixtures as mf
 from merge_fixtures import one_thread, quiet_cli  # noqa: F401  (autouse fixtures)
@@ -28,7 +29,7 @@ from datamodules.torch_data import ImageClassificationDataset
 from ddp_scripts.adamerging_steps import StopAfter, read_steps
 from lightning_modules.adamerging import AdaMerging, prediction_entropy
 from merge import main
-from merging.coefficients import LearnedCoefficients, write_coefficients
+from merging.coefficients import LearnedCoefficients, coefficients_heatmap, write_coefficients
 from merging.engine import merge_backbone
 from merging.errors import MergeError
 from merging.methods import TaskArithmetic
@@ -399,3 +400,38 @@ def test_a_non_finite_task_vector_is_refused_naming_file_and_key(setup, tmp_path
     with pytest.raises(MergeError, match="non-finite") as error:
         model.build()
     assert key in str(error.value) and str(copy / "model.safetensors") in str(error.value)
+
+
+# --- The heat map's columns: parameter tensors in network order -----------------------------------
+
+
+def test_network_keys_follow_the_network_not_the_alphabet(tmp_path):
+    """Twelve blocks in stage 2: the checkpoint file sorts ``layers.10`` before ``layers.2``."""
+    pretrained = mf.make_pretrained(tmp_path / "deep", depths=[1, 1, 12, 1])
+    pool = ModelPool({mf.PRETRAINED: str(pretrained), "dtd": str(pretrained)})
+    with torch.device("meta"):
+        model = ConvNextModel(ConvNextConfig(**{**mf.TINY, "depths": [1, 1, 12, 1]}))
+    network = ["convnext." + key for key in model.state_dict()]
+    assert pool.backbone_keys == sorted(network)  # the safetensors header: alphabetical
+    assert pool.network_keys == network
+    position = {key: index for index, key in enumerate(pool.network_keys)}
+    stage = "convnext.encoder.stages.2"
+    assert position[f"{stage}.layers.2.dwconv.weight"] < position[f"{stage}.layers.10.dwconv.weight"]
+    assert position["convnext.embeddings.patch_embeddings.weight"] == 0
+    assert max(position, key=position.get).startswith("convnext.layernorm.")
+
+
+def test_the_heat_map_draws_the_columns_in_network_order(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    keys = [f"convnext.encoder.stages.0.layers.{i}.dwconv.weight" for i in (0, 1, 10, 11, 2, 3)]  # as sorted
+    network = sorted(keys, key=lambda key: int(key.split(".")[5]))
+    # Each coefficient is its key's position in the network: drawn in order, the row reads 0, 1, 2, ...
+    values = torch.tensor([[float(network.index(key)) for key in keys], [10.0 + network.index(key) for key in keys]])
+    drawn = []
+    original = Axes.imshow
+    monkeypatch.setattr(Axes, "imshow", lambda self, data, **kwargs: drawn.append(data) or original(self, data, **kwargs))
+    coefficients_heatmap(tmp_path / "map.png", values, TASKS, keys, network)
+    (image,) = drawn
+    assert image.tolist() == [[0.0, 1.0, 2.0, 3.0, 4.0, 5.0], [10.0, 11.0, 12.0, 13.0, 14.0, 15.0]]
+    assert (tmp_path / "map.png").read_bytes()[:8] == PNG
