@@ -488,3 +488,14 @@ def test_the_heat_map_draws_the_columns_in_network_order(tmp_path, monkeypatch):
     (image,) = drawn
     assert image.tolist() == [[0.0, 1.0, 2.0, 3.0, 4.0, 5.0], [10.0, 11.0, 12.0, 13.0, 14.0, 15.0]]
     assert (tmp_path / "map.png").read_bytes()[:8] == PNG
+
+
+def test_resuming_with_another_draw_is_refused(setup, tmp_path, capsys):
+    checkpoints = tmp_path / "checkpoints"
+    every = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+             "init_args": {"dirpath": str(checkpoints), "every_n_train_steps": 2, "save_last": True}}  # fmt: skip
+    main(fit_args(setup, tmp_path, "--trainer.enable_checkpointing", "true", steps=2, batch=8, callbacks=[every]))
+    with pytest.raises(SystemExit):
+        main(fit_args(setup, tmp_path, "--trainer.enable_checkpointing", "true", "--ckpt_path", "last",
+                      "--data.adaptation_draw", "fresh", steps=4, batch=8, callbacks=[every]))  # fmt: skip
+    assert "training data order differs from this run (fresh_draws 0 -> 1)" in capsys.readouterr().err
