@@ -34,12 +34,22 @@ def pin_memory(trainer: Any) -> bool:
 
 
 def step_stream_dataloader(
-    dataset: Dataset, global_batch_size: int, micro_batch_size: int, steps_per_epoch: int, seed: int, num_workers: int, trainer: Any
+    dataset: Dataset,
+    global_batch_size: int,
+    micro_batch_size: int,
+    steps_per_epoch: int,
+    seed: int,
+    num_workers: int,
+    trainer: Any,
+    fresh_draws: bool = False,
 ) -> StepStreamDataLoader:
-    """A training loader over this rank's share of the seeded stream (``StepStreamSampler``);
-    on resume it continues at the trainer's restored step."""
+    """A training loader over this rank's share of the seeded stream (``StepStreamSampler``,
+    or its new shuffle per step with ``fresh_draws``); on resume it continues at the trainer's
+    restored step."""
     rank, world_size = distributed_context(trainer)
-    sampler = StepStreamSampler(len(dataset), global_batch_size, steps_per_epoch, seed=seed, rank=rank, world_size=world_size)
+    sampler = StepStreamSampler(
+        len(dataset), global_batch_size, steps_per_epoch, seed=seed, rank=rank, world_size=world_size, fresh_draws=fresh_draws
+    )
     sampler.resume_step = trainer.global_step if trainer is not None else 0
     return StepStreamDataLoader(
         dataset,
@@ -79,6 +89,7 @@ class StepStreamDataLoader(DataLoader):
             "num_samples": self.sampler.num_samples,
             "global_batch_size": self.sampler.global_batch_size,
             "seed": self.sampler.seed,
+            "fresh_draws": int(self.sampler.fresh_draws),
         }
 
     def load_state_dict(self, state: dict[str, int]) -> None:

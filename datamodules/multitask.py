@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import cached_property
+from typing import Literal
 
 from datasets import Dataset as HFDataset
 from datasets import DatasetDict
@@ -45,6 +46,11 @@ class MultiTaskDataModule(LightningDataModule):
             (None: the test split only). The rows are those ``train.py`` holds out with
             ``data.val_split: holdout`` and the same fraction and seed.
         split_seed: seed of the held-out part.
+        adaptation_draw: how each step's adaptation images are drawn, per task: ``stream``
+            takes the next ``adaptation_batch_size`` of one seeded stream of shuffles (every
+            image once per pass); ``fresh`` the first ``adaptation_batch_size`` of a new seeded
+            shuffle every step, as the AdaMerging authors' code does (a new shuffled DataLoader
+            per step). Both are the same on any number of devices and resume exactly.
     """
 
     def __init__(
@@ -58,6 +64,7 @@ class MultiTaskDataModule(LightningDataModule):
         adaptation_seed: int = 0,
         val_fraction: float | None = None,
         split_seed: int = 0,
+        adaptation_draw: Literal["stream", "fresh"] = "stream",
     ) -> None:
         super().__init__()
         if not tasks:
@@ -81,6 +88,7 @@ class MultiTaskDataModule(LightningDataModule):
             raise DataError(f"data.val_fraction must be between 0 and 1 (or null), got {val_fraction}")
         self.val_fraction = val_fraction
         self.split_seed = split_seed
+        self.adaptation_draw = adaptation_draw
         self._loaded: dict[str, DatasetDict] = {}
 
     @property
@@ -161,8 +169,8 @@ class MultiTaskDataModule(LightningDataModule):
     def train_dataloader(self) -> CombinedLoader:
         """Unlabelled test images for test-time adaptation: each step one batch of every task.
 
-        Every task's order is a seeded stream shared by all devices (``StepStreamSampler``),
-        so a step sees the same images whatever the device count.
+        Every task's order is seeded and shared by all devices (``StepStreamSampler``), so a
+        step sees the same images whatever the device count.
         """
         _, world_size = distributed_context(self.trainer)
         if self.adaptation_batch_size % world_size:
@@ -174,14 +182,24 @@ class MultiTaskDataModule(LightningDataModule):
             raise DataError("test-time adaptation counts steps: set trainer.max_steps")
         loaders = {
             task.name: step_stream_dataloader(
-                UnlabeledImageDataset(self.test_splits[task.name], self.preprocess),
+                self._adaptation_dataset(task),
                 self.adaptation_batch_size,
                 self.adaptation_batch_size // world_size,
                 max_steps,
                 self.adaptation_seed + index,
                 self.num_workers,
                 self.trainer,
+                fresh_draws=self.adaptation_draw == "fresh",
             )
             for index, task in enumerate(self.tasks)
         }
         return CombinedLoader(loaders, mode="max_size_cycle")
+
+    def _adaptation_dataset(self, task: TaskInfo) -> UnlabeledImageDataset:
+        dataset = UnlabeledImageDataset(self.test_splits[task.name], self.preprocess)
+        if self.adaptation_draw == "fresh" and self.adaptation_batch_size > len(dataset):
+            raise DataError(
+                f"adaptation_batch_size {self.adaptation_batch_size} exceeds the {len(dataset)} test images of "
+                f"task '{task.name}': a fresh draw takes distinct images"
+            )
+        return dataset

@@ -5,6 +5,10 @@ The order is one stream over the training set: pass ``p`` is a permutation seede
 positions ``[s * G, (s + 1) * G)`` for the global batch ``G``; rank ``r`` of ``R`` takes
 its contiguous ``G / R`` of them. So the samples of every step are the same whatever
 the device count, and a run resumed at step ``s`` continues at exactly that position.
+
+With ``fresh_draws``, step ``s`` instead takes the first ``G`` of its own permutation, seeded
+by ``(seed, s)``: a new shuffle every step (the AdaMerging authors' code builds a shuffled
+DataLoader per step), split over ranks and resumed the same way.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ class StepStreamSampler(Sampler[int]):
         seed: seed of the order.
         rank: this process's rank.
         world_size: number of processes.
+        fresh_draws: every step draws its samples from a new shuffle instead of continuing
+            the stream.
     """
 
     def __init__(
@@ -35,15 +41,19 @@ class StepStreamSampler(Sampler[int]):
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        fresh_draws: bool = False,
     ) -> None:
         if global_batch_size % world_size:
             raise ValueError(f"global batch {global_batch_size} does not split over {world_size} processes")
+        if fresh_draws and global_batch_size > num_samples:
+            raise ValueError(f"a fresh draw takes {global_batch_size} distinct samples of {num_samples}")
         self.num_samples = num_samples
         self.global_batch_size = global_batch_size
         self.steps_per_epoch = steps_per_epoch
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
+        self.fresh_draws = fresh_draws
         self.epoch = 0
         self.resume_step = 0
 
@@ -66,6 +76,9 @@ class StepStreamSampler(Sampler[int]):
         first_epoch_step = self.epoch * self.steps_per_epoch
         first = max(first_epoch_step, self.resume_step)
         last = first_epoch_step + self.steps_per_epoch
+        if self.fresh_draws:
+            yield from self._fresh(first, last)
+            return
         cached_pass, permutation = -1, None
         for step in range(first, last):
             start = step * self.global_batch_size + self.rank * self.rank_batch_size
@@ -74,3 +87,9 @@ class StepStreamSampler(Sampler[int]):
                 if stream_pass != cached_pass:
                     cached_pass, permutation = stream_pass, self._permutation(stream_pass)
                 yield int(permutation[offset])
+
+    def _fresh(self, first: int, last: int) -> Iterator[int]:
+        start = self.rank * self.rank_batch_size
+        for step in range(first, last):
+            drawn = np.random.default_rng([self.seed, step]).permutation(self.num_samples)
+            yield from map(int, drawn[start : start + self.rank_batch_size])

@@ -43,7 +43,11 @@ class AdaMerging(MultiTaskEvaluation):
         granularity: ``layer`` (one coefficient per task and parameter tensor) or ``task``.
         init_value: initial coefficient (the paper: 0.3).
         lr: Adam learning rate (the paper: 1e-3).
-        clamp: keep every coefficient in ``[clamp_min, clamp_max]`` after each step.
+        clamp: keep the coefficients the merge uses in ``[clamp_min, clamp_max]``.
+        clamp_mode: how ``clamp`` keeps them there: ``project`` sets the stored coefficients
+            back into the range after every optimizer step; ``forward`` leaves the stored values
+            free and merges with their clamped copy, as the authors' code does (a value past a
+            bound then gets no gradient). The written coefficients are those the merge used.
         clamp_min: lower bound of the coefficients.
         clamp_max: upper bound of the coefficients.
         coefficients: a coefficients file (``coefficients.json`` of an earlier fit) to start
@@ -64,6 +68,7 @@ class AdaMerging(MultiTaskEvaluation):
         init_value: float = 0.3,
         lr: float = 1e-3,
         clamp: bool = True,
+        clamp_mode: Literal["project", "forward"] = "project",
         clamp_min: float = 0.0,
         clamp_max: float = 1.0,
         coefficients: str | None = None,
@@ -78,6 +83,7 @@ class AdaMerging(MultiTaskEvaluation):
         self.init_value = init_value
         self.lr = lr
         self.clamp = clamp
+        self.clamp_mode = clamp_mode
         self.clamp_range = (clamp_min, clamp_max)
         self.coefficients_file = coefficients
         if coefficients is not None and not Path(coefficients).is_file():
@@ -128,9 +134,15 @@ class AdaMerging(MultiTaskEvaluation):
         self.set_heads_and_individual(pool, self.evaluate_individual)
         self.row_names = [f"adamerging({self.granularity}-wise)"]
 
+    def applied_coefficients(self) -> Tensor:
+        """The coefficients the merge uses: the stored ones, clamped here with ``clamp_mode forward``."""
+        if self.clamp and self.clamp_mode == "forward":
+            return self.coefficients.clamp(*self.clamp_range)
+        return self.coefficients
+
     def merged_parameters(self) -> dict[str, Tensor]:
         """``theta_0 + sum_t lambda_{t,k} tau_{t,k}`` for every backbone tensor ``k``."""
-        lambdas = self.coefficients.expand(len(self.merge_tasks), len(self.keys))
+        lambdas = self.applied_coefficients().expand(len(self.merge_tasks), len(self.keys))
         pretrained = dict(self.backbone.named_parameters())
         merged = {}
         for index, key in enumerate(self.keys):
@@ -145,9 +157,11 @@ class AdaMerging(MultiTaskEvaluation):
         for task in self.tasks:
             features = functional_call(self.backbone, merged, (batch[task],)).pooler_output
             entropy = prediction_entropy(self.heads(features, task))
-            self.log(f"train/entropy/{task}", entropy)
+            # Each rank holds its share of the step's images: the mean over ranks is the
+            # entropy of the whole step, what one process logs (equal shares by construction).
+            self.log(f"train/entropy/{task}", entropy, sync_dist=True)
             total = total + entropy
-        self.log("train/entropy", total, prog_bar=True)
+        self.log("train/entropy", total, prog_bar=True, sync_dist=True)
         return total
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
@@ -155,7 +169,7 @@ class AdaMerging(MultiTaskEvaluation):
         # (ModelCheckpoint among them) run before the module's, and must see clamped values,
         # or a run resumed from a checkpoint would start from unclamped coefficients.
         super().optimizer_step(*args, **kwargs)
-        if self.clamp:
+        if self.clamp and self.clamp_mode == "project":
             with torch.no_grad():
                 self.coefficients.clamp_(*self.clamp_range)
 
@@ -163,15 +177,16 @@ class AdaMerging(MultiTaskEvaluation):
         return torch.optim.Adam([self.coefficients], lr=self.lr)
 
     def coefficient_table(self) -> dict[str, dict[str, float]]:
-        values = self.coefficients.detach().cpu().expand(len(self.merge_tasks), len(self.keys))
+        values = self.applied_coefficients().detach().cpu().expand(len(self.merge_tasks), len(self.keys))
         return {task: dict(zip(self.keys, row.tolist())) for task, row in zip(self.merge_tasks, values)}
 
     def on_train_end(self) -> None:
         if not self.trainer.is_global_zero:
             return
         output = Path(self.output_dir)
-        write_coefficients(output / "coefficients.json", self.coefficients.detach().cpu(), self.merge_tasks, self.keys, self.granularity)
-        coefficients_heatmap(output / "coefficients.png", self.coefficients.detach().cpu(), self.merge_tasks, self.keys)
+        applied = self.applied_coefficients().detach().cpu()
+        write_coefficients(output / "coefficients.json", applied, self.merge_tasks, self.keys, self.granularity)
+        coefficients_heatmap(output / "coefficients.png", applied, self.merge_tasks, self.keys, self.pool.network_keys)
         print(f"wrote {output / 'coefficients.json'} and {output / 'coefficients.png'}")
         from lightning.pytorch.loggers import WandbLogger
 

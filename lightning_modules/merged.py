@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import PretrainedConfig
 
 from lightning_modules.evaluation import MultiTaskEvaluation, backbone_from_state, heads_from_state
-from merging.checkpoints import check_export_target
+from lightning_modules.export import classifier_config, merged_model_card, write_classifier
+from merging.checkpoints import BACKBONE_PREFIX, check_export_target, write_atomically
 from merging.engine import merge_backbone
 from merging.errors import MergeError
 from merging.methods import MergeMethod, SimpleAverage
@@ -32,7 +36,12 @@ class MergedClassifier(MultiTaskEvaluation):
         merged_model: evaluate this saved merged model (a ``save_dir``) instead of merging.
         save_dir: write the merged model (backbone + all heads) here; with
             ``--trainer.limit_test_batches 0`` it is merged and saved without evaluating.
-        overwrite: replace an existing ``save_dir``.
+        export_dir: write, for every evaluated task, a plain Hugging Face
+            ``ConvNextForImageClassification`` to ``<export_dir>/<task>``: the merged backbone
+            with that task's own head and class names, the image processor and a model card
+            (method, hyper-parameters, model pool, the task's test accuracy). Written after the
+            evaluation; with ``--trainer.limit_test_batches 0`` right after merging, not evaluated.
+        overwrite: replace an existing ``save_dir`` or ``<export_dir>/<task>``.
         report_dir: where the report files go.
         splits: evaluated splits, in the DataModule's loader order (linked from ``data.splits``).
         channels_last: run the backbones in channels-last memory format (faster on GPUs).
@@ -47,6 +56,7 @@ class MergedClassifier(MultiTaskEvaluation):
         evaluate_individual: bool = False,
         merged_model: str | None = None,
         save_dir: str | None = None,
+        export_dir: str | None = None,
         overwrite: bool = False,
         report_dir: str = "outputs/merge",
         splits: list[str] | None = None,
@@ -60,34 +70,48 @@ class MergedClassifier(MultiTaskEvaluation):
             raise MergeError(f"saved merged model '{merged_model}' does not exist")
         if save_dir is not None:
             check_export_target(Path(save_dir), overwrite, flag="--model.overwrite true")
+        if export_dir is not None:  # checked before anything is merged, like save_dir
+            for task in self.tasks:
+                check_export_target(Path(export_dir, task), overwrite, flag="--model.overwrite true")
         self.pool = ModelPool(models) if merged_model is None else None
         if evaluate_individual and self.pool is None:
             raise MergeError("evaluate_individual needs the model pool (model.models)")
         self.evaluate_individual = evaluate_individual
         self.merged_model = merged_model
         self.save_dir = save_dir
+        self.export_dir = export_dir
         self.overwrite = overwrite
         self.channels_last = channels_last
+        self._backbone_config: PretrainedConfig | None = None  # set by build(), for the exports
+        self._saved_info: dict[str, Any] = {}  # merge.json of the saved merged model
         if merged_model is not None:
             self.report_title = f"Saved merged model: {merged_model}"
 
+    def _evaluates_nothing(self) -> bool:
+        return self.trainer is not None and self.trainer.testing and self.trainer.limit_test_batches == 0
+
     def build(self) -> None:
-        if self.trainer is not None and self.trainer.testing and self.trainer.limit_test_batches == 0 and self.save_dir is None:
+        if self._evaluates_nothing() and self.save_dir is None and self.export_dir is None:
             raise MergeError(
-                "trainer.limit_test_batches 0 evaluates nothing, and no model.save_dir is given: "
-                "nothing would be done (give --model.save_dir to merge and save only)"
+                "trainer.limit_test_batches 0 evaluates nothing, and no model.save_dir or model.export_dir is given: "
+                "nothing would be done (give --model.save_dir or --model.export_dir to merge and write only)"
             )
+        if self.export_dir is not None:
+            self._processor_file()  # a missing image processor stops the run before merging
         if self.merged_model is not None:
             self._load_saved()
         else:
             self._merge()
         if self.channels_last:
             self.to(memory_format=torch.channels_last)
+        if self.export_dir is not None and self._evaluates_nothing():
+            self._export(None)
 
     def _merge(self) -> None:
         pool = self.pool
         pool.check_heads(self.classnames)
         config = pool.config(PRETRAINED)
+        self._backbone_config = config
         merged = merge_backbone(pool, self.method, progress=self.trainer is None or self.trainer.is_global_zero)
         self.verify_identical_across_ranks(merged, "merged weights")
         self.add_row(self.method.describe(), backbone_from_state(config, merged))
@@ -113,8 +137,45 @@ class MergedClassifier(MultiTaskEvaluation):
                 raise MergeError(
                     f"head '{task}' of '{self.merged_model}' has {rows} classes, the task has {len(self.classnames[task])}"
                 )
+        self._backbone_config = saved.config
+        self._saved_info = saved.info
         self.add_row(saved.info.get("method", "merged"), backbone_from_state(saved.config, saved.backbone))
         self.heads = heads_from_state({task: saved.heads[task] for task in self.tasks})
+
+    def _processor_file(self) -> Path:
+        """The image processor the exports carry: the pretrained model's, or the saved merge's."""
+        directory = Path(self.merged_model) if self.merged_model is not None else self.pool.directory(PRETRAINED)
+        path = directory / "preprocessor_config.json"
+        if not path.is_file():
+            raise MergeError(f"no preprocessor_config.json in '{directory}': an export needs the image processor")
+        return path
+
+    def on_test_epoch_end(self) -> None:
+        super().on_test_epoch_end()
+        if self.export_dir is not None:
+            self._export(self.report)
+
+    def _export(self, report: Mapping[str, Any] | None) -> None:
+        """Rank 0 writes every task's classifier (with its accuracy from ``report``, where
+        evaluated); the other ranks wait for it."""
+        if self.trainer is None or self.trainer.is_global_zero:
+            backbone = {BACKBONE_PREFIX + key: tensor for key, tensor in self.rows["row0"].state_dict().items()}
+            info = self._saved_info if self.merged_model is not None else self._info()
+            for task in self.tasks:
+                evaluation = None
+                if report is not None:
+                    evaluation = {**report["rows"][self.row_names[0]]["tasks"][task], "partial": bool(report.get("partial"))}
+                self._export_task(task, backbone, self._backbone_config, merged_model_card(task, info, evaluation))
+        if self.trainer is not None:
+            self.trainer.strategy.barrier("export merged models")
+
+    def _export_task(self, task: str, backbone: dict[str, torch.Tensor], config: PretrainedConfig, card: str) -> None:
+        target = Path(self.export_dir, task)
+        head = self.heads.route(task).state_dict()
+        config = classifier_config(config, self.classnames[task])
+        write = partial(write_classifier, backbone=backbone, head=head, config=config, processor_file=self._processor_file(), card=card)
+        write_atomically(target, write, self.overwrite, flag="--model.overwrite true")
+        print(f"exported the merged model with the {task} head to {target}")
 
     def _info(self) -> dict[str, Any]:
         return {

@@ -100,6 +100,13 @@ def _config_backbone(directory: Path) -> dict[str, tuple[int, ...]]:
     return {BACKBONE_PREFIX + key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
 
 
+def network_order(directory: Path) -> list[str]:
+    """The backbone keys of the checkpoint's config in the order the network defines them (its
+    ``state_dict``: embeddings, stage by stage and block by block, final norm), unlike a
+    safetensors file's alphabetical order, where ``layers.10`` comes before ``layers.2``."""
+    return list(_config_backbone(directory))
+
+
 def _check_backbone_weights(directory: Path, source: str) -> None:
     expected = _config_backbone(directory)
     with CheckpointReader(directory) as reader:

@@ -103,15 +103,20 @@ def _check_bounds(
         )
 
 
-def coefficients_heatmap(path: Path, coefficients: Tensor, tasks: Sequence[str], keys: Sequence[str]) -> None:
-    """Tasks x parameter tensors (layers), one cell per coefficient."""
+def coefficients_heatmap(
+    path: Path, coefficients: Tensor, tasks: Sequence[str], keys: Sequence[str], network_keys: Sequence[str]
+) -> None:
+    """Tasks x parameter tensors (layers), one cell per coefficient: ``coefficients`` has a
+    column per key of ``keys`` (or one, task-wise), drawn in the order of ``network_keys``
+    (``ModelPool.network_keys``), so that the axis runs from the input to the output."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    values = coefficients.expand(len(tasks), len(keys)).numpy()
+    column = {key: index for index, key in enumerate(keys)}
+    values = coefficients.expand(len(tasks), len(keys))[:, [column[key] for key in network_keys]].numpy()
     figure, axes = plt.subplots(figsize=(min(24.0, 4 + 0.05 * len(keys)), 1.2 + 0.45 * len(tasks)))
     image = axes.imshow(values, aspect="auto", cmap="viridis", interpolation="nearest")
     axes.set_yticks(range(len(tasks)), tasks)

@@ -16,6 +16,7 @@ from merging.checkpoints import (
     check_convnext_checkpoint,
     check_head_labels,
     check_model_source,
+    network_order,
     resolve_model_dir,
 )
 from merging.errors import CheckpointError, MergeError
@@ -114,6 +115,12 @@ class ModelPool:
         if not keys:
             raise CheckpointError(f"checkpoint '{self.sources[PRETRAINED]}' has no '{BACKBONE_PREFIX}*' backbone tensors")
         return keys
+
+    @cached_property
+    def network_keys(self) -> list[str]:
+        """``backbone_keys`` (the file's alphabetical order) in the network's order, input to output."""
+        position = {key: index for index, key in enumerate(network_order(self.directory(PRETRAINED)))}
+        return sorted(self.backbone_keys, key=lambda key: position.get(key, len(position)))
 
     def check_backbones(self) -> None:
         """Every fine-tuned backbone has the pretrained one's keys and shapes."""

@@ -20,15 +20,17 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
+from transformers import ConvNextConfig, ConvNextModel
 
 import merge_fixtures as mf
 from merge_fixtures import one_thread, quiet_cli  # noqa: F401  (autouse fixtures)
+from datamodules.preprocessing import ImagePreprocessor
 from datamodules.tasks import get_task
 from datamodules.torch_data import ImageClassificationDataset
 from ddp_scripts.adamerging_steps import StopAfter, read_steps
 from lightning_modules.adamerging import AdaMerging, prediction_entropy
 from merge import main
-from merging.coefficients import LearnedCoefficients, write_coefficients
+from merging.coefficients import LearnedCoefficients, coefficients_heatmap, write_coefficients
 from merging.engine import merge_backbone
 from merging.errors import MergeError
 from merging.methods import TaskArithmetic
@@ -38,6 +40,9 @@ TASKS = ("eurosat", "dtd")
 SIZE = 16  # images per task; also the adaptation batch, so each step sees the whole set
 MERGE_PY = str(mf.REPO_ROOT / "merge.py")
 RECORDER = "ddp_scripts.adamerging_steps.StepRecorder"
+# The authors' protocol (EnnengYang/AdaMerging): clamp in the forward pass, a fresh shuffle every step.
+AUTHORS = ("--model.clamp_mode", "forward", "--data.adaptation_draw", "fresh")
+PROTOCOLS = {"default": (), "authors": AUTHORS}
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -130,6 +135,12 @@ def constant_table(setup: Setup, value: float) -> dict[str, dict[str, float]]:
 
 def recorded_table(setup: Setup, coefficients: list[list[float]]) -> dict[str, dict[str, float]]:
     return {task: dict(zip(setup.keys, row * len(setup.keys) if len(row) == 1 else row)) for task, row in zip(TASKS, coefficients)}
+
+
+def images(setup: Setup, task: str) -> list[torch.Tensor]:
+    """The task's test images as the adaptation sees them (the project's preprocessing)."""
+    preprocess = ImagePreprocessor.from_pretrained(setup.pool[mf.PRETRAINED])
+    return [preprocess(image) for image in mf.read_test_set(setup.data[task])[0]]
 
 
 def classnames() -> dict[str, list[str]]:
@@ -231,13 +242,50 @@ def test_coefficients_stay_within_the_clamp_range_after_every_step(setup, tmp_pa
     assert all(0.0 <= v <= 1.0 for v in saved)
 
 
+def test_forward_clamp_merges_with_clamped_coefficients_and_leaves_the_stored_ones_free(setup, tmp_path):
+    main(fit_args(setup, tmp_path, "--model.clamp_mode", "forward", lr=5.0, steps=4))
+    (records,) = read_steps(tmp_path / "steps").values()
+    stored = [torch.tensor(r["coefficients"]) for r in records]
+    assert any(((values < 0) | (values > 1)).any() for values in stored)  # the step size pushes them out
+    # The loss of step s+1 is the entropy of the merge with step s's coefficients clamped to
+    # [0, 1] (the merge with the stored values would be far from it).
+    for before, after in zip(stored, records[1:]):
+        clamped = recorded_table(setup, before.clamp(0, 1).tolist())
+        assert after["loss"] == pytest.approx(reference_entropy(setup, clamped), rel=1e-5)
+        assert after["loss"] != pytest.approx(reference_entropy(setup, recorded_table(setup, before.tolist())), rel=1e-3)
+    # The file holds what the merge used: the clamped values.
+    written = table_of(read_json(tmp_path / "coefficients" / "coefficients.json"))
+    assert written == recorded_table(setup, stored[-1].clamp(0, 1).tolist())
+
+
+def test_fresh_draws_reach_the_adaptation_steps(setup, tmp_path):
+    """Eight of the sixteen images per step: the stream covers all sixteen in every two steps,
+    a fresh shuffle per step draws some images again."""
+    totals = {task: sum(float(image.double().sum()) for image in images(setup, task)) for task in TASKS}
+    for draw in ("stream", "fresh"):
+        main(fit_args(setup, tmp_path / draw, "--data.adaptation_draw", draw, steps=6, batch=8))
+        (records,) = read_steps(tmp_path / draw / "steps").values()
+        pairs = [(records[k], records[k + 1]) for k in range(0, 6, 2)]
+        covering = [all(first["image_sums"][t] + second["image_sums"][t] == pytest.approx(totals[t], rel=1e-9) for t in TASKS)
+                    for first, second in pairs]  # fmt: skip
+        assert all(covering) if draw == "stream" else not any(covering), draw
+
+
+def test_a_fresh_draw_larger_than_a_test_set_is_refused(setup, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(fit_args(setup, tmp_path, "--data.adaptation_draw", "fresh", batch=2 * SIZE))
+    assert f"adaptation_batch_size {2 * SIZE} exceeds the {SIZE} test images" in capsys.readouterr().err
+
+
 # --- DDP and resume ---------------------------------------------------------------------------------
 
 
-def test_two_processes_follow_the_one_process_trajectory(setup, tmp_path):
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_two_processes_follow_the_one_process_trajectory(setup, tmp_path, protocol):
     steps, batch = 6, 8  # 4 images per rank and step
-    main(fit_args(setup, tmp_path / "single", steps=steps, batch=batch))
-    command = fit_args(setup, tmp_path / "ddp", "--trainer.devices", "2", "--trainer.strategy", "ddp", steps=steps, batch=batch)
+    main(fit_args(setup, tmp_path / "single", *PROTOCOLS[protocol], steps=steps, batch=batch))
+    command = fit_args(setup, tmp_path / "ddp", "--trainer.devices", "2", "--trainer.strategy", "ddp", *PROTOCOLS[protocol],
+                       steps=steps, batch=batch)  # fmt: skip
     pythonpath = f"{mf.REPO_ROOT}:{mf.REPO_ROOT / 'tests'}"
     result = subprocess.run(
         [sys.executable, MERGE_PY, *command],
@@ -257,6 +305,13 @@ def test_two_processes_follow_the_one_process_trajectory(setup, tmp_path):
         assert zero["coefficients"] == one["coefficients"], f"ranks differ after step {step}"
         got, expected = torch.tensor(zero["coefficients"]), torch.tensor(reference["coefficients"])
         assert torch.allclose(got, expected, rtol=0, atol=1e-6), f"step {step}: {(got - expected).abs().max()}"
+        # What is logged is the entropy of the whole step's images, as one process logs it,
+        # on every rank (a per-rank value would be the entropy of half the images).
+        assert sorted(reference["logged"]) == ["train/entropy", *(f"train/entropy/{task}" for task in sorted(TASKS))]
+        for name, value in reference["logged"].items():
+            assert zero["logged"][name] == pytest.approx(value, rel=1e-5), f"step {step}: {name}"
+            assert one["logged"][name] == pytest.approx(value, rel=1e-5), f"step {step}: {name}"
+        assert reference["logged"]["train/entropy"] == pytest.approx(reference["loss"], rel=1e-6)
         # The ranks split the one-process batch between them: the same images per step.
         for task in TASKS:
             assert zero["batch"]["dict"][task]["shape"][0] == batch // 2
@@ -264,28 +319,34 @@ def test_two_processes_follow_the_one_process_trajectory(setup, tmp_path):
             assert both == pytest.approx(reference["image_sums"][task], rel=1e-9, abs=1e-6)
     assert torch.tensor(single[-1]["coefficients"]).sub(0.3).abs().max() > 0.02
     files = tmp_path / "ddp" / "coefficients"
-    assert table_of(read_json(files / "coefficients.json")) == recorded_table(setup, per_rank[0][-1]["coefficients"])
+    applied = torch.tensor(per_rank[0][-1]["coefficients"]).clamp(0, 1).tolist()  # stored values, clamped in the forward pass
+    assert table_of(read_json(files / "coefficients.json")) == recorded_table(setup, applied)
 
 
-def test_a_resumed_fit_ends_where_an_uninterrupted_one_does(setup, tmp_path):
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_a_resumed_fit_ends_where_an_uninterrupted_one_does(setup, tmp_path, protocol):
     checkpoints = tmp_path / "interrupted" / "checkpoints"
     every = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
              "init_args": {"dirpath": str(checkpoints), "every_n_train_steps": 4, "save_last": True, "save_top_k": -1}}  # fmt: skip
-    lr = 0.2  # large enough that some coefficients sit on a bound by the checkpoint
-    main(fit_args(setup, tmp_path / "straight", lr=lr))
+    lr = 0.2  # large enough that some coefficients sit on (or, clamped in the forward pass, past) a bound by the checkpoint
+    extra = (*PROTOCOLS[protocol], "--data.adaptation_batch_size", "8")  # with fresh draws, steps see different images
+    main(fit_args(setup, tmp_path / "straight", *extra, lr=lr))
     with pytest.raises(StopAfter):
-        main(fit_args(setup, tmp_path / "interrupted", "--trainer.enable_checkpointing", "true", lr=lr,
+        main(fit_args(setup, tmp_path / "interrupted", "--trainer.enable_checkpointing", "true", *extra, lr=lr,
                       callbacks=[every, {"class_path": "ddp_scripts.adamerging_steps.FailAtStep", "init_args": {"step": 6}}]))  # fmt: skip
     assert not (tmp_path / "interrupted" / "coefficients").exists()
     saved = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=False)
     assert saved["global_step"] == 4
     (straight,) = read_steps(tmp_path / "straight" / "steps").values()
     at_checkpoint = torch.tensor(straight[3]["coefficients"])
-    assert ((at_checkpoint == 0) | (at_checkpoint == 1)).any()  # clamping was active by then
+    if protocol == "default":
+        assert ((at_checkpoint == 0) | (at_checkpoint == 1)).any()  # clamping was active by then
+    else:
+        assert ((at_checkpoint < 0) | (at_checkpoint > 1)).any()  # the stored values are not clamped
     assert torch.equal(saved["state_dict"]["coefficients"], at_checkpoint)
 
     main(fit_args(setup, tmp_path / "interrupted", "--trainer.enable_checkpointing", "true", "--ckpt_path", "last",
-                  lr=lr, callbacks=[every]))  # fmt: skip
+                  *extra, lr=lr, callbacks=[every]))  # fmt: skip
     (records,) = read_steps(tmp_path / "interrupted" / "steps").values()
     resumed = records[6:]  # the first run wrote steps 1-6, the resumed one 5-10
     assert [r["step"] for r in records[:6]] == list(range(1, 7))
@@ -392,3 +453,49 @@ def test_a_non_finite_task_vector_is_refused_naming_file_and_key(setup, tmp_path
     with pytest.raises(MergeError, match="non-finite") as error:
         model.build()
     assert key in str(error.value) and str(copy / "model.safetensors") in str(error.value)
+
+
+# --- The heat map's columns: parameter tensors in network order -----------------------------------
+
+
+def test_network_keys_follow_the_network_not_the_alphabet(tmp_path):
+    """Twelve blocks in stage 2: the checkpoint file sorts ``layers.10`` before ``layers.2``."""
+    pretrained = mf.make_pretrained(tmp_path / "deep", depths=[1, 1, 12, 1])
+    pool = ModelPool({mf.PRETRAINED: str(pretrained), "dtd": str(pretrained)})
+    with torch.device("meta"):
+        model = ConvNextModel(ConvNextConfig(**{**mf.TINY, "depths": [1, 1, 12, 1]}))
+    network = ["convnext." + key for key in model.state_dict()]
+    assert pool.backbone_keys == sorted(network)  # the safetensors header: alphabetical
+    assert pool.network_keys == network
+    position = {key: index for index, key in enumerate(pool.network_keys)}
+    stage = "convnext.encoder.stages.2"
+    assert position[f"{stage}.layers.2.dwconv.weight"] < position[f"{stage}.layers.10.dwconv.weight"]
+    assert position["convnext.embeddings.patch_embeddings.weight"] == 0
+    assert max(position, key=position.get).startswith("convnext.layernorm.")
+
+
+def test_the_heat_map_draws_the_columns_in_network_order(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    keys = [f"convnext.encoder.stages.0.layers.{i}.dwconv.weight" for i in (0, 1, 10, 11, 2, 3)]  # as sorted
+    network = sorted(keys, key=lambda key: int(key.split(".")[5]))
+    # Each coefficient is its key's position in the network: drawn in order, the row reads 0, 1, 2, ...
+    values = torch.tensor([[float(network.index(key)) for key in keys], [10.0 + network.index(key) for key in keys]])
+    drawn = []
+    original = Axes.imshow
+    monkeypatch.setattr(Axes, "imshow", lambda self, data, **kwargs: drawn.append(data) or original(self, data, **kwargs))
+    coefficients_heatmap(tmp_path / "map.png", values, TASKS, keys, network)
+    (image,) = drawn
+    assert image.tolist() == [[0.0, 1.0, 2.0, 3.0, 4.0, 5.0], [10.0, 11.0, 12.0, 13.0, 14.0, 15.0]]
+    assert (tmp_path / "map.png").read_bytes()[:8] == PNG
+
+
+def test_resuming_with_another_draw_is_refused(setup, tmp_path, capsys):
+    checkpoints = tmp_path / "checkpoints"
+    every = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+             "init_args": {"dirpath": str(checkpoints), "every_n_train_steps": 2, "save_last": True}}  # fmt: skip
+    main(fit_args(setup, tmp_path, "--trainer.enable_checkpointing", "true", steps=2, batch=8, callbacks=[every]))
+    with pytest.raises(SystemExit):
+        main(fit_args(setup, tmp_path, "--trainer.enable_checkpointing", "true", "--ckpt_path", "last",
+                      "--data.adaptation_draw", "fresh", steps=4, batch=8, callbacks=[every]))  # fmt: skip
+    assert "training data order differs from this run (fresh_draws 0 -> 1)" in capsys.readouterr().err

@@ -164,6 +164,31 @@ def test_every_pass_is_a_permutation():
     assert other_seed != stream
 
 
+def test_fresh_draws_shuffle_anew_every_step():
+    """The AdaMerging authors' order: every step the first ``G`` of a new shuffle seeded by
+    ``(seed, step)``, distinct within the step, drawn again at the next; split over ranks and
+    resumed exactly like the stream."""
+    args = {"num_samples": 8, "global_batch_size": 4, "steps_per_epoch": 30, "seed": 3, "fresh_draws": True}
+    single = steps(StepStreamSampler(**args))
+    assert single == [np.random.default_rng([3, step]).permutation(8)[:4].tolist() for step in range(30)]
+    assert all(len(set(drawn)) == 4 for drawn in single)
+    ranks = [steps(StepStreamSampler(**args, rank=rank, world_size=2)) for rank in range(2)]
+    assert [first + second for first, second in zip(*ranks)] == single
+    resumed = StepStreamSampler(**args)
+    resumed.resume_step = 17
+    assert steps(resumed) == single[17:]
+    # Not the stream: there, steps 2k and 2k+1 are one pass over all eight images; fresh
+    # draws repeat images from one step to the next.
+    stream = steps(StepStreamSampler(**{**args, "fresh_draws": False}))
+    assert all(len(set(stream[2 * k] + stream[2 * k + 1])) == 8 for k in range(15))
+    assert any(len(set(single[2 * k] + single[2 * k + 1])) < 8 for k in range(15))
+
+
+def test_a_fresh_draw_needs_enough_samples():
+    with pytest.raises(ValueError, match="distinct"):
+        StepStreamSampler(10, global_batch_size=12, steps_per_epoch=1, fresh_draws=True)
+
+
 def test_global_batch_must_split_over_ranks():
     with pytest.raises(ValueError, match="does not split"):
         StepStreamSampler(10, global_batch_size=5, steps_per_epoch=1, world_size=2)

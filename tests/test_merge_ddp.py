@@ -106,11 +106,12 @@ def assert_same_report(report: dict, reference: dict) -> None:
 
 def test_two_processes_give_the_one_process_report(setup, single, tmp_path):
     reference, reference_saved = single
-    saved = tmp_path / "saved"
+    saved, exports = tmp_path / "saved", tmp_path / "exports"
     process = launch(
-        args(setup, tmp_path, "--trainer.devices", "2", "--trainer.strategy", "ddp", "--model.save_dir", str(saved)),
+        args(setup, tmp_path, "--trainer.devices", "2", "--trainer.strategy", "ddp", "--model.save_dir", str(saved),
+             "--model.export_dir", str(exports)),
         cwd=tmp_path,
-    )
+    )  # fmt: skip
     code, output = finish(process)
     assert code == 0, output[-4000:]
     assert "MEMBER: 2/2" in output  # really two processes
@@ -120,6 +121,16 @@ def test_two_processes_give_the_one_process_report(setup, single, tmp_path):
     assert sorted(merged.backbone) == sorted(expected.backbone)
     assert all(torch.equal(merged.backbone[key], tensor) for key, tensor in expected.backbone.items())
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    # Rank 0 exported each task's classifier after the evaluation, with the one-process accuracy
+    # on its card (a second writer would have found the export there and failed).
+    assert sorted(p.name for p in exports.iterdir()) == sorted(TASKS)
+    merged_row = reference["rows"][reference["method"]]
+    for task in TASKS:
+        weights = mf.load_state(exports / task)
+        assert all(torch.equal(weights[key], tensor) for key, tensor in expected.backbone.items())
+        assert torch.equal(weights["classifier.weight"], expected.heads[task]["weight"])
+        card = (exports / task / "README.md").read_text()
+        assert f"**{100 * merged_row['tasks'][task]['accuracy']:.2f}%** ({SIZES[task]} images)" in card
 
 
 def test_two_nodes_of_one_process_give_the_one_process_report(setup, single, tmp_path):

@@ -28,7 +28,8 @@ def _describe(value: Any) -> Any:
 
 class StepRecorder(Callback):
     """After every optimizer step: the coefficients as the callbacks (and checkpoints) see
-    them, the step, the rank, the structure of the batch and a checksum of its images.
+    them, the step, the rank, the structure of the batch, a checksum of its images and the
+    entropy as logged (what loggers and callbacks receive, after any sync over processes).
 
     Args:
         directory: where ``rank<r>.jsonl`` goes.
@@ -48,6 +49,7 @@ class StepRecorder(Callback):
             "batch": _describe(batch),
             "image_sums": {task: float(value.double().sum()) for task, value in images.items() if isinstance(value, torch.Tensor)},
             "loss": float(outputs["loss"]) if isinstance(outputs, dict) else None,
+            "logged": {name: float(value) for name, value in trainer.callback_metrics.items() if name.startswith("train/entropy")},
         }
         with open(self.directory / f"rank{trainer.global_rank}.jsonl", "a") as file:
             file.write(json.dumps(record) + "\n")

@@ -1,0 +1,241 @@
+"""``merge.py test --model.export_dir``: one plain Hugging Face classifier per task.
+
+Each export must load with ``AutoModelForImageClassification`` and ``pipeline()`` without a
+word about missing or unexpected weights, and give the merged model's logits for its task:
+the merged backbone computed here from the method's formula, with the task's own fine-tuned
+head, run in plain PyTorch (``merge_fixtures.classify``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from transformers import AutoModelForImageClassification
+
+import merge_fixtures as mf
+from datamodules.preprocessing import ImagePreprocessor
+from datamodules.tasks import get_task
+from merge import main
+
+TASKS = ("eurosat", "dtd")
+SIZES = {"eurosat": 21, "dtd": 9}
+TIES = {"top_k": 0.3, "scaling_factor": 0.6}
+TIES_ARGS = ["--model.method", "TiesMerging", "--model.method.top_k", "0.3", "--model.method.scaling_factor", "0.6"]
+EXPORT_FILES = ["README.md", "config.json", "model.safetensors", "preprocessor_config.json"]
+
+
+@dataclass
+class Setup:
+    pool: dict[str, str]
+    data: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> Setup:
+    root = tmp_path_factory.mktemp("merge_export")
+    pool = mf.make_pool(root / "models", TASKS, seed=5)
+    data = {
+        task: str(mf.make_test_set(root / "data" / task, task, SIZES[task], pool[task], seed=50 + i))
+        for i, task in enumerate(TASKS)
+    }
+    return Setup(pool, data)
+
+
+@pytest.fixture(autouse=True)
+def quiet_cli(monkeypatch, tmp_path):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setattr(sys, "argv", ["merge.py"])
+    monkeypatch.chdir(tmp_path)
+
+
+def cli(setup: Setup, out: Path, *extra: str, pool: bool = True) -> list[str]:
+    args = [
+        "test",
+        "--trainer.logger", "false",
+        "--trainer.accelerator", "cpu",
+        "--trainer.devices", "1",
+        "--trainer.default_root_dir", str(out / "root"),
+        *mf.QUIET,
+        "--data.tasks", json.dumps(list(TASKS)),
+        "--data.paths", json.dumps(setup.data),
+        "--data.processor", setup.pool[mf.PRETRAINED],
+        "--data.batch_size", "8",
+        "--data.num_workers", "0",
+        "--model", "lightning_modules.merged.MergedClassifier",
+        "--model.report_dir", str(out / "report"),
+    ]  # fmt: skip
+    return args + (["--model.models", json.dumps(setup.pool)] if pool else []) + list(extra)
+
+
+def reference_backbone(setup: Setup, method: str, params: dict) -> dict[str, torch.Tensor]:
+    pretrained = mf.backbone(mf.load_state(setup.pool[mf.PRETRAINED]))
+    finetuned = [mf.backbone(mf.load_state(setup.pool[task])) for task in TASKS]
+    return mf.reference_merge(method, params, pretrained, finetuned)
+
+
+@contextmanager
+def transformers_messages() -> Iterator[list[str]]:
+    """Every message transformers logs (its logger does not propagate) or warns, at any level."""
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    handler, logger = Collect(level=logging.DEBUG), logging.getLogger("transformers")
+    level = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_debug()
+    logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield messages
+        messages += [str(warning.message) for warning in caught]
+    finally:
+        logger.removeHandler(handler)
+        transformers.logging.set_verbosity(level)
+
+
+def assert_loads_cleanly(messages: list[str]) -> None:
+    words = ("missing", "unexpected", "newly initialized", "not initialized", "not used", "mismatch")
+    complaints = [message for message in messages if any(word in message.lower() for word in words)]
+    assert not complaints, complaints
+
+
+def export_logits(directory: Path, images) -> torch.Tensor:
+    with transformers_messages() as messages:
+        model, info = AutoModelForImageClassification.from_pretrained(directory, output_loading_info=True)
+    assert_loads_cleanly(messages)
+    assert {kind: list(info[kind]) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")} == dict.fromkeys(
+        ("missing_keys", "unexpected_keys", "mismatched_keys"), []
+    )
+    assert type(model).__name__ == "ConvNextForImageClassification"
+    preprocess = ImagePreprocessor.from_pretrained(str(directory))
+    with torch.no_grad():
+        return model.eval()(pixel_values=torch.stack([preprocess(image) for image in images])).logits
+
+
+def assert_export_is_the_merged_model(setup: Setup, directory: Path, task: str, merged: dict[str, torch.Tensor]) -> None:
+    assert sorted(p.name for p in directory.iterdir()) == EXPORT_FILES
+    classnames = list(get_task(task).classnames)
+    config = json.loads((directory / "config.json").read_text())
+    assert config["architectures"] == ["ConvNextForImageClassification"]
+    assert [config["id2label"][str(i)] for i in range(len(classnames))] == classnames
+    assert config["label2id"] == {name: i for i, name in enumerate(classnames)}
+    images, _ = mf.read_test_set(setup.data[task])
+    expected = mf.classify(setup.pool[task], images, backbone_state=merged)
+    got = export_logits(directory, images)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # The merge changed the model: these are not the fine-tuned model's logits.
+    assert not torch.allclose(got, mf.classify(setup.pool[task], images), atol=1e-3)
+
+
+def card_sections(directory: Path) -> str:
+    return (directory / "README.md").read_text()
+
+
+def test_every_task_exports_a_plain_classifier_with_the_merged_logits_and_its_accuracy(setup, tmp_path):
+    main(cli(setup, tmp_path, *TIES_ARGS, "--model.export_dir", str(tmp_path / "exports")))
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    (row,) = report["rows"].values()
+    merged = reference_backbone(setup, "ties", TIES)
+    assert sorted(p.name for p in (tmp_path / "exports").iterdir()) == sorted(TASKS)  # no staging left
+    for task in TASKS:
+        directory = tmp_path / "exports" / task
+        assert_export_is_the_merged_model(setup, directory, task, merged)
+        card = card_sections(directory)
+        assert "pipeline_tag: image-classification" in card
+        assert f"| method | {report['method']} |" in card
+        assert "| top_k | 0.3 |" in card and "| scaling_factor | 0.6 |" in card
+        assert all(f"| {name} | {source} |" in card for name, source in setup.pool.items())
+        accuracy = row["tasks"][task]["accuracy"]
+        assert f"test split: **{100 * accuracy:.2f}%** ({SIZES[task]} images)" in card
+        assert "partial" not in card.lower() and "not evaluated" not in card.lower()
+
+
+def test_pipeline_gives_the_task_labels(setup, tmp_path):
+    task = "eurosat"
+    main(cli(setup, tmp_path, "--model.export_dir", str(tmp_path / "exports"), "--trainer.limit_test_batches", "0"))
+    directory = tmp_path / "exports" / task
+    images, _ = mf.read_test_set(setup.data[task])
+    classnames = list(get_task(task).classnames)
+    with transformers_messages() as messages:
+        classify = transformers.pipeline("image-classification", model=str(directory), device="cpu")
+        results = classify(images[0], top_k=len(classnames))
+    assert_loads_cleanly(messages)
+    assert sorted(result["label"] for result in results) == sorted(classnames)
+    merged = reference_backbone(setup, "simple_average", {})
+    logits = mf.classify(setup.pool[task], images[:1], backbone_state=merged)[0]
+    assert results[0]["label"] == classnames[int(logits.argmax())]
+    probabilities = torch.softmax(logits.double(), dim=0)
+    for result in results:
+        assert result["score"] == pytest.approx(float(probabilities[classnames.index(result["label"])]), abs=1e-4)
+
+
+def test_merge_and_export_without_data_then_export_a_saved_merge(setup, tmp_path):
+    saved, first, second = tmp_path / "saved", tmp_path / "first", tmp_path / "second"
+    main(cli(setup, tmp_path / "a", "--model.save_dir", str(saved), "--model.export_dir", str(first),
+             "--trainer.limit_test_batches", "0"))  # fmt: skip
+    assert not (tmp_path / "a" / "report").exists()
+    merged = reference_backbone(setup, "simple_average", {})
+    for task in TASKS:
+        assert_export_is_the_merged_model(setup, first / task, task, merged)
+        card = card_sections(first / task)
+        assert "Not evaluated" in card and "| method | simple_average |" in card
+    # Again from the saved merge, evaluated this time: the same weights, and the accuracy.
+    main(cli(setup, tmp_path / "b", "--model.merged_model", str(saved), "--model.export_dir", str(second), pool=False))
+    (row,) = json.loads((tmp_path / "b" / "report" / "report.json").read_text())["rows"].values()
+    for task in TASKS:
+        assert_export_is_the_merged_model(setup, second / task, task, merged)
+        card = card_sections(second / task)
+        assert f"**{100 * row['tasks'][task]['accuracy']:.2f}%**" in card
+        assert all(f"| {name} | {source} |" in card for name, source in setup.pool.items())
+
+
+def test_a_partial_evaluation_is_said_on_the_card(setup, tmp_path):
+    main(cli(setup, tmp_path, "--model.export_dir", str(tmp_path / "exports"), "--trainer.limit_test_batches", "1"))
+    card = card_sections(tmp_path / "exports" / "eurosat")
+    assert "(8 images)" in card and "partial run" in card
+
+
+def test_an_existing_export_is_refused_before_merging_and_replaced_with_overwrite(setup, tmp_path, capsys, monkeypatch):
+    import lightning_modules.merged
+
+    exports = tmp_path / "exports"
+    (exports / "dtd").mkdir(parents=True)
+    (exports / "dtd" / "stale.txt").write_text("from an earlier run")
+    merges = []
+    original = lightning_modules.merged.merge_backbone
+    monkeypatch.setattr(lightning_modules.merged, "merge_backbone", lambda *a, **k: merges.append(1) or original(*a, **k))
+    with pytest.raises(SystemExit) as exit_info:
+        main(cli(setup, tmp_path, "--model.export_dir", str(exports)))
+    assert exit_info.value.code != 0
+    assert f"'{exports / 'dtd'}' already exists; pass --model.overwrite true" in capsys.readouterr().err
+    assert merges == [] and sorted(p.name for p in exports.iterdir()) == ["dtd"]
+    main(cli(setup, tmp_path, "--model.export_dir", str(exports), "--model.overwrite", "true"))
+    assert merges == [1]
+    assert sorted(p.name for p in (exports / "dtd").iterdir()) == EXPORT_FILES
+    assert sorted(p.name for p in exports.iterdir()) == sorted(TASKS)
+
+
+def test_a_failed_export_leaves_nothing_behind(setup, tmp_path, monkeypatch):
+    import lightning_modules.merged
+
+    def fail_after_weights(directory: Path, **kwargs) -> None:
+        (directory / "model.safetensors").write_bytes(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(lightning_modules.merged, "write_classifier", fail_after_weights, raising=True)
+    with pytest.raises(OSError, match="disk full"):
+        main(cli(setup, tmp_path, "--model.export_dir", str(tmp_path / "exports"), "--trainer.limit_test_batches", "0"))
+    assert not (tmp_path / "exports").exists() or list((tmp_path / "exports").iterdir()) == []  # no staging either
