@@ -14,6 +14,7 @@ from lightning.pytorch.trainer.states import TrainerStatus
 
 from datamodules.errors import DataError
 from lightning_modules.export import check_export_target, export_path, model_card, write_atomically
+from lightning_modules.parser_errors import ProjectArgumentParser
 from merging.errors import CheckpointError, MergeError
 
 #: Errors that mean bad input: reported as one line, without a traceback.
@@ -31,11 +32,13 @@ def _input_error(error: BaseException | None) -> BaseException | None:
 
 
 class ProjectCLI(LightningCLI):
-    """Bad input ends the program with one ``error:`` line and exit status 1; the process
-    group is torn down at the end so CPU DDP runs exit cleanly."""
+    """Bad input (a configuration mistake the parser finds, or an input error raised while
+    building the classes) ends the program with one ``error:`` line and exit status 1; the
+    process group is torn down at the end so CPU DDP runs exit cleanly."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("parser_class", ProjectArgumentParser)
         try:
             super().__init__(*args, **kwargs)
         except Exception as error:

@@ -10,6 +10,7 @@ is the model's score on every test sample exactly once.
 from __future__ import annotations
 
 import hashlib
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,7 @@ def state_digest(state: Mapping[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-class MultiTaskEvaluation(LightningModule):
+class MultiTaskEvaluation(LightningModule, ABC):
     """Base of the merge-side LightningModules: subclasses fill ``rows`` (name -> backbone),
     ``heads`` and optionally ``individual`` (task -> fine-tuned backbone) in ``build()``.
 
@@ -83,9 +84,9 @@ class MultiTaskEvaluation(LightningModule):
         self.heads: SwitchModule | None = None
         self.report: dict[str, Any] | None = None
 
+    @abstractmethod  # abstract: not offered as a ``--model`` choice
     def build(self) -> None:
         """Fill ``rows``/``row_names``, ``heads`` and (optionally) ``individual``."""
-        raise NotImplementedError
 
     def set_heads_and_individual(self, pool: Any, evaluate_individual: bool) -> None:
         """Each task's fine-tuned head from ``pool`` and, for the ``individual`` row, each

@@ -30,6 +30,7 @@ from datamodules.tasks import TASKS, get_task
 from lightning_modules.adamerging import AdaMerging
 from merge import main as merge_main
 from merge_fixtures import one_thread  # noqa: F401  (autouse: one intra-op thread)
+from merging import METHODS
 from merging.checkpoints import remove_dead_staging
 from merging.coefficients import LearnedCoefficients, write_coefficients
 from merging.engine import merge_backbone
@@ -469,3 +470,81 @@ def test_only_dead_writers_of_this_host_are_cleaned_up(tmp_path):
     remove_dead_staging(target)
     left = {path.name for path in target.parent.iterdir()}
     assert left == {names["alive here"], names["dead elsewhere"], names["other target"]}
+
+
+# --- 6. configuration mistakes: one line with the choices, exit status 1 -------------------------
+
+TRAIN_CONFIG_MISTAKES = {
+    "an unknown option": (["--trainer.max_stepz", "10"], "unknown option --trainer.max_stepz; did you mean --trainer.max_steps?"),
+    "a misspelt top-level key": ({"modle": {"lr": 0.1}}, "unknown key 'modle.lr'; did you mean 'model.lr'?"),
+    "a misspelt nested key": ({"model": {"lrr": 0.1}}, "unknown key 'model.lrr'; did you mean 'model.lr'?"),
+    "not a number": (["--data.batch_size", "abc"], "error: data.batch_size: expected int, got 'abc'"),
+    "not a choice": (["--data.val_split", "train"], "data.val_split: expected one of 'test', 'holdout', 'none', got 'train'"),
+    "an unknown callback class": (
+        {"trainer": {"callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpointt"}]}},
+        "trainer.callbacks: unknown class 'lightning.pytorch.callbacks.ModelCheckpointt'; did you mean ModelCheckpoint?",
+    ),
+}  # fmt: skip
+
+
+def cli_or_yaml(mistake: list[str] | dict, tmp_path: Path) -> list[str]:
+    """Command-line arguments as given, a dict as a YAML file passed with ``--config``."""
+    if isinstance(mistake, list):
+        return mistake
+    path = tmp_path / "mistake.yaml"
+    path.write_text(json.dumps(mistake))  # JSON is YAML
+    return ["--config", str(path)]
+
+
+@pytest.mark.parametrize("case", TRAIN_CONFIG_MISTAKES)
+def test_a_train_config_mistake_is_one_error_line(case, convnext, tmp_path, workdir, capsys):
+    mistake, expected = TRAIN_CONFIG_MISTAKES[case]
+    args = train_args(convnext, tmp_path / "data", "digits", *cli_or_yaml(mistake, tmp_path))
+    line = one_error_line(train_main, args, capsys)
+    assert_contains(line, expected)
+    assert not list(workdir.iterdir())
+
+
+METHOD_NAMES = ", ".join(sorted({method.__name__ for method in METHODS.values()}))
+MERGE_CONFIG_MISTAKES = {
+    "a method name in the wrong case": (["--model.method", "Ties"], "model.method: unknown class 'Ties'; did you mean TiesMerging?"),
+    "a registry name as method": (["--model.method", "task_arithmetic"], "model.method: unknown class 'task_arithmetic'; did you mean TaskArithmetic?"),
+    "an unknown method option": (["--model.method", "TiesMerging", "--model.method.top_kk", "0.2"],
+                                 "model.method: TiesMerging has no option 'top_kk'; did you mean 'top_k'?"),
+    "an unknown model option": (["--model.save_dirr", "x"], "model: MergedClassifier has no option 'save_dirr'; did you mean 'save_dir'?"),
+    "a misspelt top-level key": ({"modle": {"init_args": {"save_dir": "x"}}}, "unknown key 'modle.init_args.save_dir'; did you mean 'model.init_args.save_dir'?"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", MERGE_CONFIG_MISTAKES)
+def test_a_merge_config_mistake_is_one_error_line(case, pool, tmp_path, workdir, capsys):
+    mistake, expected = MERGE_CONFIG_MISTAKES[case]
+    model = ["--model", "MergedClassifier", *cli_or_yaml(mistake, tmp_path)]
+    line = one_error_line(merge_main, merge_args(pool, tmp_path, *model), capsys)
+    assert_contains(line, expected)
+    if "unknown class" in expected:  # every method the registry holds, by the name users type
+        assert_contains(line, f"(choose from {METHOD_NAMES})")
+    assert_nothing_written(tmp_path, workdir)
+
+
+@pytest.mark.parametrize("model", ["Merged", "merging.methods.NoSuchModel"])
+def test_an_unknown_model_class_lists_the_model_classes(model, pool, tmp_path, workdir, capsys):
+    line = one_error_line(merge_main, merge_args(pool, tmp_path, "--model", model), capsys)
+    assert_contains(line, f"model: unknown class '{model}'")
+    choices = line.split("(choose from ", 1)[1].rstrip(")").split(", ")
+    assert {"AdaMerging", "MergedClassifier", "MethodComparison"} <= set(choices), line
+    assert "MultiTaskEvaluation" not in choices and "LightningModule" not in choices
+    assert_nothing_written(tmp_path, workdir)
+
+
+@pytest.mark.parametrize("program", ["train", "merge"])
+@pytest.mark.parametrize("flag", ["--help", "--print_config"])
+def test_help_and_print_config_still_exit_0(program, flag, convnext, pool, tmp_path, workdir, capsys):
+    main, args = (train_main, train_args(convnext, tmp_path, "digits")) if program == "train" else (
+        merge_main, merge_args(pool, tmp_path, "--model", "MergedClassifier"))  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, flag])
+    assert exit_info.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert ("usage:" in out) if flag == "--help" else ("model:" in out and "trainer:" in out), out[:500]
+    assert not list(workdir.iterdir())
