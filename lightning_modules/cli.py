@@ -13,12 +13,13 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.trainer.states import TrainerStatus
 
 from datamodules.errors import DataError
+from lightning_modules.errors import TrainingError
 from lightning_modules.export import check_export_target, export_path, model_card, write_atomically
 from lightning_modules.parser_errors import ProjectArgumentParser
 from merging.errors import CheckpointError, MergeError
 
 #: Errors that mean bad input: reported as one line, without a traceback.
-INPUT_ERRORS = (DataError, CheckpointError, MergeError)
+INPUT_ERRORS = (DataError, CheckpointError, MergeError, TrainingError)
 
 
 def _input_error(error: BaseException | None) -> BaseException | None:

@@ -548,3 +548,44 @@ def test_help_and_print_config_still_exit_0(program, flag, convnext, pool, tmp_p
     out = capsys.readouterr().out
     assert ("usage:" in out) if flag == "--help" else ("model:" in out and "trainer:" in out), out[:500]
     assert not list(workdir.iterdir())
+
+
+# --- 7. numeric settings outside their domain: refused in __init__, before any model or data -------
+
+TRAIN_SETTINGS = {
+    "data.batch_size": ("0", "a positive integer"),
+    "data.eval_batch_size": ("0", "a positive integer or null"),
+    "data.num_workers": ("-1", "0 or more"),
+    "model.lr": ("-0.01", "a positive number"),
+    "model.momentum": ("-0.9", "0 or more"),
+    "model.weight_decay": ("-0.0001", "0 or more"),
+    "model.label_smoothing": ("1.0", "in [0, 1)"),
+}
+
+
+@pytest.mark.parametrize("option", TRAIN_SETTINGS)
+def test_a_train_setting_outside_its_domain_is_one_error_line(option, convnext, tmp_path, workdir, capsys):
+    value, domain = TRAIN_SETTINGS[option]
+    data = write_dataset(small_dataset("mnist"), tmp_path / "mnist", "disk")
+    line = one_error_line(train_main, train_args(convnext, data, "mnist", f"--{option}", value), capsys)
+    assert line == f"error: {option} must be {domain}, got {float(value) if '.' in value else int(value)}"
+    assert not list(workdir.iterdir())
+
+
+MERGE_SETTINGS = {
+    "data.batch_size": ("MergedClassifier", [], "0", "must be a positive integer, got 0"),
+    "data.adaptation_batch_size": ("AdaMerging", [], "-4", "must be a positive integer, got -4"),
+    "data.num_workers": ("MergedClassifier", [], "-1", "must be 0 or more, got -1"),
+    "model.lr": ("AdaMerging", [], "0", "must be a positive number, got 0.0"),
+    "model.clamp_min": ("AdaMerging", ["--model.clamp_max", "0.0"], "0.5", "must be finite and <= model.clamp_max (0.0), got 0.5"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("option", MERGE_SETTINGS)
+def test_a_merge_setting_outside_its_domain_is_one_error_line(option, pool, tmp_path, workdir, capsys):
+    model, extra, value, expected = MERGE_SETTINGS[option]
+    adamerging = ["--model", "AdaMerging", "--model.output_dir", str(tmp_path / "coefficients"), *extra]
+    model_args = merged_classifier(tmp_path) if model == "MergedClassifier" else adamerging
+    line = one_error_line(merge_main, [*merge_args(pool, tmp_path, *model_args), f"--{option}", value], capsys)
+    assert line == f"error: {option} {expected}"
+    assert_nothing_written(tmp_path, workdir)
