@@ -22,6 +22,7 @@ from torch.func import functional_call
 
 from datamodules.errors import check_setting
 from lightning_modules.evaluation import MultiTaskEvaluation, backbone_from_state
+from merging.checkpoints import check_output_location
 from merging.coefficients import coefficients_heatmap, read_coefficients, write_coefficients
 from merging.errors import MergeError
 from merging.pool import BACKBONE_PREFIX, PRETRAINED, ModelPool
@@ -77,6 +78,7 @@ class AdaMerging(MultiTaskEvaluation):
         check_setting(math.isfinite(init_value), "model.init_value", "a finite number", init_value, MergeError)
         within = -math.inf < clamp_min <= clamp_max < math.inf
         check_setting(within, "model.clamp_min", f"finite and <= model.clamp_max ({clamp_max})", clamp_min, MergeError)
+        check_output_location(output_dir, "model.output_dir")
         self.pool = ModelPool(models)
         self.granularity = granularity
         self.init_value = init_value

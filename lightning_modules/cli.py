@@ -16,6 +16,7 @@ from datamodules.errors import DataError
 from lightning_modules.errors import TrainingError
 from lightning_modules.export import check_export_target, export_path, model_card, write_atomically
 from lightning_modules.parser_errors import ProjectArgumentParser
+from merging.checkpoints import check_output_location
 from merging.errors import CheckpointError, MergeError
 
 #: Errors that mean bad input: reported as one line, without a traceback.
@@ -84,11 +85,20 @@ class TrainCLI(ProjectCLI):
             # `--trainer.logger false` on a config with a LearningRateMonitor: nothing to monitor into,
             # and Lightning would refuse to train.
             self.trainer.callbacks = [c for c in self.trainer.callbacks if not isinstance(c, LearningRateMonitor)]
-        # Fail before training, not after it, if the export would be refused.
+        # Fail before training, not after it, if the export would be refused or could not be written.
         if self.trainer.max_steps and self.trainer.max_steps > 0:
             target = self._export_target(self.trainer.max_steps)
             if target is not None and self.trainer.is_global_zero:
                 check_export_target(target, self.subcommand_config().get("overwrite"))
+        self._check_output_locations()
+
+    def _check_output_locations(self) -> None:
+        export_dir = self.subcommand_config().get("export_dir")
+        if export_dir is not None:
+            check_output_location(export_dir, "export_dir")
+        for callback in self.trainer.checkpoint_callbacks:
+            if callback.dirpath is not None:
+                check_output_location(callback.dirpath, f"{type(callback).__name__} dirpath")
 
     def after_fit(self) -> None:
         trainer = self.trainer

@@ -24,6 +24,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from transformers import ConvNextConfig, ConvNextModel
 
 from lightning_modules.report import INDIVIDUAL, write_report
+from merging.checkpoints import check_output_location
 from merging.errors import MergeError
 from merging.switch import SwitchModule
 
@@ -74,6 +75,7 @@ class MultiTaskEvaluation(LightningModule, ABC):
         report_title: str = "Merged model",
     ) -> None:
         super().__init__()
+        check_output_location(report_dir, "model.report_dir")
         self.tasks = list(tasks)
         self.classnames = {task: list(classnames[task]) for task in self.tasks}
         self.report_dir = report_dir

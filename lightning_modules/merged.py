@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from lightning_modules.evaluation import MultiTaskEvaluation, backbone_from_state, heads_from_state
-from merging.checkpoints import check_export_target
+from merging.checkpoints import check_export_target, check_output_location
 from merging.engine import merge_backbone
 from merging.errors import MergeError
 from merging.methods import MergeMethod, SimpleAverage
@@ -58,6 +58,7 @@ class MergedClassifier(MultiTaskEvaluation):
             raise MergeError(f"saved merged model '{merged_model}' does not exist")
         if save_dir is not None:
             check_export_target(Path(save_dir), overwrite, flag="--model.overwrite true")
+            check_output_location(save_dir, "model.save_dir", atomic=True)
         self.pool = ModelPool(models) if merged_model is None else None
         if evaluate_individual and self.pool is None:
             raise MergeError("evaluate_individual needs the model pool (model.models)")

@@ -31,7 +31,7 @@ from lightning_modules.adamerging import AdaMerging
 from merge import main as merge_main
 from merge_fixtures import one_thread  # noqa: F401  (autouse: one intra-op thread)
 from merging import METHODS
-from merging.checkpoints import remove_dead_staging
+from merging.checkpoints import check_output_location, remove_dead_staging
 from merging.coefficients import LearnedCoefficients, write_coefficients
 from merging.engine import merge_backbone
 from merging.methods import TaskArithmetic
@@ -589,3 +589,72 @@ def test_a_merge_setting_outside_its_domain_is_one_error_line(option, pool, tmp_
     line = one_error_line(merge_main, [*merge_args(pool, tmp_path, *model_args), f"--{option}", value], capsys)
     assert line == f"error: {option} {expected}"
     assert_nothing_written(tmp_path, workdir)
+
+
+# --- 8. output locations that cannot be written: refused before any work ---------------------------
+
+
+def a_file(tmp_path: Path) -> Path:
+    path = tmp_path / "a-file"
+    path.write_text("not a directory")
+    return path
+
+
+def assert_no_leftovers(*directories: Path) -> None:
+    """No directory made and removed by a check (or a half-written output) is left."""
+    for directory in directories:
+        assert [path.name for path in directory.iterdir() if path.name.startswith(".")] == [], directory
+
+
+MERGE_OUTPUTS = {
+    "save_dir under a file": ("MergedClassifier", "model.save_dir", "{file}/merged", "'{file}' is not a directory"),
+    "save_dir under /proc": ("MergedClassifier", "model.save_dir", "/proc/convnext-fusion-none/merged",
+                             "no new files in '/proc' ("),
+    "report_dir is a file": ("MergedClassifier", "model.report_dir", "{file}", "'{file}' is not a directory"),
+    "AdaMerging output_dir under a file": ("AdaMerging", "model.output_dir", "{file}/coefficients",
+                                           "'{file}' is not a directory"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", MERGE_OUTPUTS)
+def test_a_merge_output_location_that_cannot_be_written_is_one_error_line(case, pool, tmp_path, workdir, capsys):
+    model, option, location, reason = MERGE_OUTPUTS[case]
+    file = a_file(tmp_path)
+    location, reason = location.format(file=file), reason.format(file=file)
+    args = [*merge_args(pool, tmp_path, *merged_classifier(tmp_path)), f"--{option}", location]
+    if model == "AdaMerging":  # fit: what writes the coefficients, after the last step
+        args = ["fit", *merge_args(pool, tmp_path, "--model", model)[1:], "--trainer.max_steps", "1", f"--{option}", location]
+    line = one_error_line(merge_main, args, capsys)
+    assert line.startswith(f"error: {option} '{location}' cannot be written: {reason}"), line
+    assert_nothing_written(tmp_path, workdir)
+    assert file.read_text() == "not a directory"
+    assert_no_leftovers(tmp_path, workdir)
+
+
+def checkpoint_callback(dirpath: Path) -> dict:
+    return {"trainer": {"callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                       "init_args": {"dirpath": str(dirpath)}}]}}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", ["export_dir under a file", "ModelCheckpoint dirpath under a file"])
+def test_a_train_output_location_that_cannot_be_written_is_one_error_line(case, convnext, tmp_path, workdir, capsys):
+    file = a_file(tmp_path)
+    data = write_dataset(small_dataset("mnist"), tmp_path / "mnist", "disk")
+    if case.startswith("export_dir"):
+        option, location, extra = "export_dir", file / "exports", ["--export_dir", str(file / "exports")]
+    else:
+        option, location = "ModelCheckpoint dirpath", file / "checkpoints"
+        extra = [*cli_or_yaml(checkpoint_callback(location), tmp_path), "--export_dir", str(tmp_path / "exports")]
+    line = one_error_line(train_main, train_args(convnext, data, "mnist", *extra), capsys)
+    assert line == f"error: {option} '{location}' cannot be written: '{file}' is not a directory"
+    assert not list(workdir.iterdir()) and not (tmp_path / "exports").exists()
+    assert file.read_text() == "not a directory"
+    assert_no_leftovers(tmp_path)
+
+
+def test_checking_an_output_location_creates_nothing(tmp_path):
+    root = tmp_path / "outputs"
+    root.mkdir()
+    for path, atomic in ((root, False), (root / "new" / "nested", False), (root / "new" / "export", True)):
+        check_output_location(path, "option", atomic=atomic)
+    assert list(root.iterdir()) == []
