@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.trainer.states import TrainerStatus
 
@@ -56,6 +56,30 @@ class ProjectCLI(LightningCLI):
     def subcommand_config(self) -> Any:
         return self.config.get(str(self.subcommand), self.config)
 
+    def before_fit(self) -> None:
+        check_resume_checkpoint(self.trainer, self.subcommand_config().get("ckpt_path"))
+
+
+def check_resume_checkpoint(trainer: Any, ckpt_path: str | None) -> None:
+    """``--ckpt_path last`` with no last checkpoint: Lightning only warns and trains from scratch,
+    which a resumed run must not silently do. Found as Lightning finds it when fit starts."""
+    if ckpt_path in (None, "best", "hpc"):
+        return
+    if ckpt_path != "last":
+        local = "://" not in ckpt_path and not ckpt_path.startswith("registry")
+        if local and not Path(ckpt_path).is_file():
+            raise CheckpointError(f"--ckpt_path '{ckpt_path}': no such checkpoint file")
+        return
+    callbacks = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)]
+    found = {path for callback in callbacks for path in callback._find_last_checkpoints(trainer)}
+    found |= {c.ckpt_path for c in trainer.callbacks if isinstance(c, OnExceptionCheckpoint)}
+    if any(Path(path).is_file() for path in found):
+        return
+    # Where Lightning looks: dirpath, else under the logger's or the trainer's root.
+    places = [f"'{callback._ModelCheckpoint__resolve_ckpt_dir(trainer)}'" for callback in callbacks]
+    where = f"no last.ckpt in {', '.join(places)}" if places else "checkpointing is off"
+    raise CheckpointError(f"--ckpt_path last: no checkpoint to resume from ({where}); leave it out to start from scratch")
+
 
 class TrainCLI(ProjectCLI):
     """``train.py``: the DataModule tells the model its classes; ``fit`` ends with a Hugging Face export."""
@@ -81,6 +105,7 @@ class TrainCLI(ProjectCLI):
         return export_path(self.subcommand_config().as_dict(), steps)
 
     def before_fit(self) -> None:
+        super().before_fit()
         if not self.trainer.loggers:
             # `--trainer.logger false` on a config with a LearningRateMonitor: nothing to monitor into,
             # and Lightning would refuse to train.

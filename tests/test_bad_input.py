@@ -658,3 +658,38 @@ def test_checking_an_output_location_creates_nothing(tmp_path):
     for path, atomic in ((root, False), (root / "new" / "nested", False), (root / "new" / "export", True)):
         check_output_location(path, "option", atomic=atomic)
     assert list(root.iterdir()) == []
+
+
+# --- 9. resuming from a checkpoint that is not there ------------------------------------------------
+
+RESUME_CASES = ["last, ModelCheckpoint dirpath", "last, default checkpoint directory", "a missing file"]
+
+
+@pytest.mark.parametrize("case", RESUME_CASES)
+def test_resuming_without_a_checkpoint_is_one_error_line(case, convnext, tmp_path, workdir, capsys):
+    data = write_dataset(small_dataset("mnist"), tmp_path / "mnist", "disk")
+    extra = ["--ckpt_path", "last", "--export_dir", str(tmp_path / "exports")]
+    if case == "last, ModelCheckpoint dirpath":
+        extra += cli_or_yaml(checkpoint_callback(tmp_path / "checkpoints"), tmp_path)
+        expected = f"(no last.ckpt in '{tmp_path / 'checkpoints'}')"
+    elif case == "last, default checkpoint directory":
+        expected = f"(no last.ckpt in '{workdir / 'checkpoints'}')"  # Lightning's default without a logger
+    else:
+        extra[1] = str(tmp_path / "checkpoints" / "last.ckpt")
+        expected = f"--ckpt_path '{extra[1]}': no such checkpoint file"
+    line = one_error_line(train_main, train_args(convnext, data, "mnist", *extra), capsys)
+    assert_contains(line, expected)
+    if case.startswith("last"):
+        assert_contains(line, "error: --ckpt_path last: no checkpoint to resume from (", "leave it out to start from scratch")
+    assert not list(workdir.iterdir()) and not (tmp_path / "exports").exists() and not (tmp_path / "checkpoints").exists()
+
+
+def test_resuming_adamerging_without_a_checkpoint_is_one_error_line(pool, tmp_path, workdir, capsys):
+    checkpoints = checkpoint_callback(tmp_path / "checkpoints")
+    model = ["--model", "AdaMerging", "--model.output_dir", str(tmp_path / "coefficients")]
+    args = ["fit", *merge_args(pool, tmp_path, *model)[1:], "--trainer.max_steps", "1", "--ckpt_path", "last"]
+    line = one_error_line(merge_main, [*args, *cli_or_yaml(checkpoints, tmp_path)], capsys)
+    assert line == (f"error: --ckpt_path last: no checkpoint to resume from (no last.ckpt in '{tmp_path / 'checkpoints'}'); "
+                    "leave it out to start from scratch")  # fmt: skip
+    assert_nothing_written(tmp_path, workdir)
+    assert not (tmp_path / "checkpoints").exists()
