@@ -14,6 +14,7 @@ from lightning.pytorch.trainer.states import TrainerStatus
 
 from datamodules.errors import DataError
 from lightning_modules.errors import TrainingError
+from lightning_modules.evaluation import MultiTaskEvaluation
 from lightning_modules.export import check_export_target, export_path, model_card, write_atomically
 from lightning_modules.parser_errors import ProjectArgumentParser
 from merging.checkpoints import check_output_location
@@ -170,3 +171,8 @@ class MergeCLI(ProjectCLI):
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.link_arguments("data.task_names", "model.init_args.tasks", apply_on="instantiate")
         parser.link_arguments("data.classnames", "model.init_args.classnames", apply_on="instantiate")
+
+    def before_test(self) -> None:
+        # Here and not only in the model's setup: Lightning writes config.yaml before that.
+        if isinstance(self.model, MultiTaskEvaluation):
+            self.model.check_test_does_something(self.trainer)

@@ -90,6 +90,13 @@ class MultiTaskEvaluation(LightningModule, ABC):
     def build(self) -> None:
         """Fill ``rows``/``row_names``, ``heads`` and (optionally) ``individual``."""
 
+    def check_test_does_something(self, trainer: Any) -> None:
+        """``merge.py test --trainer.limit_test_batches 0`` evaluates nothing: refused, unless the
+        model writes something else (``MergedClassifier``'s ``save_dir``)."""
+        if trainer.limit_test_batches == 0:
+            name = type(self).__name__
+            raise MergeError(f"trainer.limit_test_batches 0 evaluates nothing, and {name} saves nothing: nothing would be done")
+
     def set_heads_and_individual(self, pool: Any, evaluate_individual: bool) -> None:
         """Each task's fine-tuned head from ``pool`` and, for the ``individual`` row, each
         task's whole fine-tuned backbone; all frozen."""

@@ -70,12 +70,16 @@ class MergedClassifier(MultiTaskEvaluation):
         if merged_model is not None:
             self.report_title = f"Saved merged model: {merged_model}"
 
-    def build(self) -> None:
-        if self.trainer is not None and self.trainer.testing and self.trainer.limit_test_batches == 0 and self.save_dir is None:
+    def check_test_does_something(self, trainer: Any) -> None:
+        if trainer.limit_test_batches == 0 and self.save_dir is None:
             raise MergeError(
                 "trainer.limit_test_batches 0 evaluates nothing, and no model.save_dir is given: "
                 "nothing would be done (give --model.save_dir to merge and save only)"
             )
+
+    def build(self) -> None:
+        if self.trainer is not None and self.trainer.testing:
+            self.check_test_does_something(self.trainer)
         if self.merged_model is not None:
             self._load_saved()
         else:

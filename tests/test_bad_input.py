@@ -693,3 +693,21 @@ def test_resuming_adamerging_without_a_checkpoint_is_one_error_line(pool, tmp_pa
                     "leave it out to start from scratch")  # fmt: skip
     assert_nothing_written(tmp_path, workdir)
     assert not (tmp_path / "checkpoints").exists()
+
+
+# --- 10. a merge that would do nothing ----------------------------------------------------------------
+
+
+NOTHING_DONE = {
+    "MergedClassifier": "no model.save_dir is given: nothing would be done (give --model.save_dir to merge and save only)",
+    "AdaMerging": "AdaMerging saves nothing: nothing would be done",
+}
+
+
+@pytest.mark.parametrize("model", NOTHING_DONE)
+def test_limit_test_batches_0_with_nothing_to_save_is_one_error_line(model, pool, tmp_path, workdir, capsys):
+    args = [*merge_args(pool, tmp_path, "--model", model), "--trainer.limit_test_batches", "0"]
+    line = one_error_line(merge_main, args, capsys)
+    assert line == f"error: trainer.limit_test_batches 0 evaluates nothing, and {NOTHING_DONE[model]}"
+    assert_nothing_written(tmp_path, workdir)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["work"]
