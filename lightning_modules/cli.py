@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, OnExceptionCheckpoint
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.trainer.states import TrainerStatus
 
 from datamodules.errors import DataError
@@ -34,6 +34,17 @@ def _input_error(error: BaseException | None) -> BaseException | None:
     return None
 
 
+class SaveConfigAfterModelSetup(SaveConfigCallback):
+    """``config.yaml`` written once the model's setup has passed: Lightning runs the callbacks'
+    setup first, and a merge refused in the model's setup (a checkpoint that is not a ConvNeXt)
+    would leave the file of a run that never ran. The model's setup is idempotent here
+    (``MultiTaskEvaluation`` builds once), so Lightning calling it again right after is a no-op."""
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        pl_module.setup(stage)
+        super().setup(trainer, pl_module, stage)
+
+
 class ProjectCLI(LightningCLI):
     """Bad input (a configuration mistake the parser finds, or an input error raised while
     building the classes) ends the program with one ``error:`` line and exit status 1; the
@@ -42,6 +53,7 @@ class ProjectCLI(LightningCLI):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("parser_class", ProjectArgumentParser)
+        kwargs.setdefault("save_config_callback", SaveConfigAfterModelSetup)
         try:
             super().__init__(*args, **kwargs)
         except Exception as error:

@@ -309,6 +309,7 @@ def merged_classifier(out: Path, *method: str, save_dir: Path | None = None) -> 
 
 def assert_nothing_written(out: Path, workdir: Path) -> None:
     assert not (out / "report").exists() and not (out / "merged").exists() and not (out / "coefficients").exists()
+    assert not (out / "root").exists()  # trainer.default_root_dir: no config.yaml of a refused run
     assert not list(workdir.iterdir())
 
 
@@ -451,6 +452,7 @@ def test_the_next_save_removes_a_killed_saves_staging_but_never_a_live_ones(pool
     assert staging_dirs(target) == [], "the killed save's staging directory is still there"
     assert json.loads((target / "merge.json").read_text())["models"] == pool.models
     assert sorted(path.name for path in target.parent.iterdir()) == ["merged"]
+    assert (tmp_path / "root" / "config.yaml").is_file()  # a run that was not refused records its config
 
 
 def test_only_dead_writers_of_this_host_are_cleaned_up(tmp_path):
