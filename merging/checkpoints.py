@@ -159,7 +159,7 @@ def check_output_location(path: str | Path, option: str, atomic: bool = False) -
     existing = next((p for p in (written, *written.parents) if p.exists() or p.is_symlink()), Path("."))
     if not existing.is_dir():
         raise CheckpointError(f"{option} '{path}' cannot be written: '{existing}' is not a directory")
-    try:  # a real attempt: os.access says yes to root under /proc and on read-only mounts
+    try:  # a real attempt: os.access says yes to root, under /proc too
         os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=existing))
     except OSError as error:
         raise CheckpointError(f"{option} '{path}' cannot be written: no new files in '{existing}' ({error.strerror})") from None
