@@ -10,7 +10,7 @@ from datasets import DatasetDict
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
-from datamodules.errors import DataError
+from datamodules.errors import DataError, check_setting
 from datamodules.loaders import check_own_sampling, distributed_context, evaluation_dataloader, step_stream_dataloader
 from datamodules.preprocessing import ImagePreprocessor, load_image_processor
 from datamodules.sources import check_path, checked_label_mapping, get_split, load_task_dataset
@@ -77,6 +77,9 @@ class ImageClassificationDataModule(LightningDataModule):
             raise DataError(f"val_split must be test, holdout or none, got {val_split!r}")
         if val_split == "holdout" and not 0 < val_fraction < 1:
             raise DataError(f"val_fraction must be between 0 and 1 for val_split holdout, got {val_fraction}")
+        check_setting(batch_size > 0, "data.batch_size", "a positive integer", batch_size)
+        check_setting(eval_batch_size is None or eval_batch_size > 0, "data.eval_batch_size", "a positive integer or null", eval_batch_size)
+        check_setting(num_workers >= 0, "data.num_workers", "0 or more", num_workers)
         self.path = path
         self.processor = processor
         self.batch_size = batch_size

@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader
 
 from datamodules.classification import split_train_val
-from datamodules.errors import DataError
+from datamodules.errors import DataError, check_setting
 from datamodules.loaders import check_own_sampling, distributed_context, evaluation_dataloader, step_stream_dataloader
 from datamodules.preprocessing import ImagePreprocessor, load_image_processor
 from datamodules.sources import check_path, checked_label_mapping, get_split, load_task_dataset
@@ -79,6 +79,9 @@ class MultiTaskDataModule(LightningDataModule):
             raise DataError(f"paths given for task(s) not evaluated: {', '.join(sorted(unused))}")
         for task in self.tasks:
             check_path(task, self.paths.get(task.name))
+        check_setting(batch_size > 0, "data.batch_size", "a positive integer", batch_size)
+        check_setting(num_workers >= 0, "data.num_workers", "0 or more", num_workers)
+        check_setting(adaptation_batch_size > 0, "data.adaptation_batch_size", "a positive integer", adaptation_batch_size)
         self.processor = processor
         self.batch_size = batch_size
         self.num_workers = num_workers

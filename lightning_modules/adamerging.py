@@ -12,6 +12,7 @@ drops the label column before any loader exists).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,7 +20,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from datamodules.errors import check_setting
 from lightning_modules.evaluation import MultiTaskEvaluation, backbone_from_state
+from merging.checkpoints import check_output_location
 from merging.coefficients import coefficients_heatmap, read_coefficients, write_coefficients
 from merging.errors import MergeError
 from merging.pool import BACKBONE_PREFIX, PRETRAINED, ModelPool
@@ -78,6 +81,11 @@ class AdaMerging(MultiTaskEvaluation):
         splits: list[str] | None = None,
     ) -> None:
         super().__init__(tasks, classnames, report_dir, report_title=f"AdaMerging ({granularity}-wise)", splits=splits)
+        check_setting(0 < lr < math.inf, "model.lr", "a positive number", lr, MergeError)
+        check_setting(math.isfinite(init_value), "model.init_value", "a finite number", init_value, MergeError)
+        within = -math.inf < clamp_min <= clamp_max < math.inf
+        check_setting(within, "model.clamp_min", f"finite and <= model.clamp_max ({clamp_max})", clamp_min, MergeError)
+        check_output_location(output_dir, "model.output_dir")
         self.pool = ModelPool(models)
         self.granularity = granularity
         self.init_value = init_value

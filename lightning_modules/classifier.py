@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -12,6 +13,8 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 from transformers import AutoConfig, ConvNextForImageClassification
 
+from datamodules.errors import check_setting
+from lightning_modules.errors import TrainingError
 from merging.checkpoints import check_convnext_checkpoint, check_head_labels, resolve_model_dir
 from merging.errors import CheckpointError
 
@@ -64,6 +67,10 @@ class ImageClassifier(LightningModule):
         channels_last: bool = False,
     ) -> None:
         super().__init__()
+        check_setting(0 < lr < math.inf, "model.lr", "a positive number", lr, TrainingError)
+        check_setting(0 <= momentum < math.inf, "model.momentum", "0 or more", momentum, TrainingError)
+        check_setting(0 <= weight_decay < math.inf, "model.weight_decay", "0 or more", weight_decay, TrainingError)
+        check_setting(0 <= label_smoothing < 1, "model.label_smoothing", "in [0, 1)", label_smoothing, TrainingError)
         self.save_hyperparameters(ignore=["scheduler"])
         classnames = list(classnames) if classnames is not None else [str(i) for i in range(num_classes)]
         if len(classnames) != num_classes:

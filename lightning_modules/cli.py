@@ -8,17 +8,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, OnExceptionCheckpoint
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.trainer.states import TrainerStatus
 
 from datamodules.errors import DataError
+from lightning_modules.errors import TrainingError
+from lightning_modules.evaluation import MultiTaskEvaluation
 from lightning_modules.export import check_export_target, export_path, model_card, write_atomically
 from lightning_modules.noise import silence_known_noise
+from lightning_modules.parser_errors import ProjectArgumentParser
+from merging.checkpoints import check_output_location
 from merging.errors import CheckpointError, MergeError
 
 #: Errors that mean bad input: reported as one line, without a traceback.
-INPUT_ERRORS = (DataError, CheckpointError, MergeError)
+INPUT_ERRORS = (DataError, CheckpointError, MergeError, TrainingError)
 
 
 def _input_error(error: BaseException | None) -> BaseException | None:
@@ -31,13 +35,27 @@ def _input_error(error: BaseException | None) -> BaseException | None:
     return None
 
 
+class SaveConfigAfterModelSetup(SaveConfigCallback):
+    """``config.yaml`` written once the model's setup has passed: Lightning runs the callbacks'
+    setup first, and a merge refused in the model's setup (a checkpoint that is not a ConvNeXt)
+    would leave the file of a run that never ran. The model's setup is idempotent here
+    (``MultiTaskEvaluation`` builds once), so Lightning calling it again right after is a no-op."""
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        pl_module.setup(stage)
+        super().setup(trainer, pl_module, stage)
+
+
 class ProjectCLI(LightningCLI):
-    """Bad input ends the program with one ``error:`` line and exit status 1; the process
-    group is torn down at the end so CPU DDP runs exit cleanly."""
+    """Bad input (a configuration mistake the parser finds, or an input error raised while
+    building the classes) ends the program with one ``error:`` line and exit status 1; the
+    process group is torn down at the end so CPU DDP runs exit cleanly."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         silence_known_noise()
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("parser_class", ProjectArgumentParser)
+        kwargs.setdefault("save_config_callback", SaveConfigAfterModelSetup)
         try:
             super().__init__(*args, **kwargs)
         except Exception as error:
@@ -52,6 +70,30 @@ class ProjectCLI(LightningCLI):
 
     def subcommand_config(self) -> Any:
         return self.config.get(str(self.subcommand), self.config)
+
+    def before_fit(self) -> None:
+        check_resume_checkpoint(self.trainer, self.subcommand_config().get("ckpt_path"))
+
+
+def check_resume_checkpoint(trainer: Any, ckpt_path: str | None) -> None:
+    """``--ckpt_path last`` with no last checkpoint: Lightning only warns and trains from scratch,
+    which a resumed run must not silently do. Found as Lightning finds it when fit starts."""
+    if ckpt_path in (None, "best", "hpc"):
+        return
+    if ckpt_path != "last":
+        local = "://" not in ckpt_path and not ckpt_path.startswith("registry")
+        if local and not Path(ckpt_path).is_file():
+            raise CheckpointError(f"--ckpt_path '{ckpt_path}': no such checkpoint file")
+        return
+    callbacks = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)]
+    found = {path for callback in callbacks for path in callback._find_last_checkpoints(trainer)}
+    found |= {c.ckpt_path for c in trainer.callbacks if isinstance(c, OnExceptionCheckpoint)}
+    if any(Path(path).is_file() for path in found):
+        return
+    # Where Lightning looks: dirpath, else under the logger's or the trainer's root.
+    places = [f"'{callback._ModelCheckpoint__resolve_ckpt_dir(trainer)}'" for callback in callbacks]
+    where = f"no last.ckpt in {', '.join(places)}" if places else "checkpointing is off"
+    raise CheckpointError(f"--ckpt_path last: no checkpoint to resume from ({where}); leave it out to start from scratch")
 
 
 class TrainCLI(ProjectCLI):
@@ -78,15 +120,25 @@ class TrainCLI(ProjectCLI):
         return export_path(self.subcommand_config().as_dict(), steps)
 
     def before_fit(self) -> None:
+        super().before_fit()
         if not self.trainer.loggers:
             # `--trainer.logger false` on a config with a LearningRateMonitor: nothing to monitor into,
             # and Lightning would refuse to train.
             self.trainer.callbacks = [c for c in self.trainer.callbacks if not isinstance(c, LearningRateMonitor)]
-        # Fail before training, not after it, if the export would be refused.
+        # Fail before training, not after it, if the export would be refused or could not be written.
         if self.trainer.max_steps and self.trainer.max_steps > 0:
             target = self._export_target(self.trainer.max_steps)
             if target is not None and self.trainer.is_global_zero:
                 check_export_target(target, self.subcommand_config().get("overwrite"))
+        self._check_output_locations()
+
+    def _check_output_locations(self) -> None:
+        export_dir = self.subcommand_config().get("export_dir")
+        if export_dir is not None:
+            check_output_location(export_dir, "export_dir")
+        for callback in self.trainer.checkpoint_callbacks:
+            if callback.dirpath is not None:
+                check_output_location(callback.dirpath, f"{type(callback).__name__} dirpath")
 
     def after_fit(self) -> None:
         trainer = self.trainer
@@ -134,3 +186,8 @@ class MergeCLI(ProjectCLI):
         parser.link_arguments("data.task_names", "model.init_args.tasks", apply_on="instantiate")
         parser.link_arguments("data.classnames", "model.init_args.classnames", apply_on="instantiate")
         parser.link_arguments("data.splits", "model.init_args.splits", apply_on="instantiate")
+
+    def before_test(self) -> None:
+        # Here and not only in the model's setup: Lightning writes config.yaml before that.
+        if isinstance(self.model, MultiTaskEvaluation):
+            self.model.check_test_does_something(self.trainer)

@@ -10,6 +10,7 @@ is the model's score on every test sample exactly once.
 from __future__ import annotations
 
 import hashlib
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from transformers import ConvNextConfig, ConvNextModel
 
 from lightning_modules.report import INDIVIDUAL, summarize, write_report
+from merging.checkpoints import check_output_location
 from merging.errors import MergeError
 from merging.switch import SwitchModule
 
@@ -54,7 +56,7 @@ def state_digest(state: Mapping[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-class MultiTaskEvaluation(LightningModule):
+class MultiTaskEvaluation(LightningModule, ABC):
     """Base of the merge-side LightningModules: subclasses fill ``rows`` (name -> backbone),
     ``heads`` and optionally ``individual`` (task -> fine-tuned backbone) in ``build()``.
 
@@ -76,6 +78,7 @@ class MultiTaskEvaluation(LightningModule):
         splits: list[str] | None = None,
     ) -> None:
         super().__init__()
+        check_output_location(report_dir, "model.report_dir")
         self.tasks = list(tasks)
         self.classnames = {task: list(classnames[task]) for task in self.tasks}
         self.splits = list(splits) if splits else ["test"]
@@ -91,9 +94,16 @@ class MultiTaskEvaluation(LightningModule):
         self.heads: SwitchModule | None = None
         self.report: dict[str, Any] | None = None
 
+    @abstractmethod  # abstract: not offered as a ``--model`` choice
     def build(self) -> None:
         """Fill ``rows``/``row_names``, ``heads`` and (optionally) ``individual``."""
-        raise NotImplementedError
+
+    def check_test_does_something(self, trainer: Any) -> None:
+        """``merge.py test --trainer.limit_test_batches 0`` evaluates nothing: refused, unless the
+        model writes something else (``MergedClassifier``'s ``save_dir``)."""
+        if trainer.limit_test_batches == 0:
+            name = type(self).__name__
+            raise MergeError(f"trainer.limit_test_batches 0 evaluates nothing, and {name} saves nothing: nothing would be done")
 
     def set_heads_and_individual(self, pool: Any, evaluate_individual: bool) -> None:
         """Each task's fine-tuned head from ``pool`` and, for the ``individual`` row, each

@@ -12,7 +12,7 @@ from transformers import PretrainedConfig
 
 from lightning_modules.evaluation import MultiTaskEvaluation, backbone_from_state, heads_from_state
 from lightning_modules.export import classifier_config, merged_model_card, write_classifier
-from merging.checkpoints import BACKBONE_PREFIX, check_export_target, write_atomically
+from merging.checkpoints import BACKBONE_PREFIX, check_export_target, check_output_location, write_atomically
 from merging.engine import merge_backbone
 from merging.errors import MergeError
 from merging.methods import MergeMethod, SimpleAverage
@@ -70,9 +70,11 @@ class MergedClassifier(MultiTaskEvaluation):
             raise MergeError(f"saved merged model '{merged_model}' does not exist")
         if save_dir is not None:
             check_export_target(Path(save_dir), overwrite, flag="--model.overwrite true")
+            check_output_location(save_dir, "model.save_dir", atomic=True)
         if export_dir is not None:  # checked before anything is merged, like save_dir
             for task in self.tasks:
                 check_export_target(Path(export_dir, task), overwrite, flag="--model.overwrite true")
+            check_output_location(export_dir, "model.export_dir")
         self.pool = ModelPool(models) if merged_model is None else None
         if evaluate_individual and self.pool is None:
             raise MergeError("evaluate_individual needs the model pool (model.models)")
@@ -90,12 +92,16 @@ class MergedClassifier(MultiTaskEvaluation):
     def _evaluates_nothing(self) -> bool:
         return self.trainer is not None and self.trainer.testing and self.trainer.limit_test_batches == 0
 
-    def build(self) -> None:
-        if self._evaluates_nothing() and self.save_dir is None and self.export_dir is None:
+    def check_test_does_something(self, trainer: Any) -> None:
+        if trainer.limit_test_batches == 0 and self.save_dir is None and self.export_dir is None:
             raise MergeError(
                 "trainer.limit_test_batches 0 evaluates nothing, and no model.save_dir or model.export_dir is given: "
                 "nothing would be done (give --model.save_dir or --model.export_dir to merge and write only)"
             )
+
+    def build(self) -> None:
+        if self.trainer is not None and self.trainer.testing:
+            self.check_test_does_something(self.trainer)
         if self.export_dir is not None:
             self._processor_file()  # a missing image processor stops the run before merging
         if self.merged_model is not None:

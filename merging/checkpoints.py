@@ -155,6 +155,23 @@ def check_export_target(target: Path, overwrite: bool, flag: str = "--overwrite 
         raise CheckpointError(f"output directory '{target}' already exists; pass {flag} to replace it")
 
 
+def check_output_location(path: str | Path, option: str, atomic: bool = False) -> None:
+    """Refuse, before any model or data is loaded, an output location the run could not write at
+    its end: ``path`` must be a directory new files can be made in, or be creatable (its nearest
+    existing ancestor such a directory). ``atomic``: ``path`` is replaced whole (``write_atomically``
+    stages it in its parent), so the parent is what must take new files. Nothing is left behind.
+    """
+    path = Path(path)
+    written = path.parent if atomic else path
+    existing = next((p for p in (written, *written.parents) if p.exists() or p.is_symlink()), Path("."))
+    if not existing.is_dir():
+        raise CheckpointError(f"{option} '{path}' cannot be written: '{existing}' is not a directory")
+    try:  # a real attempt: os.access says yes to root, under /proc too
+        os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=existing))
+    except OSError as error:
+        raise CheckpointError(f"{option} '{path}' cannot be written: no new files in '{existing}' ({error.strerror})") from None
+
+
 def write_atomically(
     target: Path, write: Callable[[Path], None], overwrite: bool, flag: str = "--overwrite true"
 ) -> None:

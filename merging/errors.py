@@ -2,7 +2,8 @@
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that is missing, unreadable, corrupt or for another task."""
+    """A checkpoint that is missing, unreadable, corrupt or for another task, or an output
+    location that cannot be written."""
 
 
 class MergeError(ValueError):

@@ -30,7 +30,8 @@ from datamodules.tasks import TASKS, get_task
 from lightning_modules.adamerging import AdaMerging
 from merge import main as merge_main
 from merge_fixtures import one_thread  # noqa: F401  (autouse: one intra-op thread)
-from merging.checkpoints import remove_dead_staging
+from merging import METHODS
+from merging.checkpoints import check_output_location, remove_dead_staging
 from merging.coefficients import LearnedCoefficients, write_coefficients
 from merging.engine import merge_backbone
 from merging.methods import TaskArithmetic
@@ -308,6 +309,7 @@ def merged_classifier(out: Path, *method: str, save_dir: Path | None = None) -> 
 
 def assert_nothing_written(out: Path, workdir: Path) -> None:
     assert not (out / "report").exists() and not (out / "merged").exists() and not (out / "coefficients").exists()
+    assert not (out / "root").exists()  # trainer.default_root_dir: no config.yaml of a refused run
     assert not list(workdir.iterdir())
 
 
@@ -450,6 +452,7 @@ def test_the_next_save_removes_a_killed_saves_staging_but_never_a_live_ones(pool
     assert staging_dirs(target) == [], "the killed save's staging directory is still there"
     assert json.loads((target / "merge.json").read_text())["models"] == pool.models
     assert sorted(path.name for path in target.parent.iterdir()) == ["merged"]
+    assert (tmp_path / "root" / "config.yaml").is_file()  # a run that was not refused records its config
 
 
 def test_only_dead_writers_of_this_host_are_cleaned_up(tmp_path):
@@ -469,3 +472,244 @@ def test_only_dead_writers_of_this_host_are_cleaned_up(tmp_path):
     remove_dead_staging(target)
     left = {path.name for path in target.parent.iterdir()}
     assert left == {names["alive here"], names["dead elsewhere"], names["other target"]}
+
+
+# --- 6. configuration mistakes: one line with the choices, exit status 1 -------------------------
+
+TRAIN_CONFIG_MISTAKES = {
+    "an unknown option": (["--trainer.max_stepz", "10"], "unknown option --trainer.max_stepz; did you mean --trainer.max_steps?"),
+    "a misspelt top-level key": ({"modle": {"lr": 0.1}}, "unknown key 'modle.lr'; did you mean 'model.lr'?"),
+    "a misspelt nested key": ({"model": {"lrr": 0.1}}, "unknown key 'model.lrr'; did you mean 'model.lr'?"),
+    "not a number": (["--data.batch_size", "abc"], "error: data.batch_size: expected int, got 'abc'"),
+    "not a choice": (["--data.val_split", "train"], "data.val_split: expected one of 'test', 'holdout', 'none', got 'train'"),
+    "an unknown callback class": (
+        {"trainer": {"callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpointt"}]}},
+        "trainer.callbacks: unknown class 'lightning.pytorch.callbacks.ModelCheckpointt'; did you mean ModelCheckpoint?",
+    ),
+}  # fmt: skip
+
+
+def cli_or_yaml(mistake: list[str] | dict, tmp_path: Path) -> list[str]:
+    """Command-line arguments as given, a dict as a YAML file passed with ``--config``."""
+    if isinstance(mistake, list):
+        return mistake
+    path = tmp_path / "mistake.yaml"
+    path.write_text(json.dumps(mistake))  # JSON is YAML
+    return ["--config", str(path)]
+
+
+@pytest.mark.parametrize("case", TRAIN_CONFIG_MISTAKES)
+def test_a_train_config_mistake_is_one_error_line(case, convnext, tmp_path, workdir, capsys):
+    mistake, expected = TRAIN_CONFIG_MISTAKES[case]
+    args = train_args(convnext, tmp_path / "data", "digits", *cli_or_yaml(mistake, tmp_path))
+    line = one_error_line(train_main, args, capsys)
+    assert_contains(line, expected)
+    assert not list(workdir.iterdir())
+
+
+METHOD_NAMES = ", ".join(sorted({method.__name__ for method in METHODS.values()}))
+MERGE_CONFIG_MISTAKES = {
+    "a method name in the wrong case": (["--model.method", "Ties"], "model.method: unknown class 'Ties'; did you mean TiesMerging?"),
+    "a registry name as method": (["--model.method", "task_arithmetic"], "model.method: unknown class 'task_arithmetic'; did you mean TaskArithmetic?"),
+    "an unknown method option": (["--model.method", "TiesMerging", "--model.method.top_kk", "0.2"],
+                                 "model.method: TiesMerging has no option 'top_kk'; did you mean 'top_k'?"),
+    "an unknown model option": (["--model.save_dirr", "x"], "model: MergedClassifier has no option 'save_dirr'; did you mean 'save_dir'?"),
+    "a misspelt top-level key": ({"modle": {"init_args": {"save_dir": "x"}}}, "unknown key 'modle.init_args.save_dir'; did you mean 'model.init_args.save_dir'?"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", MERGE_CONFIG_MISTAKES)
+def test_a_merge_config_mistake_is_one_error_line(case, pool, tmp_path, workdir, capsys):
+    mistake, expected = MERGE_CONFIG_MISTAKES[case]
+    model = ["--model", "MergedClassifier", *cli_or_yaml(mistake, tmp_path)]
+    line = one_error_line(merge_main, merge_args(pool, tmp_path, *model), capsys)
+    assert_contains(line, expected)
+    if "unknown class" in expected:  # every method the registry holds, by the name users type
+        assert_contains(line, f"(choose from {METHOD_NAMES})")
+    assert_nothing_written(tmp_path, workdir)
+
+
+@pytest.mark.parametrize("model", ["Merged", "merging.methods.NoSuchModel"])
+def test_an_unknown_model_class_lists_the_model_classes(model, pool, tmp_path, workdir, capsys):
+    line = one_error_line(merge_main, merge_args(pool, tmp_path, "--model", model), capsys)
+    assert_contains(line, f"model: unknown class '{model}'")
+    choices = line.split("(choose from ", 1)[1].rstrip(")").split(", ")
+    assert {"AdaMerging", "MergedClassifier", "MethodComparison"} <= set(choices), line
+    assert "MultiTaskEvaluation" not in choices and "LightningModule" not in choices
+    assert_nothing_written(tmp_path, workdir)
+
+
+@pytest.mark.parametrize("program", ["train", "merge"])
+@pytest.mark.parametrize("flag", ["--help", "--print_config"])
+def test_help_and_print_config_still_exit_0(program, flag, convnext, pool, tmp_path, workdir, capsys):
+    main, args = (train_main, train_args(convnext, tmp_path, "digits")) if program == "train" else (
+        merge_main, merge_args(pool, tmp_path, "--model", "MergedClassifier"))  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, flag])
+    assert exit_info.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert ("usage:" in out) if flag == "--help" else ("model:" in out and "trainer:" in out), out[:500]
+    assert not list(workdir.iterdir())
+
+
+# --- 7. numeric settings outside their domain: refused in __init__, before any model or data -------
+
+TRAIN_SETTINGS = {
+    "data.batch_size": ("0", "a positive integer"),
+    "data.eval_batch_size": ("0", "a positive integer or null"),
+    "data.num_workers": ("-1", "0 or more"),
+    "model.lr": ("-0.01", "a positive number"),
+    "model.momentum": ("-0.9", "0 or more"),
+    "model.weight_decay": ("-0.0001", "0 or more"),
+    "model.label_smoothing": ("1.0", "in [0, 1)"),
+}
+
+
+@pytest.mark.parametrize("option", TRAIN_SETTINGS)
+def test_a_train_setting_outside_its_domain_is_one_error_line(option, convnext, tmp_path, workdir, capsys):
+    value, domain = TRAIN_SETTINGS[option]
+    data = write_dataset(small_dataset("mnist"), tmp_path / "mnist", "disk")
+    line = one_error_line(train_main, train_args(convnext, data, "mnist", f"--{option}", value), capsys)
+    assert line == f"error: {option} must be {domain}, got {float(value) if '.' in value else int(value)}"
+    assert not list(workdir.iterdir())
+
+
+MERGE_SETTINGS = {
+    "data.batch_size": ("MergedClassifier", [], "0", "must be a positive integer, got 0"),
+    "data.adaptation_batch_size": ("AdaMerging", [], "-4", "must be a positive integer, got -4"),
+    "data.num_workers": ("MergedClassifier", [], "-1", "must be 0 or more, got -1"),
+    "model.lr": ("AdaMerging", [], "0", "must be a positive number, got 0.0"),
+    "model.clamp_min": ("AdaMerging", ["--model.clamp_max", "0.0"], "0.5", "must be finite and <= model.clamp_max (0.0), got 0.5"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("option", MERGE_SETTINGS)
+def test_a_merge_setting_outside_its_domain_is_one_error_line(option, pool, tmp_path, workdir, capsys):
+    model, extra, value, expected = MERGE_SETTINGS[option]
+    adamerging = ["--model", "AdaMerging", "--model.output_dir", str(tmp_path / "coefficients"), *extra]
+    model_args = merged_classifier(tmp_path) if model == "MergedClassifier" else adamerging
+    line = one_error_line(merge_main, [*merge_args(pool, tmp_path, *model_args), f"--{option}", value], capsys)
+    assert line == f"error: {option} {expected}"
+    assert_nothing_written(tmp_path, workdir)
+
+
+# --- 8. output locations that cannot be written: refused before any work ---------------------------
+
+
+def a_file(tmp_path: Path) -> Path:
+    path = tmp_path / "a-file"
+    path.write_text("not a directory")
+    return path
+
+
+def assert_no_leftovers(*directories: Path) -> None:
+    """No directory made and removed by a check (or a half-written output) is left."""
+    for directory in directories:
+        assert [path.name for path in directory.iterdir() if path.name.startswith(".")] == [], directory
+
+
+MERGE_OUTPUTS = {
+    "save_dir under a file": ("MergedClassifier", "model.save_dir", "{file}/merged", "'{file}' is not a directory"),
+    "save_dir under /proc": ("MergedClassifier", "model.save_dir", "/proc/convnext-fusion-none/merged",
+                             "no new files in '/proc' ("),
+    "report_dir is a file": ("MergedClassifier", "model.report_dir", "{file}", "'{file}' is not a directory"),
+    "AdaMerging output_dir under a file": ("AdaMerging", "model.output_dir", "{file}/coefficients",
+                                           "'{file}' is not a directory"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", MERGE_OUTPUTS)
+def test_a_merge_output_location_that_cannot_be_written_is_one_error_line(case, pool, tmp_path, workdir, capsys):
+    model, option, location, reason = MERGE_OUTPUTS[case]
+    file = a_file(tmp_path)
+    location, reason = location.format(file=file), reason.format(file=file)
+    args = [*merge_args(pool, tmp_path, *merged_classifier(tmp_path)), f"--{option}", location]
+    if model == "AdaMerging":  # fit: what writes the coefficients, after the last step
+        args = ["fit", *merge_args(pool, tmp_path, "--model", model)[1:], "--trainer.max_steps", "1", f"--{option}", location]
+    line = one_error_line(merge_main, args, capsys)
+    assert line.startswith(f"error: {option} '{location}' cannot be written: {reason}"), line
+    assert_nothing_written(tmp_path, workdir)
+    assert file.read_text() == "not a directory"
+    assert_no_leftovers(tmp_path, workdir)
+
+
+def checkpoint_callback(dirpath: Path) -> dict:
+    return {"trainer": {"callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                       "init_args": {"dirpath": str(dirpath)}}]}}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", ["export_dir under a file", "ModelCheckpoint dirpath under a file"])
+def test_a_train_output_location_that_cannot_be_written_is_one_error_line(case, convnext, tmp_path, workdir, capsys):
+    file = a_file(tmp_path)
+    data = write_dataset(small_dataset("mnist"), tmp_path / "mnist", "disk")
+    if case.startswith("export_dir"):
+        option, location, extra = "export_dir", file / "exports", ["--export_dir", str(file / "exports")]
+    else:
+        option, location = "ModelCheckpoint dirpath", file / "checkpoints"
+        extra = [*cli_or_yaml(checkpoint_callback(location), tmp_path), "--export_dir", str(tmp_path / "exports")]
+    line = one_error_line(train_main, train_args(convnext, data, "mnist", *extra), capsys)
+    assert line == f"error: {option} '{location}' cannot be written: '{file}' is not a directory"
+    assert not list(workdir.iterdir()) and not (tmp_path / "exports").exists()
+    assert file.read_text() == "not a directory"
+    assert_no_leftovers(tmp_path)
+
+
+def test_checking_an_output_location_creates_nothing(tmp_path):
+    root = tmp_path / "outputs"
+    root.mkdir()
+    for path, atomic in ((root, False), (root / "new" / "nested", False), (root / "new" / "export", True)):
+        check_output_location(path, "option", atomic=atomic)
+    assert list(root.iterdir()) == []
+
+
+# --- 9. resuming from a checkpoint that is not there ------------------------------------------------
+
+RESUME_CASES = ["last, ModelCheckpoint dirpath", "last, default checkpoint directory", "a missing file"]
+
+
+@pytest.mark.parametrize("case", RESUME_CASES)
+def test_resuming_without_a_checkpoint_is_one_error_line(case, convnext, tmp_path, workdir, capsys):
+    data = write_dataset(small_dataset("mnist"), tmp_path / "mnist", "disk")
+    extra = ["--ckpt_path", "last", "--export_dir", str(tmp_path / "exports")]
+    if case == "last, ModelCheckpoint dirpath":
+        extra += cli_or_yaml(checkpoint_callback(tmp_path / "checkpoints"), tmp_path)
+        expected = f"(no last.ckpt in '{tmp_path / 'checkpoints'}')"
+    elif case == "last, default checkpoint directory":
+        expected = f"(no last.ckpt in '{workdir / 'checkpoints'}')"  # Lightning's default without a logger
+    else:
+        extra[1] = str(tmp_path / "checkpoints" / "last.ckpt")
+        expected = f"--ckpt_path '{extra[1]}': no such checkpoint file"
+    line = one_error_line(train_main, train_args(convnext, data, "mnist", *extra), capsys)
+    assert_contains(line, expected)
+    if case.startswith("last"):
+        assert_contains(line, "error: --ckpt_path last: no checkpoint to resume from (", "leave it out to start from scratch")
+    assert not list(workdir.iterdir()) and not (tmp_path / "exports").exists() and not (tmp_path / "checkpoints").exists()
+
+
+def test_resuming_adamerging_without_a_checkpoint_is_one_error_line(pool, tmp_path, workdir, capsys):
+    checkpoints = checkpoint_callback(tmp_path / "checkpoints")
+    model = ["--model", "AdaMerging", "--model.output_dir", str(tmp_path / "coefficients")]
+    args = ["fit", *merge_args(pool, tmp_path, *model)[1:], "--trainer.max_steps", "1", "--ckpt_path", "last"]
+    line = one_error_line(merge_main, [*args, *cli_or_yaml(checkpoints, tmp_path)], capsys)
+    assert line == (f"error: --ckpt_path last: no checkpoint to resume from (no last.ckpt in '{tmp_path / 'checkpoints'}'); "
+                    "leave it out to start from scratch")  # fmt: skip
+    assert_nothing_written(tmp_path, workdir)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+# --- 10. a merge that would do nothing ----------------------------------------------------------------
+
+
+NOTHING_DONE = {
+    "MergedClassifier": "no model.save_dir is given: nothing would be done (give --model.save_dir to merge and save only)",
+    "AdaMerging": "AdaMerging saves nothing: nothing would be done",
+}
+
+
+@pytest.mark.parametrize("model", NOTHING_DONE)
+def test_limit_test_batches_0_with_nothing_to_save_is_one_error_line(model, pool, tmp_path, workdir, capsys):
+    args = [*merge_args(pool, tmp_path, "--model", model), "--trainer.limit_test_batches", "0"]
+    line = one_error_line(merge_main, args, capsys)
+    assert line == f"error: trainer.limit_test_batches 0 evaluates nothing, and {NOTHING_DONE[model]}"
+    assert_nothing_written(tmp_path, workdir)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["work"]
