@@ -701,7 +701,10 @@ def test_resuming_adamerging_without_a_checkpoint_is_one_error_line(pool, tmp_pa
 
 
 NOTHING_DONE = {
-    "MergedClassifier": "no model.save_dir is given: nothing would be done (give --model.save_dir to merge and save only)",
+    "MergedClassifier": (
+        "no model.save_dir or model.export_dir is given: nothing would be done "
+        "(give --model.save_dir or --model.export_dir to merge and write only)"
+    ),
     "AdaMerging": "AdaMerging saves nothing: nothing would be done",
 }
 
