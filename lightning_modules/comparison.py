@@ -103,6 +103,7 @@ class MethodComparison(MultiTaskEvaluation):
             raise MergeError(f"methods listed twice: {', '.join(duplicates)}")
         self.pool = ModelPool(models)
         self.evaluate_individual = evaluate_individual
+        self.uses_grams = any(method.needs_grams for method in self.methods)
 
     def build(self) -> None:
         pool = self.pool
@@ -113,8 +114,8 @@ class MethodComparison(MultiTaskEvaluation):
             else:
                 self.add_row(method.describe(), self._merged_backbone(method))
         self.set_heads_and_individual(pool, self.evaluate_individual)
-        if any(method.needs_grams for method in self.methods):
-            self.gram_pass, self.uses_grams = GramPass(pool, self.tasks), True
+        if self.uses_grams:
+            self.gram_pass = GramPass(pool, self.tasks)
 
     def _merged_backbone(self, method: MergeMethod, grams: dict[str, list[Tensor]] | None = None) -> nn.Module:
         show_progress = self.trainer is None or self.trainer.is_global_zero

@@ -107,9 +107,10 @@ class MultiTaskEvaluation(LightningModule):
         self.individual = nn.ModuleDict()
         self.heads: SwitchModule | None = None
         self.report: dict[str, Any] | None = None
-        #: set by ``build()`` (with ``uses_grams``) where a merge needs the Gram pass; dropped once merged.
-        self.gram_pass: nn.Module | None = None
+        #: True where a merge needs the Gram pass (subclasses set it in ``__init__``); ``build()``
+        #: then sets ``gram_pass``, dropped once merged.
         self.uses_grams = False
+        self.gram_pass: nn.Module | None = None
         #: task -> unlabelled images the Gram pass read (over all processes).
         self.gram_images: dict[str, int] = {}
 
@@ -133,10 +134,10 @@ class MultiTaskEvaluation(LightningModule):
         data_splits = getattr(self.trainer.datamodule, "splits", None) if self.trainer is not None else None
         if data_splits is not None and list(data_splits) != self.splits:
             raise MergeError(f"the data module evaluates splits {data_splits}, the model expects {self.splits}: pass splits=data.splits")
+        self._check_gram_split()  # before build() loads any model
         if self.heads is None:
             self.build()
             self._make_metrics()
-        self._check_gram_split()
 
     def _check_gram_split(self) -> None:
         needs, given = self.uses_grams, GRAM_SPLIT in self.splits

@@ -71,12 +71,13 @@ class MergedClassifier(MultiTaskEvaluation):
         self.save_dir = save_dir
         self.overwrite = overwrite
         self.channels_last = channels_last
+        self.uses_grams = merged_model is None and self.method.needs_grams
         if merged_model is not None:
             self.report_title = f"Saved merged model: {merged_model}"
 
     def build(self) -> None:
         evaluates_nothing = self.trainer is not None and self.trainer.testing and self.trainer.limit_test_batches == 0
-        if evaluates_nothing and self.merged_model is None and self.method.needs_grams:
+        if evaluates_nothing and self.uses_grams:
             raise MergeError(
                 f"{self.method.describe()} merges from a pass over train images, and trainer.limit_test_batches 0 reads "
                 "no data: merge and save with --trainer.limit_test_batches 1.0 (and --model.save_dir)"
@@ -97,10 +98,10 @@ class MergedClassifier(MultiTaskEvaluation):
         pool = self.pool
         pool.check_heads(self.classnames)
         self.add_row(self.method.describe(), nn.Module())  # the merged backbone comes in _install
-        if self.method.needs_grams:  # merged in merge_with_grams, after the Gram pass
+        if self.uses_grams:  # merged in merge_with_grams, after the Gram pass
             pool.check_backbones()
             self.set_heads_and_individual(pool, self.evaluate_individual)
-            self.gram_pass, self.uses_grams = GramPass(pool, self.tasks), True
+            self.gram_pass = GramPass(pool, self.tasks)
             return
         merged = merge_backbone(pool, self.method, progress=self._progress())
         self._install(merged)
