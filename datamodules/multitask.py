@@ -5,6 +5,8 @@ from __future__ import annotations
 from functools import cached_property
 from typing import Literal
 
+import numpy as np
+
 from datasets import Dataset as HFDataset
 from datasets import DatasetDict
 from lightning.pytorch import LightningDataModule
@@ -19,6 +21,9 @@ from datamodules.sources import check_path, checked_label_mapping, get_split, lo
 from datamodules.tasks import TaskInfo, get_task
 from datamodules.torch_data import ImageClassificationDataset, UnlabeledImageDataset
 
+#: The split of unlabelled train images that data-dependent merges (RegMean) read first.
+GRAM_SPLIT = "gram"
+
 
 class MultiTaskDataModule(LightningDataModule):
     """Test splits of several tasks: ``test_dataloader()`` returns one loader per task, in
@@ -32,6 +37,12 @@ class MultiTaskDataModule(LightningDataModule):
 
     For test-time adaptation (AdaMerging), ``train_dataloader()`` gives the same test images
     *without labels*: the label column is removed before any loader exists.
+
+    With ``gram_images``, ``test_dataloader()`` starts with one more loader per task, the
+    ``gram`` split: a seeded subset of that many of the task's *train* images (outside the
+    held-out validation rows), *without labels* (the label column is removed before any
+    loader exists), for merges that gather statistics of the fine-tuned models' activations
+    before merging (RegMean's Gram matrices). On several processes each image is seen once.
 
     Args:
         tasks: task names, in report order.
@@ -51,6 +62,9 @@ class MultiTaskDataModule(LightningDataModule):
             image once per pass); ``fresh`` the first ``adaptation_batch_size`` of a new seeded
             shuffle every step, as the AdaMerging authors' code does (a new shuffled DataLoader
             per step). Both are the same on any number of devices and resume exactly.
+        gram_images: unlabelled train images per task read first, for RegMean's Gram matrices
+            (None: no such pass). A task with fewer train images uses all of them.
+        gram_seed: seed of the choice of those images.
     """
 
     def __init__(
@@ -65,6 +79,8 @@ class MultiTaskDataModule(LightningDataModule):
         val_fraction: float | None = None,
         split_seed: int = 0,
         adaptation_draw: Literal["stream", "fresh"] = "stream",
+        gram_images: int | None = None,
+        gram_seed: int = 0,
     ) -> None:
         super().__init__()
         if not tasks:
@@ -92,6 +108,9 @@ class MultiTaskDataModule(LightningDataModule):
         self.val_fraction = val_fraction
         self.split_seed = split_seed
         self.adaptation_draw = adaptation_draw
+        check_setting(gram_images is None or gram_images > 0, "data.gram_images", "a positive integer or null", gram_images)
+        self.gram_images = gram_images
+        self.gram_seed = gram_seed
         self._loaded: dict[str, DatasetDict] = {}
 
     @property
@@ -100,7 +119,13 @@ class MultiTaskDataModule(LightningDataModule):
 
     @property
     def splits(self) -> list[str]:
-        """The evaluated splits, in the order of ``test_dataloader()``'s loaders."""
+        """The splits of ``test_dataloader()``'s loaders, in order: ``gram`` (unlabelled, where
+        ``gram_images`` is set), then the evaluated ones."""
+        return ([GRAM_SPLIT] if self.gram_images is not None else []) + self.evaluated_splits
+
+    @property
+    def evaluated_splits(self) -> list[str]:
+        """The labelled splits that are scored."""
         return ["validation", "test"] if self.val_fraction is not None else ["test"]
 
     @property
@@ -142,11 +167,14 @@ class MultiTaskDataModule(LightningDataModule):
     def _where(self, task: TaskInfo, split: str) -> str:
         return f"task '{task.name}', path '{self.paths.get(task.name) or task.hub_dataset or 'built-in'}', split '{split}'"
 
+    def _train_split(self, task: TaskInfo) -> HFDataset:
+        return get_split(self._load(task), "train", task, self.paths.get(task.name))
+
     def _dataset(self, task: TaskInfo, split: str) -> ImageClassificationDataset:
         if split == "test":
             data, rows = self.test_splits[task.name], None
         else:  # validation: the held-out rows of train
-            data = get_split(self._load(task), "train", task, self.paths.get(task.name))
+            data = self._train_split(task)
             _, rows = split_train_val(len(data), self.val_fraction, self.split_seed)
             if len(rows) == 0:
                 raise DataError(f"{self._where(task, 'train')}: {len(data)} rows are too few to hold out a validation part")
@@ -155,19 +183,35 @@ class MultiTaskDataModule(LightningDataModule):
 
     @cached_property
     def evaluation_datasets(self) -> dict[str, dict[str, ImageClassificationDataset]]:
-        """split -> task -> dataset, for every split of ``splits``."""
-        return {split: {task.name: self._dataset(task, split) for task in self.tasks} for split in self.splits}
+        """split -> task -> dataset, for every split of ``evaluated_splits``."""
+        return {split: {task.name: self._dataset(task, split) for task in self.tasks} for split in self.evaluated_splits}
+
+    def gram_rows(self, num_rows: int) -> np.ndarray:
+        """Sorted rows of the train split read by the Gram pass: ``gram_images`` of the rows
+        outside the validation part, drawn with ``gram_seed``."""
+        rows = np.arange(num_rows)
+        if self.val_fraction is not None:  # the validation rows stay unseen until they are scored
+            rows, _ = split_train_val(num_rows, self.val_fraction, self.split_seed)
+        return np.sort(np.random.default_rng(self.gram_seed).permutation(rows)[: self.gram_images])
+
+    @cached_property
+    def gram_datasets(self) -> dict[str, UnlabeledImageDataset]:
+        """task -> the unlabelled train images of the ``gram`` split (``gram_images`` set)."""
+        datasets = {}
+        for task in self.tasks:
+            data = self._train_split(task)
+            datasets[task.name] = UnlabeledImageDataset(data.select(self.gram_rows(len(data))), self.preprocess)
+        return datasets
 
     @property
     def test_datasets(self) -> dict[str, ImageClassificationDataset]:
         return self.evaluation_datasets["test"]
 
     def test_dataloader(self) -> list[DataLoader]:
-        return [
-            evaluation_dataloader(self.evaluation_datasets[split][name], self.batch_size, self.num_workers, self.trainer)
-            for split in self.splits
-            for name in self.task_names
-        ]
+        """One loader per split of ``splits`` and task, in that order."""
+        gram = [self.gram_datasets[name] for name in self.task_names] if self.gram_images is not None else []
+        labelled = [self.evaluation_datasets[split][name] for split in self.evaluated_splits for name in self.task_names]
+        return [evaluation_dataloader(data, self.batch_size, self.num_workers, self.trainer) for data in gram + labelled]
 
     def train_dataloader(self) -> CombinedLoader:
         """Unlabelled test images for test-time adaptation: each step one batch of every task.

@@ -11,7 +11,10 @@ import itertools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from torch import Tensor, nn
+
 from lightning_modules.evaluation import MultiTaskEvaluation, backbone_from_state
+from lightning_modules.grams import GramPass
 from merging.engine import merge_backbone
 from merging.errors import MergeError
 from merging.methods import MergeMethod
@@ -64,7 +67,8 @@ class MethodComparison(MultiTaskEvaluation):
         classnames: class names per task (linked from ``data.classnames``).
         models: the model pool, as for ``MergedClassifier``.
         methods: the merge methods to compare, e.g. ``SimpleAverage``, ``TaskArithmetic``,
-            ``TiesMerging``, ``DareTies``, ``LearnedCoefficients`` (AdaMerging).
+            ``TiesMerging``, ``DareTies``, ``LearnedCoefficients`` (AdaMerging), ``RegMean``
+            (merged after a pass over unlabelled train images: set ``data.gram_images``).
         grid: values to try per method class name and hyper-parameter, e.g.
             ``{TaskArithmetic: {scaling_factor: [0.1, 0.3, 0.5]}}``; every combination is
             evaluated and the one with the best average validation accuracy is the method's
@@ -99,17 +103,30 @@ class MethodComparison(MultiTaskEvaluation):
             raise MergeError(f"methods listed twice: {', '.join(duplicates)}")
         self.pool = ModelPool(models)
         self.evaluate_individual = evaluate_individual
+        self.uses_grams = any(method.needs_grams for method in self.methods)
 
     def build(self) -> None:
         pool = self.pool
         pool.check_heads(self.classnames)
-        config = pool.config(PRETRAINED)
-        show_progress = self.trainer is None or self.trainer.is_global_zero
         for method in self.methods:
-            merged = merge_backbone(pool, method, progress=show_progress)
-            self.verify_identical_across_ranks(merged, f"merged weights ({method.describe()})")
-            self.add_row(method.describe(), backbone_from_state(config, merged))
+            if method.needs_grams:  # merged in merge_with_grams, after the Gram pass
+                self.add_row(method.describe(), nn.Module())
+            else:
+                self.add_row(method.describe(), self._merged_backbone(method))
         self.set_heads_and_individual(pool, self.evaluate_individual)
+        if self.uses_grams:
+            self.gram_pass = GramPass(pool, self.tasks)
+
+    def _merged_backbone(self, method: MergeMethod, grams: dict[str, list[Tensor]] | None = None) -> nn.Module:
+        show_progress = self.trainer is None or self.trainer.is_global_zero
+        merged = merge_backbone(self.pool, method, progress=show_progress, grams=grams)
+        self.verify_identical_across_ranks(merged, f"merged weights ({method.describe()})")
+        return backbone_from_state(self.pool.config(PRETRAINED), merged)
+
+    def merge_with_grams(self, grams: dict[str, list[Tensor]]) -> None:
+        for row, method in enumerate(self.methods):
+            if method.needs_grams:
+                self.rows[f"row{row}"] = self._merged_backbone(method, grams).to(self.device)
 
     def selection(self) -> list[dict[str, Any]]:
         """Per method with several grid points: the choice on validation and the best on test."""

@@ -5,6 +5,11 @@ head. Every row (a merged backbone, or each fine-tuned model on its own task) ha
 accuracy and one mean-loss metric per task; they are computed once at the end with a sync
 over processes, and the number of samples is checked against the test set, so each number
 is the model's score on every test sample exactly once.
+
+A merge that needs data (RegMean) is finished inside the same ``Trainer.test``: the
+DataModule's unlabelled ``gram`` loaders come first, their batches feed ``gram_pass``, and
+when the first labelled batch arrives (or the epoch ends, on a process that has none) every
+process reduces the statistics and ``merge_with_grams`` builds the merged rows.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from torchmetrics import MeanMetric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 from transformers import ConvNextConfig, ConvNextModel
 
+from datamodules.multitask import GRAM_SPLIT
 from lightning_modules.report import INDIVIDUAL, summarize, write_report
 from merging.checkpoints import check_output_location
 from merging.errors import MergeError
@@ -36,6 +42,13 @@ def backbone_from_state(config: ConvNextConfig, state: Mapping[str, torch.Tensor
     stripped = {key.removeprefix("convnext."): tensor for key, tensor in state.items()}
     model.load_state_dict(stripped, assign=True, strict=True)
     return model
+
+
+def load_backbone(pool: Any, task: str) -> ConvNextModel:
+    """Task ``task``'s fine-tuned backbone from ``pool``, frozen."""
+    reader = pool.reader(task)
+    state = {key: reader.read(key) for key in pool.backbone_keys}
+    return backbone_from_state(pool.config(task), state).requires_grad_(False)
 
 
 def heads_from_state(heads: Mapping[str, Mapping[str, torch.Tensor]]) -> SwitchModule:
@@ -65,8 +78,9 @@ class MultiTaskEvaluation(LightningModule, ABC):
         classnames: class names per task (linked from ``data.classnames``).
         report_dir: where ``report.json``, ``report.md``, ``report.csv`` and ``accuracy.png`` go.
         report_title: heading of the report.
-        splits: the evaluated splits in the DataModule's loader order (linked from
-            ``data.splits``): ``test``, or ``validation`` and ``test``.
+        splits: the splits in the DataModule's loader order (linked from ``data.splits``):
+            ``test``, or ``validation`` and ``test``; first ``gram`` (unlabelled) for a merge
+            that needs data.
     """
 
     def __init__(
@@ -84,6 +98,9 @@ class MultiTaskEvaluation(LightningModule, ABC):
         self.splits = list(splits) if splits else ["test"]
         #: dataloader_idx -> (split, task): the DataModule's order, split by split.
         self.loaders = [(split, task) for split in self.splits for task in self.tasks]
+        #: the scored (labelled) splits and loaders.
+        self.evaluated_splits = [split for split in self.splits if split != GRAM_SPLIT]
+        self.evaluated = [(split, task) for split, task in self.loaders if split != GRAM_SPLIT]
         #: split -> row -> task -> {accuracy, loss, num_samples}, after a test run.
         self.results: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
         self.report_dir = report_dir
@@ -93,6 +110,12 @@ class MultiTaskEvaluation(LightningModule, ABC):
         self.individual = nn.ModuleDict()
         self.heads: SwitchModule | None = None
         self.report: dict[str, Any] | None = None
+        #: True where a merge needs the Gram pass (subclasses set it in ``__init__``); ``build()``
+        #: then sets ``gram_pass``, dropped once merged.
+        self.uses_grams = False
+        self.gram_pass: nn.Module | None = None
+        #: task -> unlabelled images the Gram pass read (over all processes).
+        self.gram_images: dict[str, int] = {}
 
     @abstractmethod  # abstract: not offered as a ``--model`` choice
     def build(self) -> None:
@@ -111,9 +134,7 @@ class MultiTaskEvaluation(LightningModule, ABC):
         self.heads = heads_from_state({task: pool.head(task) for task in self.tasks}).requires_grad_(False)
         if evaluate_individual:
             for task in self.tasks:
-                reader = pool.reader(task)
-                state = {key: reader.read(key) for key in pool.backbone_keys}
-                self.individual[task] = backbone_from_state(pool.config(task), state).requires_grad_(False)
+                self.individual[task] = load_backbone(pool, task)
 
     def add_row(self, name: str, backbone: nn.Module) -> None:
         self.rows[f"row{len(self.row_names)}"] = backbone
@@ -123,9 +144,33 @@ class MultiTaskEvaluation(LightningModule, ABC):
         data_splits = getattr(self.trainer.datamodule, "splits", None) if self.trainer is not None else None
         if data_splits is not None and list(data_splits) != self.splits:
             raise MergeError(f"the data module evaluates splits {data_splits}, the model expects {self.splits}: pass splits=data.splits")
+        self._check_gram_split()  # before build() loads any model
         if self.heads is None:
             self.build()
             self._make_metrics()
+
+    def _check_gram_split(self) -> None:
+        needs, given = self.uses_grams, GRAM_SPLIT in self.splits
+        if needs and not given:
+            raise MergeError("this merge needs unlabelled train images for its Gram matrices: set data.gram_images (e.g. 256)")
+        if given and not needs:
+            raise MergeError(f"data.gram_images is set, but {type(self).__name__} with these methods merges without data: drop it")
+
+    def merge_with_grams(self, grams: dict[str, list[torch.Tensor]]) -> None:
+        """Build the rows that wait for the Gram pass, from ``grams`` (per Linear weight key,
+        each fine-tuned model's mean Gram, in the pool's task order)."""
+        raise NotImplementedError
+
+    def _finish_gram_pass(self) -> None:
+        """Once, on every process at the same point: reduce the Grams and merge."""
+        if self.gram_pass is None:
+            return
+        grams, self.gram_images = self.gram_pass.grams(self.device)
+        self.gram_pass = None  # the fine-tuned backbones of the pass are no longer needed
+        # The merged weights become parameters: ordinary tensors, not inference-mode ones
+        # (test steps run in inference mode, where the Gram sums were made and reduced).
+        with torch.inference_mode(False), torch.no_grad():
+            self.merge_with_grams(grams)
 
     def _all_rows(self) -> list[str]:
         return self.row_names + ([INDIVIDUAL] if len(self.individual) else [])
@@ -133,7 +178,7 @@ class MultiTaskEvaluation(LightningModule, ABC):
     def _make_metrics(self) -> None:
         def per_task(factory: Any) -> nn.ModuleList:
             return nn.ModuleList(
-                nn.ModuleDict({f"{split}/{task}": factory(task) for split, task in self.loaders}) for _ in self._all_rows()
+                nn.ModuleDict({f"{split}/{task}": factory(task) for split, task in self.evaluated}) for _ in self._all_rows()
             )
 
         self.accuracy = per_task(lambda task: MulticlassAccuracy(len(self.classnames[task]), average="micro"))
@@ -156,9 +201,14 @@ class MultiTaskEvaluation(LightningModule, ABC):
             backbone = self.individual[task]
         return self.heads(backbone(pixel_values=images).pooler_output, task)
 
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        images, labels = batch
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor] | torch.Tensor, batch_idx: int, dataloader_idx: int = 0) -> None:
         split, task = self.loaders[dataloader_idx]
+        if split == GRAM_SPLIT:  # unlabelled images: a batch is the images alone
+            if self.gram_pass is not None:  # (None in a second test run: already merged)
+                self.gram_pass.step(batch, task)
+            return
+        self._finish_gram_pass()
+        images, labels = batch
         key = f"{split}/{task}"
         for row in range(len(self._all_rows())):
             logits = self._row_logits(row, images, task)
@@ -168,10 +218,11 @@ class MultiTaskEvaluation(LightningModule, ABC):
             self.samples[row][key].update(labels.numel())
 
     def on_test_epoch_end(self) -> None:
+        self._finish_gram_pass()  # a process without labelled batches merges here
         expected = self._expected_samples()
-        self.results = {split: {} for split in self.splits}
+        self.results = {split: {} for split in self.evaluated_splits}
         for row, name in enumerate(self._all_rows()):
-            for split, task in self.loaders:
+            for split, task in self.evaluated:
                 key = f"{split}/{task}"
                 # compute() syncs over all processes (same order everywhere).
                 values = {
@@ -202,7 +253,7 @@ class MultiTaskEvaluation(LightningModule, ABC):
         datasets = getattr(datamodule, "evaluation_datasets", None)
         if not datasets or self._partial():
             return {}
-        return {f"{split}/{task}": len(datasets[split][task]) for split, task in self.loaders}
+        return {f"{split}/{task}": len(datasets[split][task]) for split, task in self.evaluated}
 
     def _log_results(self, results: Mapping[str, Mapping[str, Mapping[str, float]]], split: str = "test") -> None:
         single = len(self.row_names) == 1
@@ -226,6 +277,8 @@ class MultiTaskEvaluation(LightningModule, ABC):
         report = None
         if self.trainer.is_global_zero:
             extra = {**self.report_extra(), **({"partial": True} if self._partial() else {})}
+            if self.gram_images:
+                extra["gram_images"] = dict(self.gram_images)
             if "validation" in self.results:
                 extra["validation"] = summarize(self.results["validation"])
             title = f"{self.report_title} (PARTIAL: limited test batches)" if self._partial() else self.report_title

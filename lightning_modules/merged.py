@@ -8,10 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import PretrainedConfig
 
 from lightning_modules.evaluation import MultiTaskEvaluation, backbone_from_state, heads_from_state
 from lightning_modules.export import classifier_config, merged_model_card, write_classifier
+from lightning_modules.grams import GramPass
 from merging.checkpoints import BACKBONE_PREFIX, check_export_target, check_output_location, write_atomically
 from merging.engine import merge_backbone
 from merging.errors import MergeError
@@ -30,7 +32,8 @@ class MergedClassifier(MultiTaskEvaluation):
         models: the model pool: ``_pretrained_`` and one checkpoint per task (hub id or
             directory), as in FusionBench's pool YAML; or the path of such a YAML file.
         method: the merge method and its hyper-parameters, e.g. ``--model.method TiesMerging
-            --model.method.top_k 0.2``.
+            --model.method.top_k 0.2``. ``RegMean`` also needs ``--data.gram_images``: it
+            merges after a pass over unlabelled train images, in the same ``merge.py test``.
         evaluate_individual: also evaluate each fine-tuned model on its own task, for the
             normalised accuracy (merged / individual).
         merged_model: evaluate this saved merged model (a ``save_dir``) instead of merging.
@@ -84,6 +87,7 @@ class MergedClassifier(MultiTaskEvaluation):
         self.export_dir = export_dir
         self.overwrite = overwrite
         self.channels_last = channels_last
+        self.uses_grams = merged_model is None and self.method.needs_grams
         self._backbone_config: PretrainedConfig | None = None  # set by build(), for the exports
         self._saved_info: dict[str, Any] = {}  # merge.json of the saved merged model
         if merged_model is not None:
@@ -93,6 +97,11 @@ class MergedClassifier(MultiTaskEvaluation):
         return self.trainer is not None and self.trainer.testing and self.trainer.limit_test_batches == 0
 
     def check_test_does_something(self, trainer: Any) -> None:
+        if trainer.limit_test_batches == 0 and self.uses_grams:
+            raise MergeError(
+                f"{self.method.describe()} merges from a pass over train images, and trainer.limit_test_batches 0 reads "
+                "no data: merge and save with --trainer.limit_test_batches 1.0 (and --model.save_dir)"
+            )
         if trainer.limit_test_batches == 0 and self.save_dir is None and self.export_dir is None:
             raise MergeError(
                 "trainer.limit_test_batches 0 evaluates nothing, and no model.save_dir or model.export_dir is given: "
@@ -116,14 +125,38 @@ class MergedClassifier(MultiTaskEvaluation):
     def _merge(self) -> None:
         pool = self.pool
         pool.check_heads(self.classnames)
-        config = pool.config(PRETRAINED)
-        self._backbone_config = config
-        merged = merge_backbone(pool, self.method, progress=self.trainer is None or self.trainer.is_global_zero)
-        self.verify_identical_across_ranks(merged, "merged weights")
-        self.add_row(self.method.describe(), backbone_from_state(config, merged))
+        self._backbone_config = pool.config(PRETRAINED)
+        self.add_row(self.method.describe(), nn.Module())  # the merged backbone comes in _install
+        if self.uses_grams:  # merged in merge_with_grams, after the Gram pass
+            pool.check_backbones()
+            self.set_heads_and_individual(pool, self.evaluate_individual)
+            self.gram_pass = GramPass(pool, self.tasks)
+            return
+        merged = merge_backbone(pool, self.method, progress=self._progress())
+        self._install(merged)
         self.set_heads_and_individual(pool, self.evaluate_individual)
+        self._save(merged)
+
+    def merge_with_grams(self, grams: dict[str, list[torch.Tensor]]) -> None:
+        merged = merge_backbone(self.pool, self.method, progress=self._progress(), grams=grams)
+        self._install(merged)
+        if self.channels_last:
+            self.rows["row0"].to(memory_format=torch.channels_last)
+        self._save(merged)
+
+    def _progress(self) -> bool:
+        return self.trainer is None or self.trainer.is_global_zero
+
+    def _install(self, merged: dict[str, torch.Tensor]) -> None:
+        """The merged backbone as the row, on the module's device, once all processes agree on it."""
+        self.verify_identical_across_ranks(merged, "merged weights")
+        self.rows["row0"] = backbone_from_state(self.pool.config(PRETRAINED), merged).to(self.device)
+
+    def _save(self, merged: dict[str, torch.Tensor]) -> None:
+        pool = self.pool
         if self.save_dir is not None and (self.trainer is None or self.trainer.is_global_zero):
             all_heads = {task: pool.head(task) for task in pool.task_names}
+            config = pool.config(PRETRAINED)
             save_merged(self.save_dir, merged, all_heads, config, pool.directory(PRETRAINED), self._info(), self.overwrite)
             print(f"saved the merged model to {self.save_dir}")
         if self.trainer is not None:

@@ -18,11 +18,13 @@ from merging.methods import (
     TiesMerging,
 )
 from merging.pool import ModelPool
+from merging.regmean import RegMean
 from merging.spectral import SPECTRAL_METHODS, IsotropicCommon, IsotropicCommonTask, TaskSingularVectors
 from merging.switch import SwitchModule
 
 METHODS[LearnedCoefficients.name] = LearnedCoefficients
 METHODS.update(SPECTRAL_METHODS)
+METHODS[RegMean.name] = RegMean
 
 __all__ = [
     "METHODS",
@@ -35,6 +37,7 @@ __all__ = [
     "MergeError",
     "MergeMethod",
     "ModelPool",
+    "RegMean",
     "SimpleAverage",
     "SwitchModule",
     "TaskArithmetic",

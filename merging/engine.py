@@ -9,13 +9,15 @@ flat slices of ``SLICE`` entries instead, read straight from the files, so that 
 model's slice and the running result stay in the CPU cache: the same values, several times
 faster, and only slices in flight. Such a merge runs torch on one thread and spreads the keys
 over as many Python threads as torch had. TIES's per-task thresholds need a first pass over
-each whole task vector; it runs one model at a time.
+each whole task vector; it runs one model at a time. RegMean merges each Linear weight from
+the stream of fine-tuned weights and the tasks' Gram matrices, which the caller gathered on
+data (``grams``), on the Grams' device.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from functools import partial
@@ -24,7 +26,7 @@ import torch
 from rich.progress import track
 from torch import Tensor
 
-from merging.errors import CheckpointError
+from merging.errors import CheckpointError, MergeError
 from merging.methods import MergeMethod
 from merging.pool import PRETRAINED, ModelPool
 from merging.reader import CheckpointReader
@@ -53,8 +55,9 @@ def _check_finite(tensor: Tensor, reader: CheckpointReader, key: str) -> None:
 class _Streams:
     """The tensors of one key, read lazily from each fine-tuned checkpoint."""
 
-    def __init__(self, pool: ModelPool, method: MergeMethod, check_inputs: bool) -> None:
+    def __init__(self, pool: ModelPool, method: MergeMethod, check_inputs: bool, grams: Mapping[str, Sequence[Tensor]]) -> None:
         self.method = method
+        self.grams = grams
         self.check_inputs = check_inputs
         self.pretrained = pool.reader(PRETRAINED)
         self.finetuned = [pool.reader(task) for task in pool.task_names]
@@ -152,6 +155,10 @@ class _Streams:
     def merge(self, key: str, statistics: list[float]) -> Tensor:
         """The merged tensor of ``key``, in the pretrained dtype."""
         method = self.method
+        if key in self.grams:
+            result = self._merge_linear(key)
+            self._check_result(key, result)
+            return result.to(self.pretrained.dtype(key))
         if not method.elementwise:
             if method.uses_pretrained:
                 pretrained = self.pretrained_tensor(key)
@@ -174,6 +181,13 @@ class _Streams:
             flat[start:stop].copy_(result)
         return merged
 
+    def _merge_linear(self, key: str) -> Tensor:
+        """A Linear weight from the fine-tuned weights and the tasks' Grams (on their device), back on the CPU."""
+        try:
+            return self.method.merge_linear(self.finetuned_tensors(key), self.grams[key]).cpu()
+        except torch.linalg.LinAlgError as error:
+            raise MergeError(f"merging '{key}' with {self.method.describe()}: the summed Gram matrix is singular ({error})") from error
+
     def _check_result(self, key: str, result: Tensor) -> None:
         if not _all_finite(result):
             self.locate_non_finite(key)
@@ -189,16 +203,24 @@ def _numel(shape: tuple[int, ...]) -> int:
     return int(torch.Size(shape).numel())
 
 
-def merge_backbone(pool: ModelPool, method: MergeMethod, progress: bool = True) -> dict[str, Tensor]:
+def merge_backbone(
+    pool: ModelPool, method: MergeMethod, progress: bool = True, grams: Mapping[str, Sequence[Tensor]] | None = None
+) -> dict[str, Tensor]:
     """The merged ``convnext.*`` tensors of ``pool`` under ``method``, in the pretrained dtype.
+
+    A method with ``needs_grams`` (RegMean) also takes ``grams``: per Linear weight key, the
+    Gram matrix of that layer's inputs in each fine-tuned model, in the order of
+    ``pool.task_names``; those keys go through ``method.merge_linear``, the others through
+    ``method.merge``.
 
     Raises ``CheckpointError`` naming the file and key of any NaN/Inf input; the check runs
     on the outputs where the method is a plain sum (a non-finite input always shows there)
     and on every input otherwise.
     """
     pool.check_backbones()
-    streams = _Streams(pool, method, check_inputs=not method.propagates_non_finite)
     keys = pool.backbone_keys
+    _check_grams(method, grams, keys, len(pool.task_names))
+    streams = _Streams(pool, method, check_inputs=not method.propagates_non_finite, grams=grams or {})
     method.prepare(pool.task_names, keys)
     statistics: list[float] = []
     merged: dict[str, Tensor] = {}
@@ -228,6 +250,22 @@ def merge_backbone(pool: ModelPool, method: MergeMethod, progress: bool = True) 
                 for future in futures:
                     future.cancel()
     return merged
+
+
+def _check_grams(method: MergeMethod, grams: Mapping[str, Sequence[Tensor]] | None, keys: list[str], num_tasks: int) -> None:
+    if method.needs_grams and grams is None:
+        raise MergeError(
+            f"{method.describe()} needs the Gram matrices of the Linear layers' inputs, gathered on each task's "
+            "unlabelled train images: set data.gram_images"
+        )
+    if grams is not None and not method.needs_grams:
+        raise MergeError(f"{method.describe()} merges without Gram matrices: none should be given")
+    unknown = sorted(set(grams or {}) - set(keys))
+    if unknown:
+        raise MergeError(f"Gram matrices for keys the backbone lacks: {', '.join(unknown[:3])}")
+    short = [key for key, per_task in (grams or {}).items() if len(per_task) != num_tasks]
+    if short:
+        raise MergeError(f"'{short[0]}' has {len(grams[short[0]])} Gram matrices for {num_tasks} fine-tuned models")
 
 
 @contextmanager

@@ -172,6 +172,9 @@ class MergeMethod(ABC):
     #: engine then hands them flat slices of each parameter tensor, which stay in the CPU
     #: cache, several keys at a time, for the same result entry by entry.
     elementwise: ClassVar[bool] = False
+    #: True where the Linear weights are merged by ``merge_linear`` from the Gram matrices of
+    #: their inputs (RegMean): ``merge_backbone`` then needs ``grams``, gathered on data.
+    needs_grams: ClassVar[bool] = False
 
     def prepare(self, tasks: Sequence[str], keys: Sequence[str]) -> None:
         """Called once before merging with the fine-tuned tasks (in stream order) and the
@@ -188,6 +191,11 @@ class MergeMethod(ABC):
     @abstractmethod
     def merge(self, pretrained: Tensor | None, tensors: Iterable[Tensor], statistics: Sequence[float]) -> Tensor:
         """The merged tensor of one parameter."""
+
+    def merge_linear(self, weights: Iterable[Tensor], grams: Sequence[Tensor]) -> Tensor:
+        """The merged weight of one Linear layer from each task's weight and input Gram matrix
+        (methods with ``needs_grams``)."""
+        raise NotImplementedError
 
     def hyperparameters(self) -> dict[str, float | int | bool]:
         return {}

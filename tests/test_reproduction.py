@@ -132,6 +132,11 @@ def test_merge_configs_rehearsed_on_the_public_ids(home: Path, tmp_path: Path) -
     run([MERGE, "test", "--config", str(merge_configs / "convnext-base-224_8-tasks.yaml"), *MERGE_ARGS], home, tmp_path)
     assert_full_report(report(tmp_path / "outputs" / "merge" / "convnext-base-224_8-tasks"), {"simple_average"})
 
+    run([MERGE, "test", "--config", str(merge_configs / "regmean.yaml"), *MERGE_ARGS], home, tmp_path)
+    content = report(tmp_path / "outputs" / "merge" / "regmean")
+    assert_full_report(content, {"regmean(reduce_non_diagonal_ratio=0.95)"})
+    assert content["gram_images"] == {get_task(task).name: SIZES["train"] for task in BENCHMARK_TASKS}  # fewer than 256
+
     run([MERGE, "fit", "--config", str(merge_configs / "adamerging.yaml"), *MERGE_ARGS], home, tmp_path)
     coefficients = tmp_path / "outputs" / "adamerging" / "coefficients.json"
     assert json.loads(coefficients.read_text())["tasks"] == [get_task(task).name for task in BENCHMARK_TASKS]
@@ -144,6 +149,9 @@ def test_merge_configs_rehearsed_on_the_public_ids(home: Path, tmp_path: Path) -
     run([MERGE, "test", "--config", str(merge_configs / "compare.yaml"), *MERGE_ARGS], home, tmp_path)
     content = report(tmp_path / "outputs" / "compare" / "convnext-base-224_8-tasks")
     assert_full_report(content, {entry["label"] for entry in content["methods"]} | {"individual"})
+    assert {entry["name"] for entry in content["methods"]} >= {"regmean"}
+    # The Gram pass reads the train rows outside the 10% held out for validation.
+    assert content["gram_images"] == {get_task(task).name: SIZES["train"] - round(0.1 * SIZES["train"]) for task in BENCHMARK_TASKS}
 
 
 def test_merge_and_save_needs_no_data(home: Path, models_only_home: Path, tmp_path: Path) -> None:
