@@ -244,5 +244,5 @@ def test_gram_images_avoid_the_validation_rows_and_are_capped_by_the_train_split
     assert data.gram_rows(SIZES["train"]).tolist() == train_rows.tolist(), "all the train part, none held out"
     assert len(data.gram_datasets["dtd"]) == len(train_rows) == 45
     assert [len(loader.dataset) for loader in data.test_dataloader()] == [45, len(held_out), SIZES["test"]]
-    with pytest.raises(DataError, match="gram_images must be at least 1"):
+    with pytest.raises(DataError, match="gram_images must be a positive integer or null"):
         MultiTaskDataModule(["dtd"], paths={"dtd": path}, processor=tiny_processor, gram_images=0)
