@@ -46,7 +46,6 @@ import argparse
 import itertools
 import os
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -235,10 +234,9 @@ def merge_fusionbench(root: Path, num_tasks: int, ratios: list[float], out: Path
     logging.disable(logging.WARNING)
 
     import torch
+    from fusion_bench.method.regmean.regmean import merging_with_regmean_weights, regmean_merging
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForImageClassification
-
-    from fusion_bench.method.regmean.regmean import merging_with_regmean_weights, regmean_merging
 
     dirs = pool_dirs(root, num_tasks)
     names = [f"task{index}" for index in range(num_tasks)]

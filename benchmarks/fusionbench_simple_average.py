@@ -41,10 +41,9 @@ if not hasattr(typing, "override"):
     typing.override = typing_extensions.override
 
 import torch  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-
 from fusion_bench.method import SimpleAverageAlgorithm  # noqa: E402
 from fusion_bench.modelpool import ConvNextForImageClassificationPool  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 
 TASKS = ["sun397", "stanford_cars", "resisc45", "eurosat", "svhn", "gtsrb", "mnist", "dtd"]
 

@@ -198,15 +198,14 @@ def merge_fusionbench(root: Path, num_tasks: int, out: Path) -> None:
 
     import lightning as L
     import torch
-    from safetensors.torch import save_file
-    from transformers import AutoModelForImageClassification
-
     from fusion_bench import BaseModelPool
     from fusion_bench.method import (
         IsotropicMergingInCommonAndTaskSubspace,
         IsotropicMergingInCommonSubspace,
         TaskSingularVectorMerging,
     )
+    from safetensors.torch import save_file
+    from transformers import AutoModelForImageClassification
 
     def backbones(dtype: torch.dtype) -> BaseModelPool:
         # Fresh modules for every run: FusionBench writes the result into the pretrained one.

@@ -114,7 +114,3 @@ def build_builtin_dataset(task: str, classnames: tuple[str, ...]) -> DatasetDict
         return Dataset.from_dict({"image": pil_images, "label": labels[indices].tolist()}, features=features)
 
     return DatasetDict({"train": split(order[num_test:]), "test": split(order[:num_test])})
-
-
-def is_builtin(task: str) -> bool:
-    return task in _PIXEL_SOURCES

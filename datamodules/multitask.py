@@ -6,7 +6,6 @@ from functools import cached_property
 from typing import Literal
 
 import numpy as np
-
 from datasets import Dataset as HFDataset
 from datasets import DatasetDict
 from lightning.pytorch import LightningDataModule
@@ -127,10 +126,6 @@ class MultiTaskDataModule(LightningDataModule):
     def evaluated_splits(self) -> list[str]:
         """The labelled splits that are scored."""
         return ["validation", "test"] if self.val_fraction is not None else ["test"]
-
-    @property
-    def num_classes(self) -> dict[str, int]:
-        return {task.name: task.num_classes for task in self.tasks}
 
     @property
     def classnames(self) -> dict[str, list[str]]:

@@ -12,16 +12,12 @@ from pathlib import Path
 import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, Value, load_dataset, load_from_disk
 
+from common.names import plain_label
 from datamodules.builtin import build_builtin_dataset
 from datamodules.errors import DataError
 from datamodules.tasks import TaskInfo
 
 REQUIRED_COLUMNS = ("image", "label")
-
-
-def default_path(task: TaskInfo) -> str | None:
-    """Where a task's data comes from when no path is given: its hub id (None for built-ins)."""
-    return task.hub_dataset
 
 
 def _looks_local(path: str) -> bool:
@@ -38,7 +34,7 @@ def check_path(task: TaskInfo, path: str | None) -> None:
 def load_task_dataset(task: TaskInfo, path: str | None = None) -> DatasetDict:
     """Load all splits of ``task`` from ``path`` (default: the task's hub id)."""
     check_path(task, path)
-    path = path or default_path(task)
+    path = path or task.hub_dataset  # None: a built-in task
     if path is None:
         return build_builtin_dataset(task.name, task.classnames)
     where = f"task '{task.name}', path '{path}'"
@@ -60,7 +56,7 @@ def load_task_dataset(task: TaskInfo, path: str | None = None) -> DatasetDict:
 
 def get_split(dataset: DatasetDict, split: str, task: TaskInfo, path: str | None) -> Dataset:
     """One split, checked: present, non-empty, with ``image`` and ``label`` columns."""
-    where = f"task '{task.name}', path '{path or default_path(task) or 'built-in'}'"
+    where = f"task '{task.name}', path '{path or task.hub_dataset or 'built-in'}'"
     if split not in dataset:
         raise DataError(f"{where}: no '{split}' split (found: {', '.join(dataset) or 'none'})")
     data = dataset[split]
@@ -75,22 +71,17 @@ def get_split(dataset: DatasetDict, split: str, task: TaskInfo, path: str | None
     return data
 
 
-def _plain(name: str) -> str:
-    """Spellings of one class name: ``Annual_Crop`` and ``annual crop``."""
-    return " ".join(str(name).lower().replace("_", " ").split())
-
-
 def folder_name(classname: str) -> str:
     """The folder spelling of a class name: ``/`` cannot be in a folder name, ``_`` stands for it."""
     return classname.replace("/", "_")
 
 
 def class_index(task: TaskInfo) -> dict[str, int]:
-    """Every accepted spelling (see ``_plain``, ``folder_name``) of the task's class names -> label."""
+    """Every accepted spelling (see ``plain_label``, ``folder_name``) of the task's class names -> label."""
     index = {}
     for label, name in enumerate(task.classnames):
-        index[_plain(name)] = label
-        index.setdefault(_plain(folder_name(name)), label)
+        index[plain_label(name)] = label
+        index.setdefault(plain_label(folder_name(name)), label)
     return index
 
 
@@ -119,9 +110,9 @@ def label_mapping(data: Dataset, task: TaskInfo, where: str) -> np.ndarray | dic
 
 def _class_label_mapping(names: list[str], task: TaskInfo, where: str, folders: bool) -> np.ndarray | None:
     index = class_index(task)
-    known = [_plain(name) in index for name in names]
+    known = [plain_label(name) in index for name in names]
     if all(known):
-        return np.array([index[_plain(name)] for name in names], dtype=np.int64)
+        return np.array([index[plain_label(name)] for name in names], dtype=np.int64)
     if any(known):
         unknown = [name for name, ok in zip(names, known) if not ok]
         raise DataError(f"{where}: class name(s) {', '.join(map(repr, unknown[:5]))} are not classes of '{task.name}'")
@@ -145,13 +136,13 @@ def _class_label_mapping(names: list[str], task: TaskInfo, where: str, folders: 
 def _string_label_mapping(data: Dataset, task: TaskInfo, where: str) -> dict[str, int]:
     index = class_index(task)
     values = data.unique("label")
-    unknown = [value for value in values if value is None or _plain(value) not in index]
+    unknown = [value for value in values if value is None or plain_label(value) not in index]
     if unknown:
         raise DataError(
             f"{where}: label {unknown[0]!r} is not a class name of '{task.name}' "
             f"({_examples(task)}); {len(unknown)} such value(s)"
         )
-    return {value: index[_plain(value)] for value in values}
+    return {value: index[plain_label(value)] for value in values}
 
 
 def checked_label_mapping(data: Dataset, task: TaskInfo, where: str) -> np.ndarray | dict[str, int] | None:

@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.names import task_key
 from datamodules.builtin import SHAPE_NAMES
 from datamodules.errors import DataError
 
@@ -65,14 +66,9 @@ TASKS.update({name: TaskInfo(name, _DIGIT_NAMES) for name in ("digits", "mnist5k
 TASKS["shapes"] = TaskInfo("shapes", SHAPE_NAMES)
 
 
-def normalize_task_name(name: str) -> str:
-    """``Stanford-Cars`` and ``stanford_cars`` name the same task."""
-    return name.strip().lower().replace("-", "_")
-
-
 def get_task(name: str) -> TaskInfo:
     """Look a task up by name; an unknown name lists the known ones and the closest match."""
-    key = normalize_task_name(name)
+    key = task_key(name)
     if key in TASKS:
         return TASKS[key]
     close = difflib.get_close_matches(key, TASKS, n=1)

@@ -20,9 +20,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from common.files import check_output_location
 from datamodules.errors import check_setting
 from lightning_modules.evaluation import MultiTaskEvaluation, backbone_from_state
-from merging.checkpoints import check_output_location
+from lightning_modules.wandb_logger import wandb_loggers
 from merging.coefficients import coefficients_heatmap, read_coefficients, write_coefficients
 from merging.errors import MergeError
 from merging.pool import BACKBONE_PREFIX, PRETRAINED, ModelPool
@@ -196,11 +197,8 @@ class AdaMerging(MultiTaskEvaluation):
         write_coefficients(output / "coefficients.json", applied, self.merge_tasks, self.keys, self.granularity)
         coefficients_heatmap(output / "coefficients.png", applied, self.merge_tasks, self.keys, self.pool.network_keys)
         print(f"wrote {output / 'coefficients.json'} and {output / 'coefficients.png'}")
-        from lightning.pytorch.loggers import WandbLogger
-
-        for logger in self.trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_image(key="adamerging/coefficients", images=[str(output / "coefficients.png")])
+        for logger in wandb_loggers(self.trainer):
+            logger.log_image(key="adamerging/coefficients", images=[str(output / "coefficients.png")])
 
     def on_test_start(self) -> None:
         with torch.no_grad():

@@ -13,10 +13,10 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 from transformers import AutoConfig, ConvNextForImageClassification
 
+from common.checkpoints import check_convnext_checkpoint, check_head_labels, resolve_model_dir
+from common.errors import CheckpointError
 from datamodules.errors import check_setting
 from lightning_modules.errors import TrainingError
-from merging.checkpoints import check_convnext_checkpoint, check_head_labels, resolve_model_dir
-from merging.errors import CheckpointError
 
 
 def classification_metrics(num_classes: int) -> MetricCollection:

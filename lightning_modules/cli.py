@@ -3,23 +3,22 @@
 from __future__ import annotations
 
 import sys
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
-from lightning.pytorch.trainer.states import TrainerStatus
 
+from common.errors import CheckpointError
+from common.files import check_output_location
 from datamodules.errors import DataError
 from lightning_modules.errors import TrainingError
 from lightning_modules.evaluation import MultiTaskEvaluation
-from lightning_modules.export import check_export_target, export_path, model_card, write_atomically
+from lightning_modules.export import HuggingFaceExport
 from lightning_modules.noise import silence_known_noise
 from lightning_modules.parser_errors import ProjectArgumentParser
-from merging.checkpoints import check_output_location
-from merging.errors import CheckpointError, MergeError
+from merging.errors import MergeError
 
 #: Errors that mean bad input: reported as one line, without a traceback.
 INPUT_ERRORS = (DataError, CheckpointError, MergeError, TrainingError)
@@ -116,67 +115,26 @@ class TrainCLI(ProjectCLI):
         )
         parser.add_argument("--overwrite", type=bool, default=False, help="Replace an existing export.")
 
-    def _export_target(self, steps: int) -> Path | None:
-        return export_path(self.subcommand_config().as_dict(), steps)
-
     def before_fit(self) -> None:
         super().before_fit()
         if not self.trainer.loggers:
             # `--trainer.logger false` on a config with a LearningRateMonitor: nothing to monitor into,
             # and Lightning would refuse to train.
             self.trainer.callbacks = [c for c in self.trainer.callbacks if not isinstance(c, LearningRateMonitor)]
-        # Fail before training, not after it, if the export would be refused or could not be written.
-        if self.trainer.max_steps and self.trainer.max_steps > 0:
-            target = self._export_target(self.trainer.max_steps)
-            if target is not None and self.trainer.is_global_zero:
-                check_export_target(target, self.subcommand_config().get("overwrite"))
-        self._check_output_locations()
-
-    def _check_output_locations(self) -> None:
-        export_dir = self.subcommand_config().get("export_dir")
-        if export_dir is not None:
-            check_output_location(export_dir, "export_dir")
+        config = self.subcommand_config()
+        if config.get("export_dir") is not None:
+            export = HuggingFaceExport(
+                config["export_dir"],
+                config.get("export_name"),
+                config.get("overwrite"),
+                config_yaml=self._parser(self.subcommand).dump(config, skip_none=False),
+            )
+            # Before any data is read (its own setup check comes after the data's setup).
+            export.check(self.trainer, self.model, self.datamodule)
+            self.trainer.callbacks.append(export)
         for callback in self.trainer.checkpoint_callbacks:
             if callback.dirpath is not None:
                 check_output_location(callback.dirpath, f"{type(callback).__name__} dirpath")
-
-    def after_fit(self) -> None:
-        trainer = self.trainer
-        target = self._export_target(trainer.global_step)
-        if target is None:
-            return
-        if trainer.state.status != TrainerStatus.FINISHED or trainer.interrupted:
-            print(f"fit did not finish: nothing exported to {target}", file=sys.stderr)
-            return
-        if trainer.is_global_zero:
-            write = partial(self._write_export, name=target.name)
-            write_atomically(target, write, self.subcommand_config().get("overwrite"))
-            print(f"exported {target}")
-        trainer.strategy.barrier("export")
-
-    def _write_export(self, directory: Path, name: str) -> None:
-        model, data, trainer = self.model, self.datamodule, self.trainer
-        hparams = model.hparams
-        model.model.config.finetuning_task = data.task.name
-        model.model.save_pretrained(directory)
-        data.image_processor.save_pretrained(directory)
-        recipe = {
-            "base model": hparams.model_name_or_path,
-            "task": data.task.name,
-            "optimizer": f"SGD (lr {hparams.lr:g}, momentum {hparams.momentum:g}, weight decay {hparams.weight_decay:g})",
-            "learning-rate schedule": "constant" if model.scheduler is None else "see train_config.yaml",
-            "global batch size": data.batch_size,
-            "steps": trainer.global_step,
-            "precision": trainer.precision,
-            "label smoothing": hparams.label_smoothing,
-            **data.recipe,
-            "seed": self.subcommand_config().get("seed_everything"),
-        }
-        metrics = {key: float(value) for key, value in trainer.callback_metrics.items() if key.startswith("val/")}
-        card = model_card(name, hparams.model_name_or_path, data.task.name, data.task.hub_dataset, recipe, metrics)
-        (directory / "README.md").write_text(card)
-        config = self._parser(self.subcommand).dump(self.subcommand_config(), skip_none=False)
-        (directory / "train_config.yaml").write_text(config)
 
 
 class MergeCLI(ProjectCLI):

@@ -28,9 +28,10 @@ from torchmetrics import MeanMetric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 from transformers import ConvNextConfig, ConvNextModel
 
+from common.files import check_output_location
 from datamodules.multitask import GRAM_SPLIT
-from lightning_modules.report import INDIVIDUAL, summarize, write_report
-from merging.checkpoints import check_output_location
+from lightning_modules.report import INDIVIDUAL, summarize, table_rows, write_report
+from lightning_modules.wandb_logger import wandb_loggers
 from merging.errors import MergeError
 from merging.switch import SwitchModule
 
@@ -288,12 +289,7 @@ class MultiTaskEvaluation(LightningModule, ABC):
         return report
 
     def _log_to_wandb(self, report: Mapping[str, Any]) -> None:
-        from lightning.pytorch.loggers import WandbLogger
-
-        from lightning_modules.report import table_rows
-
-        for logger in self.trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                header, lines = table_rows(report)
-                logger.log_table(key="test/report", columns=header, data=lines)
-                logger.log_image(key="test/accuracy_chart", images=[str(Path(self.report_dir, "accuracy.png"))])
+        for logger in wandb_loggers(self.trainer):
+            header, lines = table_rows(report)
+            logger.log_table(key="test/report", columns=header, data=lines)
+            logger.log_image(key="test/accuracy_chart", images=[str(Path(self.report_dir, "accuracy.png"))])

@@ -1,31 +1,19 @@
-"""Export a fine-tuned or merged classifier as a self-describing Hugging Face checkpoint, atomically."""
+"""The fine-tuned classifier as a self-describing Hugging Face checkpoint, written at the end of
+``fit`` by a Lightning callback, so a plain ``Trainer.fit`` exports as ``train.py`` does."""
 
 from __future__ import annotations
 
-import copy
-import shutil
-from collections.abc import Mapping, Sequence
+import os
+import sys
+from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import save_file
-from transformers import PretrainedConfig
+from lightning.pytorch import Callback, LightningModule, Trainer
 
+from common.files import check_export_target, check_output_location, write_atomically
 from datamodules.tasks import get_task
-from merging.checkpoints import check_export_target, is_hub_id, write_atomically
-from merging.pool import PRETRAINED
-
-__all__ = [
-    "check_export_target",
-    "classifier_config",
-    "export_name",
-    "export_path",
-    "merged_model_card",
-    "model_card",
-    "write_atomically",
-    "write_classifier",
-]
 
 
 def export_name(model_name_or_path: str, task_hub_name: str, batch_size: int, lr: float, steps: int) -> str:
@@ -71,82 +59,89 @@ def model_card(
         "| --- | --- |",
         *(f"| {key} | {value:.4f} |" for key, value in sorted(metrics.items())),
         "",
-        "The resolved training configuration is in `train_config.yaml`.",
+        "The resolved training configuration, where `train.py` ran it, is in `train_config.yaml`.",
         "",
     ]
     return "\n".join(front + lines)
 
 
-def classifier_config(config: PretrainedConfig, classnames: Sequence[str]) -> PretrainedConfig:
-    """A copy of the backbone's ``config`` as a ``ConvNextForImageClassification`` for these classes."""
-    config = copy.deepcopy(config)
-    config.id2label = dict(enumerate(classnames))
-    config.label2id = {name: index for index, name in enumerate(classnames)}
-    config.architectures = ["ConvNextForImageClassification"]
-    return config
+class HuggingFaceExport(Callback):
+    """At the end of a ``fit`` that finished, rank 0 writes the fine-tuned classifier to
+    ``<export_dir>/<export_name>``, whole or not at all (the other ranks wait):
+    ``config.json`` with the task's ``id2label``, ``model.safetensors``,
+    ``preprocessor_config.json``, a model card ``README.md`` (base model, task, recipe, final
+    validation metrics) and, where given, the resolved configuration ``train_config.yaml``.
+    An export that exists, or an ``export_dir`` that cannot be written, is refused when fit
+    starts, before any training. For ``ImageClassifier`` with ``ImageClassificationDataModule``:
+    ``Trainer(callbacks=[HuggingFaceExport("exports")]).fit(model, datamodule=data)``.
 
+    Args:
+        export_dir: root of the export.
+        export_name: the export's directory name (default: the public checkpoints' naming,
+            ``<model>_<task>_sgd_batch-size-<B>_lr-<lr>_steps-<N>``).
+        overwrite: replace an existing export.
+        config_yaml: the run's resolved configuration, kept beside the weights as
+            ``train_config.yaml`` (``train.py`` passes it).
+    """
 
-def write_classifier(
-    directory: Path,
-    backbone: Mapping[str, torch.Tensor],
-    head: Mapping[str, torch.Tensor],
-    config: PretrainedConfig,
-    processor_file: Path,
-    card: str,
-) -> None:
-    """A Hugging Face image classifier in ``directory``: the ``convnext.*`` backbone and the
-    head as ``classifier.weight|bias``, ``config.json``, the image processor, ``README.md``."""
-    tensors = {key: tensor.detach().cpu().contiguous() for key, tensor in backbone.items()}
-    tensors.update({f"classifier.{name}": tensor.detach().cpu().contiguous() for name, tensor in head.items()})
-    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
-    config.save_pretrained(directory)
-    shutil.copy(processor_file, directory / "preprocessor_config.json")
-    (directory / "README.md").write_text(card)
+    def __init__(
+        self, export_dir: str = "exports", export_name: str | None = None, overwrite: bool = False, config_yaml: str | None = None
+    ) -> None:
+        self.export_dir = export_dir
+        self.export_name = export_name
+        self.overwrite = overwrite
+        self.config_yaml = config_yaml
 
+    def target(self, pl_module: LightningModule, datamodule: Any, steps: int) -> Path:
+        hparams = pl_module.hparams
+        name = self.export_name or export_name(
+            hparams.model_name_or_path, datamodule.task.hub_name, datamodule.batch_size, hparams.lr, steps
+        )
+        return Path(self.export_dir) / name
 
-def _accuracy_text(task: str, evaluation: Mapping[str, Any] | None) -> str:
-    if evaluation is None:
-        return "Not evaluated: exported without evaluating (`--trainer.limit_test_batches 0`)."
-    text = (
-        f"Top-1 accuracy on the {task} test split: **{100 * evaluation['accuracy']:.2f}%** "
-        f"({int(evaluation['num_samples'])} images), measured by `merge.py test` in the run that exported this model."
-    )
-    if evaluation.get("partial"):
-        text += " A partial run (`--trainer.limit_test_batches`): not the whole test split."
-    return text
+    def check(self, trainer: Trainer, pl_module: LightningModule, datamodule: Any) -> None:
+        """Refuse an export that would be refused or fail at the end of training."""
+        check_output_location(self.export_dir, "export_dir")
+        if trainer.max_steps and trainer.max_steps > 0 and trainer.is_global_zero:
+            check_export_target(self.target(pl_module, datamodule, trainer.max_steps), self.overwrite)
 
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.check(trainer, pl_module, trainer.datamodule)
 
-def merged_model_card(task: str, merge: Mapping[str, Any], evaluation: Mapping[str, Any] | None) -> str:
-    """README.md of a merged model exported for ``task``: the method and its hyper-parameters
-    and the model pool (``merge``: ``merge.json``'s fields), and the task's test accuracy
-    (``evaluation``: ``accuracy``, ``num_samples``, ``partial``; None when not evaluated)."""
-    models = dict(merge.get("models") or {})
-    merged = [source for name, source in models.items() if name != PRETRAINED and is_hub_id(source)]
-    front = ["---", "library_name: transformers", "pipeline_tag: image-classification"]
-    if merged:
-        front += ["base_model:", *(f"- {source}" for source in merged), "base_model_relation: merge"]
-    front += ["tags:", "- convnext-fusion", "- model-merging", f"- {task}", "---", ""]
-    lines = [
-        f"# Merged ConvNeXt for {task}: {merge['method']}",
-        "",
-        f"A backbone merged by convnext-fusion (`merge.py`) from the model pool below, with the **{task}** "
-        "model's own fine-tuned classification head.",
-        "",
-        "## Merge",
-        "",
-        "| setting | value |",
-        "| --- | --- |",
-        f"| method | {merge['method']} |",
-        *(f"| {key} | {value} |" for key, value in (merge.get("hyperparameters") or {}).items()),
-        "",
-        "## Model pool",
-        "",
-        *(["| model | checkpoint |", "| --- | --- |", *(f"| {name} | {source} |" for name, source in models.items())]
-          if models else ["Not recorded."]),  # fmt: skip
-        "",
-        "## Accuracy",
-        "",
-        _accuracy_text(task, evaluation),
-        "",
-    ]
-    return "\n".join(front + lines)
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Not called for a fit that ended in an exception or an interrupt: nothing half-trained is exported.
+        target = self.target(pl_module, trainer.datamodule, trainer.global_step)
+        if trainer.is_global_zero:
+            write = partial(self._write, trainer=trainer, pl_module=pl_module, name=target.name)
+            write_atomically(target, write, self.overwrite)
+            print(f"exported {target}")
+        trainer.strategy.barrier("export")
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if trainer.training:
+            target = self.target(pl_module, trainer.datamodule, trainer.global_step)
+            print(f"fit did not finish: nothing exported to {target}", file=sys.stderr)
+
+    def _write(self, directory: Path, trainer: Trainer, pl_module: LightningModule, name: str) -> None:
+        data, hparams = trainer.datamodule, pl_module.hparams
+        pl_module.model.config.finetuning_task = data.task.name
+        pl_module.model.save_pretrained(directory)
+        data.image_processor.save_pretrained(directory)
+        recipe = {
+            "base model": hparams.model_name_or_path,
+            "task": data.task.name,
+            "optimizer": f"SGD (lr {hparams.lr:g}, momentum {hparams.momentum:g}, weight decay {hparams.weight_decay:g})",
+            "learning-rate schedule": "constant" if pl_module.scheduler is None else "see train_config.yaml",
+            "global batch size": data.batch_size,
+            "steps": trainer.global_step,
+            "precision": trainer.precision,
+            "label smoothing": hparams.label_smoothing,
+            **data.recipe,
+            "seed": os.environ.get("PL_GLOBAL_SEED"),  # what seed_everything set, where it ran
+        }
+        metrics = {key: float(value) for key, value in trainer.callback_metrics.items() if key.startswith("val/")}
+        card = model_card(name, hparams.model_name_or_path, data.task.name, data.task.hub_dataset, recipe, metrics)
+        (directory / "README.md").write_text(card)
+        if self.config_yaml is not None:
+            (directory / "train_config.yaml").write_text(self.config_yaml)

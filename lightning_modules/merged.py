@@ -11,10 +11,11 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from common.checkpoints import BACKBONE_PREFIX
+from common.files import check_export_target, check_output_location, write_atomically
 from lightning_modules.evaluation import MultiTaskEvaluation, backbone_from_state, heads_from_state
-from lightning_modules.export import classifier_config, merged_model_card, write_classifier
 from lightning_modules.grams import GramPass
-from merging.checkpoints import BACKBONE_PREFIX, check_export_target, check_output_location, write_atomically
+from lightning_modules.merged_export import classifier_config, merged_model_card, write_classifier
 from merging.engine import merge_backbone
 from merging.errors import MergeError
 from merging.methods import MergeMethod, SimpleAverage

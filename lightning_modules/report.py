@@ -10,11 +10,12 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from common.files import write_text_atomically
+from common.plots import pyplot, save_figure
 
 INDIVIDUAL = "individual"
 
@@ -85,12 +86,8 @@ def _csv(report: Mapping[str, Any]) -> str:
 
 
 def bar_chart(report: Mapping[str, Any], title: str, path: Path) -> None:
-    """Per-task accuracy, one bar group per task and one colour per row."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Per-task accuracy, one bar group per task and one colour per row, written to ``path``."""
+    plt = pyplot()
     tasks, _ = _columns(report)
     labels = [*tasks, "average"]
     rows = report["rows"]
@@ -109,15 +106,7 @@ def bar_chart(report: Mapping[str, Any], title: str, path: Path) -> None:
     if len(rows) > 1:
         axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-
-
-def _write_text_atomically(path: Path, text: str) -> None:
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(handle, "w") as file:
-        file.write(text)
-    os.replace(temporary, path)
+    save_figure(figure, path)
 
 
 def write_report(
@@ -132,11 +121,8 @@ def write_report(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     report = {"title": title, **(dict(extra) if extra else {}), **summarize(results)}
-    _write_text_atomically(directory / "report.json", json.dumps(report, indent=2) + "\n")
-    _write_text_atomically(directory / "report.md", "\n".join([markdown(report, title), *sections]))
-    _write_text_atomically(directory / "report.csv", _csv(report))
-    handle, temporary = tempfile.mkstemp(prefix=".accuracy.", suffix=".png", dir=directory)
-    os.close(handle)
-    bar_chart(report, title, Path(temporary))
-    os.replace(temporary, directory / "accuracy.png")
+    write_text_atomically(directory / "report.json", json.dumps(report, indent=2) + "\n")
+    write_text_atomically(directory / "report.md", "\n".join([markdown(report, title), *sections]))
+    write_text_atomically(directory / "report.csv", _csv(report))
+    bar_chart(report, title, directory / "accuracy.png")
     return report

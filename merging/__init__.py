@@ -5,9 +5,10 @@
     merged = merge_backbone(pool, TiesMerging(top_k=0.2, scaling_factor=0.3))
 """
 
+from common.errors import CheckpointError
 from merging.coefficients import LearnedCoefficients
 from merging.engine import merge_backbone
-from merging.errors import CheckpointError, MergeError
+from merging.errors import MergeError
 from merging.methods import (
     METHODS,
     DareTaskArithmetic,

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from common.files import write_text_atomically
+from common.plots import pyplot, save_figure
 from merging.errors import MergeError
 from merging.methods import MergeMethod, task_arithmetic
 
@@ -26,10 +26,7 @@ def write_coefficients(path: Path, coefficients: Tensor, tasks: Sequence[str], k
     else:
         table = {task: dict(zip(keys, map(float, row))) for task, row in zip(tasks, coefficients)}
     content = {"granularity": granularity, "tasks": list(tasks), "keys": list(keys), "coefficients": table}
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(handle, "w") as file:
-        json.dump(content, file, indent=1)
-    os.replace(temporary, path)
+    write_text_atomically(path, json.dumps(content, indent=1))
 
 
 def read_coefficients(
@@ -109,12 +106,7 @@ def coefficients_heatmap(
     """Tasks x parameter tensors (layers), one cell per coefficient: ``coefficients`` has a
     column per key of ``keys`` (or one, task-wise), drawn in the order of ``network_keys``
     (``ModelPool.network_keys``), so that the axis runs from the input to the output."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path.parent.mkdir(parents=True, exist_ok=True)
+    plt = pyplot()
     column = {key: index for index, key in enumerate(keys)}
     values = coefficients.expand(len(tasks), len(keys))[:, [column[key] for key in network_keys]].numpy()
     figure, axes = plt.subplots(figsize=(min(24.0, 4 + 0.05 * len(keys)), 1.2 + 0.45 * len(tasks)))
@@ -124,11 +116,7 @@ def coefficients_heatmap(
     axes.set_title("AdaMerging coefficients")
     figure.colorbar(image, ax=axes, fraction=0.03)
     figure.tight_layout()
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(handle)
-    figure.savefig(temporary, dpi=120)
-    plt.close(figure)
-    os.replace(temporary, path)
+    save_figure(figure, path)
 
 
 class LearnedCoefficients(MergeMethod):

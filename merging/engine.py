@@ -1,7 +1,7 @@
 """Stream the pool's checkpoints through a merge method, one parameter tensor at a time.
 
 For each backbone key the engine reads that tensor from each fine-tuned checkpoint in
-turn (``merging.reader``) and hands the stream to the method, which keeps a running
+turn (``common.reader``) and hands the stream to the method, which keeps a running
 result: memory holds the merged backbone, one pretrained tensor and one or two tensors in
 flight, whatever the number of models. A method that works entry by entry
 (``MergeMethod.elementwise``: simple average, task arithmetic, TIES) gets each tensor in
@@ -26,11 +26,11 @@ import torch
 from rich.progress import track
 from torch import Tensor
 
-from merging.errors import CheckpointError, MergeError
+from common.errors import CheckpointError
+from common.reader import CheckpointReader
+from merging.errors import MergeError
 from merging.methods import MergeMethod
 from merging.pool import PRETRAINED, ModelPool
-from merging.reader import CheckpointReader
-
 
 #: Entries per slice in the slice-wise merge of an elementwise method: a slice of every
 #: model (256 KiB each in float32) and the method's temporaries stay in the CPU cache, where a

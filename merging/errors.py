@@ -1,9 +1,8 @@
 """Exceptions for bad checkpoints and impossible merges; each message names file, key and shapes."""
 
+from common.errors import CheckpointError
 
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, unreadable, corrupt or for another task, or an output
-    location that cannot be written."""
+__all__ = ["CheckpointError", "MergeError"]
 
 
 class MergeError(ValueError):

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from merging.checkpoints import BACKBONE_PREFIX
+from common.checkpoints import BACKBONE_PREFIX
 from merging.errors import MergeError
 
 

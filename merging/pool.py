@@ -11,7 +11,7 @@ import torch
 import yaml
 from transformers import AutoConfig, PretrainedConfig
 
-from merging.checkpoints import (
+from common.checkpoints import (
     BACKBONE_PREFIX,
     check_convnext_checkpoint,
     check_head_labels,
@@ -19,16 +19,13 @@ from merging.checkpoints import (
     network_order,
     resolve_model_dir,
 )
-from merging.errors import CheckpointError, MergeError
-from merging.reader import CheckpointReader
+from common.errors import CheckpointError
+from common.names import task_key
+from common.reader import CheckpointReader
+from merging.errors import MergeError
 
 PRETRAINED = "_pretrained_"
 HEAD_KEYS = ("classifier.weight", "classifier.bias")
-
-
-def normalize_name(name: str) -> str:
-    """``stanford-cars`` (public checkpoint spelling) and ``stanford_cars`` are one task."""
-    return name.strip().lower().replace("-", "_")
 
 
 def _source_of(name: str, entry: str | Mapping[str, Any]) -> str:
@@ -74,7 +71,7 @@ class ModelPool:
             raise MergeError(f"the model pool has no '{PRETRAINED}' entry (names: {', '.join(models) or 'none'})")
         self.sources: dict[str, str] = {}
         for name, entry in models.items():
-            task = name if name == PRETRAINED else normalize_name(
+            task = name if name == PRETRAINED else task_key(
                 entry.get("dataset_name") or name if isinstance(entry, Mapping) else name
             )
             if task in self.sources:

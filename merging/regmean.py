@@ -33,7 +33,6 @@ more accurate than FusionBench's explicit ``torch.inverse`` in float32); results
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import ClassVar
 
 import torch
 from torch import Tensor

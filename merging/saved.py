@@ -19,9 +19,9 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoConfig, PretrainedConfig
 
-from merging.checkpoints import write_atomically
-from merging.errors import CheckpointError
-from merging.reader import CheckpointReader
+from common.errors import CheckpointError
+from common.files import write_atomically
+from common.reader import CheckpointReader
 
 HEAD_PREFIX = "heads."
 INFO_FILE = "merge.json"

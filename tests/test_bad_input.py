@@ -31,7 +31,7 @@ from lightning_modules.adamerging import AdaMerging
 from merge import main as merge_main
 from merge_fixtures import one_thread  # noqa: F401  (autouse: one intra-op thread)
 from merging import METHODS
-from merging.checkpoints import check_output_location, remove_dead_staging
+from common.files import check_output_location, remove_dead_staging
 from merging.coefficients import LearnedCoefficients, write_coefficients
 from merging.engine import merge_backbone
 from merging.methods import TaskArithmetic

@@ -15,10 +15,11 @@ from torch import nn
 
 import merge_fixtures as mf
 from merging.engine import merge_backbone
-from merging.errors import CheckpointError, MergeError
+from common.errors import CheckpointError
+from merging.errors import MergeError
 from merging.methods import SimpleAverage, TiesMerging
 from merging.pool import ModelPool
-from merging.reader import CheckpointReader
+from common.reader import CheckpointReader
 from merging.saved import load_merged, save_merged
 from merging.switch import SwitchModule
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from merging.errors import CheckpointError
+from common.errors import CheckpointError
 
 _DTYPES = {
     "F64": torch.float64,
