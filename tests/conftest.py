@@ -32,11 +32,27 @@ CONVNEXT_BASE_PREPROCESSOR = {
     "size": 224,
 }
 
-# The project's packages import from a plain checkout too, not only after `pip install -e .`.
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
+
+
+@pytest.fixture
+def quiet_cli(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """The real CLI in-process: W&B silent, pytest's own arguments hidden from it, and the
+    working directory a scratch folder (``tmp_path``), where the configs' relative outputs land."""
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setattr(sys, "argv", ["cli"])
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on shared cores: one intra-op thread avoids spinning threads fighting (10x faster)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -16,24 +16,19 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
+from conftest import REPO_ROOT
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, load_from_disk
 from PIL import Image as PILImage
 from safetensors.torch import load_file
 from transformers import ConvNextConfig, ConvNextForImageClassification
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-from datamodules.preprocessing import ImagePreprocessor  # noqa: E402
-from datamodules.tasks import get_task  # noqa: E402
+from datamodules.preprocessing import ImagePreprocessor
+from datamodules.tasks import get_task
 
 PROCESSOR_FILE = REPO_ROOT / "configs" / "quickstart" / "convnext-tiny-32" / "preprocessor_config.json"
 TINY = dict(depths=[1, 1, 1, 1], hidden_sizes=[8, 16, 32, 64], image_size=32, patch_size=2)
@@ -293,21 +288,3 @@ def corrupt_header(directory: str | Path) -> Path:
 def first_backbone_key(directory: str | Path, suffix: str = ".weight", ndim: int = 4) -> str:
     state = load_state(directory)
     return next(key for key, t in state.items() if key.startswith("convnext.") and key.endswith(suffix) and t.ndim == ndim)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on shared cores: one intra-op thread avoids spinning threads fighting (10x faster).
-    Import it into a test module to use it there."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def quiet_cli(monkeypatch, tmp_path):
-    """Run the CLI in-process from a scratch directory, with W&B silent."""
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setattr(sys, "argv", ["merge.py"])
-    monkeypatch.chdir(tmp_path)

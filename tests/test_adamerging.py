@@ -18,16 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+import merge_fixtures as mf
 import pytest
 import torch
+from ddp_scripts.adamerging_steps import StopAfter, read_steps
 from transformers import ConvNextConfig, ConvNextModel
 
-import merge_fixtures as mf
-from merge_fixtures import one_thread, quiet_cli  # noqa: F401  (autouse fixtures)
 from datamodules.preprocessing import ImagePreprocessor
 from datamodules.tasks import get_task
 from datamodules.torch_data import ImageClassificationDataset
-from ddp_scripts.adamerging_steps import StopAfter, read_steps
 from lightning_modules.adamerging import AdaMerging, prediction_entropy
 from merge import main
 from merging.coefficients import LearnedCoefficients, coefficients_heatmap, write_coefficients
@@ -35,6 +34,8 @@ from merging.engine import merge_backbone
 from merging.errors import MergeError
 from merging.methods import TaskArithmetic
 from merging.pool import ModelPool
+
+pytestmark = pytest.mark.usefixtures("quiet_cli", "one_thread")
 
 TASKS = ("eurosat", "dtd")
 SIZE = 16  # images per task; also the adaptation batch, so each step sees the whole set

@@ -17,21 +17,20 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import merge_fixtures as mf
 import pytest
 import torch
+from conftest import gray_image, index_dataset, write_dataset
 from datasets import Dataset, DatasetDict, Features, Image, Value
 from transformers import ResNetConfig, ResNetForImageClassification
 
-import merge_fixtures as mf
-from conftest import gray_image, index_dataset, write_dataset
+from common.files import check_output_location, remove_dead_staging
 from datamodules import ImageClassificationDataModule, MultiTaskDataModule
 from datamodules.sources import class_index, folder_name
 from datamodules.tasks import TASKS, get_task
 from lightning_modules.adamerging import AdaMerging
 from merge import main as merge_main
-from merge_fixtures import one_thread  # noqa: F401  (autouse: one intra-op thread)
 from merging import METHODS
-from common.files import check_output_location, remove_dead_staging
 from merging.coefficients import LearnedCoefficients, write_coefficients
 from merging.engine import merge_backbone
 from merging.methods import TaskArithmetic
@@ -39,16 +38,16 @@ from merging.pool import ModelPool
 from merging.saved import save_merged
 from train import main as train_main
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 MERGE_TASKS = ("eurosat", "dtd")
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
 @pytest.fixture(autouse=True)
-def workdir(monkeypatch, tmp_path) -> Path:
+def workdir(quiet_cli: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An empty working directory: whatever a failed run writes (outputs, exports) shows up here."""
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setattr(sys, "argv", ["pytest"])  # pytest's own arguments are not for the CLI
-    work = tmp_path / "work"
+    work = quiet_cli / "work"
     work.mkdir()
     monkeypatch.chdir(work)
     return work

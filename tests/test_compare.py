@@ -15,13 +15,12 @@ import itertools
 import json
 from pathlib import Path
 
+import merge_fixtures as mf
 import pytest
 import torch
 import yaml
 from lightning.pytorch import Trainer
 
-import merge_fixtures as mf
-from merge_fixtures import one_thread, quiet_cli  # noqa: F401  (autouse fixtures)
 from datamodules import MultiTaskDataModule
 from lightning_modules.comparison import MethodComparison, expand_grid
 from lightning_modules.merged import MergedClassifier
@@ -29,6 +28,8 @@ from merge import main
 from merging.coefficients import write_coefficients
 from merging.errors import MergeError
 from merging.methods import TaskArithmetic
+
+pytestmark = pytest.mark.usefixtures("quiet_cli", "one_thread")
 
 TASKS = ("digits", "mnist5k")
 CONFIG = mf.REPO_ROOT / "configs" / "quickstart" / "compare.yaml"

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import merge_fixtures as mf
 import pytest
 import torch
 
-import merge_fixtures as mf
 from merge import main
 from merging.saved import load_merged
 
@@ -52,11 +51,7 @@ def individual(setup) -> dict[str, dict[str, float]]:
     return independent_results(setup, lambda task: None)
 
 
-@pytest.fixture(autouse=True)
-def quiet_cli(monkeypatch, tmp_path):
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setattr(sys, "argv", ["merge.py"])  # pytest's own arguments are not for the CLI
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("quiet_cli")
 
 
 def cli(setup: Setup, out: Path, *extra: str, models: dict | None = None, tasks=TASKS, model: bool = True) -> list[str]:

@@ -10,19 +10,18 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import merge_fixtures as mf
 import pytest
 import torch
 import transformers
 from transformers import AutoModelForImageClassification
 
-import merge_fixtures as mf
 from datamodules.preprocessing import ImagePreprocessor
 from datamodules.tasks import get_task
 from merge import main
@@ -51,11 +50,7 @@ def setup(tmp_path_factory) -> Setup:
     return Setup(pool, data)
 
 
-@pytest.fixture(autouse=True)
-def quiet_cli(monkeypatch, tmp_path):
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setattr(sys, "argv", ["merge.py"])
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("quiet_cli")
 
 
 def cli(setup: Setup, out: Path, *extra: str, pool: bool = True) -> list[str]:

@@ -8,18 +8,18 @@ from __future__ import annotations
 import json
 import os
 
+import merge_fixtures as mf
 import pytest
 import torch
 import yaml
 from torch import nn
 
-import merge_fixtures as mf
-from merging.engine import merge_backbone
 from common.errors import CheckpointError
+from common.reader import CheckpointReader
+from merging.engine import merge_backbone
 from merging.errors import MergeError
 from merging.methods import SimpleAverage, TiesMerging
 from merging.pool import ModelPool
-from common.reader import CheckpointReader
 from merging.saved import load_merged, save_merged
 from merging.switch import SwitchModule
 

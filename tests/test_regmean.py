@@ -7,14 +7,13 @@ explicit inverses in float64), never with ``merging.regmean``'s own helpers.
 
 from __future__ import annotations
 
+import merge_fixtures as mf
 import numpy as np
 import pytest
 import torch
+from conftest import index_dataset, write_dataset
 from transformers import ConvNextConfig, ConvNextModel
 
-import merge_fixtures as mf
-from merge_fixtures import one_thread  # noqa: F401  (autouse fixture)
-from conftest import index_dataset, write_dataset
 from datamodules import DataError, MultiTaskDataModule, split_train_val
 from datamodules.tasks import TASKS
 from merging import METHODS, RegMean, SimpleAverage
@@ -23,6 +22,8 @@ from merging.errors import MergeError
 from merging.grams import GramAccumulator, linear_layers
 from merging.pool import ModelPool
 from merging.regmean import regmean, shrink_off_diagonal
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def t(values) -> torch.Tensor:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+import merge_fixtures as mf
 import numpy as np
 import pytest
 import torch
@@ -26,12 +27,12 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
 from torch import nn
 from transformers import ConvNextForImageClassification
 
-import merge_fixtures as mf
-from merge_fixtures import one_thread, quiet_cli  # noqa: F401  (autouse fixtures)
 from datamodules.preprocessing import ImagePreprocessor
 from datamodules.tasks import get_task
 from merge import main
 from merging.saved import load_merged
+
+pytestmark = pytest.mark.usefixtures("quiet_cli", "one_thread")
 
 TASKS = ("eurosat", "dtd")
 # dtd has fewer train images than GRAM_IMAGES: it uses all 11, so the tasks' Grams average

@@ -13,18 +13,19 @@ import json
 import math
 import sys
 
+import merge_fixtures as mf
 import numpy as np
 import pytest
 import torch
 
-import merge_fixtures as mf
-from merge_fixtures import one_thread  # noqa: F401  (autouse fixture)
 from merge import main
 from merging import METHODS, IsotropicCommon, IsotropicCommonTask, TaskSingularVectors
 from merging.engine import merge_backbone
 from merging.errors import MergeError
 from merging.pool import ModelPool
 from merging.spectral import iso_c, iso_cts, iso_cts_dimensions, orthogonal_factor, tsv_merge, tsv_rank
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # A rotation by the 3-4-5 angle: the singular vectors of the hand-built matrices below.
 R = [[0.6, -0.8], [0.8, 0.6]]

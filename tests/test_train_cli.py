@@ -16,16 +16,15 @@ from pathlib import Path
 
 import pytest
 import torch
+import train_cli_callbacks
 import yaml
+from conftest import REPO_ROOT as REPO
+from conftest import index_dataset, write_dataset
 from safetensors.torch import load_file
 from transformers import ConvNextConfig, ConvNextForImageClassification
 
-from conftest import REPO_ROOT as REPO
-from conftest import index_dataset, write_dataset
 from datamodules import BENCHMARK_TASKS, get_task
 from train import main
-
-import train_cli_callbacks
 
 TESTS = Path(__file__).resolve().parent
 TRAIN_CONFIGS = sorted((REPO / "configs" / "train").glob("*.yaml"))
@@ -41,9 +40,8 @@ RECORD = "--trainer.callbacks+=train_cli_callbacks.Record"
 
 
 @pytest.fixture(autouse=True)
-def quiet_cli(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setattr(sys, "argv", ["train.py"])  # pytest's own arguments are not for the CLI
+def fresh_records(quiet_cli: Path) -> None:
+    """Every test runs the CLI from its own scratch folder and reads only its own records."""
     train_cli_callbacks.RECORDED.clear()
 
 
@@ -412,3 +410,39 @@ def test_cpu_variants_fast_dev_run(option: str, tiny_model: Path, mnist_data: Pa
          "--trainer.logger=false", *tiny_args(tiny_model, mnist_data), option, "--export_dir=null", RECORD, *QUIET]
     )  # fmt: skip
     assert train_cli_callbacks.RECORDED["module"].trainer.global_step == 1
+
+
+# --- 8. the export is a callback: a plain Trainer.fit exports too ---------------------------------
+
+
+def test_plain_trainer_fit_exports_with_the_callback(tiny_model: Path, mnist_data: Path, tmp_path: Path) -> None:
+    from lightning.pytorch import Trainer
+
+    from datamodules import ImageClassificationDataModule
+    from lightning_modules.classifier import ImageClassifier
+    from lightning_modules.export import HuggingFaceExport
+
+    data = ImageClassificationDataModule("mnist", path=str(mnist_data), processor=str(tiny_model), batch_size=8, num_workers=0)
+    model = ImageClassifier(data.num_classes, data.classnames, model_name_or_path=str(tiny_model))
+    trainer = Trainer(
+        accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, use_distributed_sampler=False, default_root_dir=tmp_path,
+        callbacks=[HuggingFaceExport(str(tmp_path / "exports"))],
+    )  # fmt: skip
+    trainer.fit(model, datamodule=data)
+    export = tmp_path / "exports" / "tiny_mnist_sgd_batch-size-8_lr-0.01_steps-3"
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= {p.name for p in export.iterdir()}
+    assert not (export / "train_config.yaml").exists(), "no CLI, no resolved configuration to keep"
+    reloaded = ConvNextForImageClassification.from_pretrained(export).eval()
+    assert reloaded.config.id2label == dict(enumerate(get_task("mnist").classnames))
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(reloaded(pixel_values=pixels).logits, model.model.eval()(pixel_values=pixels).logits)
+    assert "| training images | 40 |" in (export / "README.md").read_text()
+
+    # The same export again is refused when fit starts, before any step.
+    again = Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                    use_distributed_sampler=False, default_root_dir=tmp_path, callbacks=[HuggingFaceExport(str(tmp_path / "exports"))])  # fmt: skip
+    with pytest.raises(Exception, match="already exists"):
+        again.fit(ImageClassifier(data.num_classes, data.classnames, model_name_or_path=str(tiny_model)), datamodule=data)
+    assert again.global_step == 0

@@ -1,7 +1,7 @@
 """Callbacks that tests add to ``train.py`` runs with ``--trainer.callbacks+=train_cli_callbacks.<Name>``.
 
-This directory must be on ``sys.path`` (``tests/test_train_cli.py`` puts it there, and on
-``PYTHONPATH`` for subprocesses).
+This directory must be on ``sys.path`` (pytest's ``pythonpath`` setting puts it there, and
+``tests/test_train_cli.py`` on ``PYTHONPATH`` for subprocesses).
 """
 
 from __future__ import annotations
