@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 demo test: export HF_HUB_OFFLINE ?= 1
 demo test: export WANDB_MODE ?= offline
 
-.PHONY: install demo test reproduce clean
+.PHONY: install demo test lint format reproduce clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,9 +36,17 @@ MERGE_ARGS ?=
 reproduce: $(BIN)/.installed
 	$(BIN)/python -m lightning_modules.reproduce --gpus $(GPUS) --train-args "$(TRAIN_ARGS)" --merge-args "$(MERGE_ARGS)"
 
-## The whole test suite (offline, CPU).
-test: $(BIN)/.installed
+## The whole test suite (offline, CPU), after the lint.
+test: lint
 	$(BIN)/pytest -q
+
+## One style: ruff's lint (and import order) and format check, configured in pyproject.toml.
+lint: $(BIN)/.installed
+	$(BIN)/ruff check .
+
+format: $(BIN)/.installed
+	$(BIN)/ruff check --fix --select I .
+	$(BIN)/ruff format .
 
 clean:
 	rm -rf $(VENV) outputs

@@ -20,12 +20,8 @@ from merging.methods import (
 )
 from merging.pool import ModelPool
 from merging.regmean import RegMean
-from merging.spectral import SPECTRAL_METHODS, IsotropicCommon, IsotropicCommonTask, TaskSingularVectors
+from merging.spectral import IsotropicCommon, IsotropicCommonTask, TaskSingularVectors
 from merging.switch import SwitchModule
-
-METHODS[LearnedCoefficients.name] = LearnedCoefficients
-METHODS.update(SPECTRAL_METHODS)
-METHODS[RegMean.name] = RegMean
 
 __all__ = [
     "METHODS",

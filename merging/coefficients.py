@@ -14,7 +14,7 @@ from torch import Tensor
 from common.files import write_text_atomically
 from common.plots import pyplot, save_figure
 from merging.errors import MergeError
-from merging.methods import MergeMethod, task_arithmetic
+from merging.methods import MergeMethod, register_method, task_arithmetic
 
 
 def write_coefficients(path: Path, coefficients: Tensor, tasks: Sequence[str], keys: Sequence[str], granularity: str) -> None:
@@ -119,6 +119,7 @@ def coefficients_heatmap(
     save_figure(figure, path)
 
 
+@register_method
 class LearnedCoefficients(MergeMethod):
     """Task arithmetic with a coefficient per task (and per parameter tensor) from a file
     AdaMerging wrote: ``theta_k = theta_0,k + sum_t lambda_{t,k} tau_{t,k}``.
@@ -132,6 +133,7 @@ class LearnedCoefficients(MergeMethod):
     """
 
     name = "adamerging"
+    propagates_non_finite = True  # a weighted sum: a NaN input shows in the output
 
     def __init__(self, coefficients: str, label: str = "adamerging") -> None:
         self.path = coefficients

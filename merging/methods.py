@@ -150,6 +150,10 @@ def dare_generator(seed: int, task_index: int, key: str) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest, "little"))
 
 
+#: Every method by name (``MergeMethod.name``): what ``register_method`` has seen.
+METHODS: dict[str, type[MergeMethod]] = {}
+
+
 class MergeMethod(ABC):
     """A merge method: hyper-parameters in ``__init__``, the merge of one parameter in ``merge``.
 
@@ -163,9 +167,10 @@ class MergeMethod(ABC):
     name: ClassVar[str]
     #: False: ``merge`` sees ``theta_t``; True: it sees ``tau_t`` and ``theta_0``.
     uses_pretrained: ClassVar[bool] = True
-    #: True where the result is a plain weighted sum, so a NaN/Inf input always shows in
-    #: the output; the engine then checks outputs instead of every input.
-    propagates_non_finite: ClassVar[bool] = True
+    #: The engine checks every input tensor for NaN/Inf. A method whose result is a plain
+    #: weighted sum may say so here: a NaN/Inf input always shows in its output, and the
+    #: engine then checks outputs only (faster).
+    propagates_non_finite: ClassVar[bool] = False
     needs_task_statistics: ClassVar[bool] = False
     #: True where ``transform`` and ``merge`` compute every entry from the same entry of their
     #: inputs alone (given the task statistics) and may run in several threads at once: the
@@ -209,10 +214,21 @@ class MergeMethod(ABC):
         return self.describe()
 
 
+def register_method(cls: type[MergeMethod]) -> type[MergeMethod]:
+    """Class decorator: the method becomes ``--model.method <ClassName>``, a row of the
+    comparison and an entry of ``METHODS``. Two methods may not share a ``name``."""
+    if METHODS.get(cls.name, cls) is not cls:
+        raise ValueError(f"two merge methods are named '{cls.name}': {METHODS[cls.name].__name__} and {cls.__name__}")
+    METHODS[cls.name] = cls
+    return cls
+
+
+@register_method
 class SimpleAverage(MergeMethod):
     """Uniform average of the fine-tuned backbones (model soup); ignores the pretrained one."""
 
     name = "simple_average"
+    propagates_non_finite = True
     uses_pretrained = False
     elementwise = True
 
@@ -220,6 +236,7 @@ class SimpleAverage(MergeMethod):
         return simple_average(tensors)
 
 
+@register_method
 class TaskArithmetic(MergeMethod):
     """``theta_0 + lambda * sum_t tau_t`` (Ilharco et al., ICLR 2023).
 
@@ -228,6 +245,7 @@ class TaskArithmetic(MergeMethod):
     """
 
     name = "task_arithmetic"
+    propagates_non_finite = True
     elementwise = True
 
     def __init__(self, scaling_factor: float = 0.3) -> None:
@@ -240,6 +258,7 @@ class TaskArithmetic(MergeMethod):
         return task_arithmetic(pretrained, tensors, self.scaling_factor)
 
 
+@register_method
 class TiesMerging(MergeMethod):
     """TIES-Merging: trim each task vector to its top-k magnitudes, elect signs by total
     mass, average the agreeing entries (Yadav et al., NeurIPS 2023).
@@ -250,7 +269,6 @@ class TiesMerging(MergeMethod):
     """
 
     name = "ties"
-    propagates_non_finite = False
     needs_task_statistics = True
     elementwise = True
 
@@ -291,6 +309,7 @@ class _Dare:
         return {"drop_rate": self.drop_rate, "rescale": self.rescale, "seed": self.seed}
 
 
+@register_method
 class DareTaskArithmetic(_Dare, TaskArithmetic):
     """DARE, then task arithmetic.
 
@@ -311,6 +330,7 @@ class DareTaskArithmetic(_Dare, TaskArithmetic):
         return {**self._dare_hyperparameters(), **TaskArithmetic.hyperparameters(self)}
 
 
+@register_method
 class DareTies(_Dare, TiesMerging):
     """DARE, then TIES-Merging.
 
@@ -332,9 +352,3 @@ class DareTies(_Dare, TiesMerging):
 
     def hyperparameters(self) -> dict[str, float | int | bool]:
         return {**self._dare_hyperparameters(), **TiesMerging.hyperparameters(self)}
-
-
-#: Every method by name.
-METHODS: dict[str, type[MergeMethod]] = {
-    cls.name: cls for cls in (SimpleAverage, TaskArithmetic, TiesMerging, DareTaskArithmetic, DareTies)
-}

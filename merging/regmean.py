@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from merging.errors import MergeError
-from merging.methods import MergeMethod, simple_average
+from merging.methods import MergeMethod, register_method, simple_average
 
 
 def shrink_off_diagonal(gram: Tensor, reduce_non_diagonal_ratio: float) -> Tensor:
@@ -81,6 +81,7 @@ def regmean(weights: Iterable[Tensor], grams: Sequence[Tensor], reduce_non_diago
     return torch.linalg.solve(gram_sum, weighted_sum).T.to(torch.float32)
 
 
+@register_method
 class RegMean(MergeMethod):
     """RegMean (Jin et al., ICLR 2023): each Linear weight (ConvNeXt's ``pwconv1``/``pwconv2``)
     in closed form from the Gram matrices of its inputs in every fine-tuned model on its own

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from merging.errors import MergeError
-from merging.methods import MergeMethod
+from merging.methods import MergeMethod, register_method
 
 
 def is_matrix(tensor: Tensor) -> bool:
@@ -239,6 +239,7 @@ class _Spectral(MergeMethod):
         return {"scaling_factor": self.scaling_factor}
 
 
+@register_method
 class TaskSingularVectors(_Spectral):
     """TSV-M (Gargiulo et al., "Task Singular Vectors: Reducing Task Interference in Model
     Merging", CVPR 2025, arXiv 2412.00081): per weight matrix, each task's top ``1/T`` share of
@@ -260,6 +261,7 @@ class TaskSingularVectors(_Spectral):
         return tsv_merge(pretrained, tensors, self.scaling_factor, self._num_tasks)
 
 
+@register_method
 class IsotropicCommon(_Spectral):
     """Iso-C (Marczak et al., "No Task Left Behind: Isotropic Model Merging with Common and
     Task-Specific Subspaces", ICML 2025, arXiv 2502.04959): per weight matrix, the summed task
@@ -282,6 +284,7 @@ class IsotropicCommon(_Spectral):
         return iso_c(pretrained, tensors, self.scaling_factor, self._num_tasks)
 
 
+@register_method
 class IsotropicCommonTask(_Spectral):
     """Iso-CTS (Marczak et al., ICML 2025, arXiv 2502.04959): per weight matrix, the top
     ``common_space_fraction`` of the summed task vectors' singular components plus each task's
@@ -314,4 +317,3 @@ class IsotropicCommonTask(_Spectral):
 
 
 #: The spectral methods by name, merged into ``merging.METHODS``.
-SPECTRAL_METHODS: dict[str, type[MergeMethod]] = {cls.name: cls for cls in (TaskSingularVectors, IsotropicCommon, IsotropicCommonTask)}

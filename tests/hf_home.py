@@ -27,11 +27,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from conftest import CONVNEXT_BASE_PREPROCESSOR, REPO_ROOT
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, load_dataset
 from PIL import Image as PILImage
 from transformers import ConvNextConfig, ConvNextForImageClassification
 
+from conftest import CONVNEXT_BASE_PREPROCESSOR, REPO_ROOT
 from datamodules.tasks import BENCHMARK_TASKS, get_task
 
 PRETRAINED_ID = "facebook/convnext-base-224"

@@ -21,12 +21,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from conftest import REPO_ROOT
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, load_from_disk
 from PIL import Image as PILImage
 from safetensors.torch import load_file
 from transformers import ConvNextConfig, ConvNextForImageClassification
 
+from conftest import REPO_ROOT
 from datamodules.preprocessing import ImagePreprocessor
 from datamodules.tasks import get_task
 

@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
-import merge_fixtures as mf
 import pytest
 import torch
 from ddp_scripts.adamerging_steps import StopAfter, read_steps
 from transformers import ConvNextConfig, ConvNextModel
 
+import merge_fixtures as mf
 from datamodules.preprocessing import ImagePreprocessor
 from datamodules.tasks import get_task
 from datamodules.torch_data import ImageClassificationDataset

@@ -17,14 +17,14 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import merge_fixtures as mf
 import pytest
 import torch
-from conftest import gray_image, index_dataset, write_dataset
 from datasets import Dataset, DatasetDict, Features, Image, Value
 from transformers import ResNetConfig, ResNetForImageClassification
 
+import merge_fixtures as mf
 from common.files import check_output_location, remove_dead_staging
+from conftest import gray_image, index_dataset, write_dataset
 from datamodules import ImageClassificationDataModule, MultiTaskDataModule
 from datamodules.sources import class_index, folder_name
 from datamodules.tasks import TASKS, get_task

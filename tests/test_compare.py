@@ -15,12 +15,12 @@ import itertools
 import json
 from pathlib import Path
 
-import merge_fixtures as mf
 import pytest
 import torch
 import yaml
 from lightning.pytorch import Trainer
 
+import merge_fixtures as mf
 from datamodules import MultiTaskDataModule
 from lightning_modules.comparison import MethodComparison, expand_grid
 from lightning_modules.merged import MergedClassifier

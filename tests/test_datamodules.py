@@ -8,9 +8,9 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from conftest import gray_image, index_dataset, write_dataset
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
 
+from conftest import gray_image, index_dataset, write_dataset
 from datamodules import DataError, ImageClassificationDataModule, MultiTaskDataModule, get_task, split_train_val
 from datamodules.samplers import StepStreamSampler
 from datamodules.sources import get_split, load_task_dataset

@@ -14,10 +14,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import merge_fixtures as mf
 import pytest
 import torch
 
+import merge_fixtures as mf
 from merge import main
 from merging.saved import load_merged
 

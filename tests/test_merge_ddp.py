@@ -12,10 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import merge_fixtures as mf
 import pytest
 import torch
 
+import merge_fixtures as mf
 from merge import main
 from merging.saved import load_merged
 

@@ -16,12 +16,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import merge_fixtures as mf
 import pytest
 import torch
 import transformers
 from transformers import AutoModelForImageClassification
 
+import merge_fixtures as mf
 from datamodules.preprocessing import ImagePreprocessor
 from datamodules.tasks import get_task
 from merge import main

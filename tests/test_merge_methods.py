@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import math
 
-import merge_fixtures as mf
 import pytest
 import torch
 
+import merge_fixtures as mf
 from merging.engine import merge_backbone
 from merging.errors import MergeError
 from merging.methods import (

@@ -8,17 +8,17 @@ from __future__ import annotations
 import json
 import os
 
-import merge_fixtures as mf
 import pytest
 import torch
 import yaml
 from torch import nn
 
+import merge_fixtures as mf
 from common.errors import CheckpointError
 from common.reader import CheckpointReader
 from merging.engine import merge_backbone
 from merging.errors import MergeError
-from merging.methods import SimpleAverage, TiesMerging
+from merging.methods import METHODS, MergeMethod, SimpleAverage, TiesMerging, register_method
 from merging.pool import ModelPool
 from merging.saved import load_merged, save_merged
 from merging.switch import SwitchModule
@@ -225,6 +225,39 @@ def test_non_finite_values_name_the_file_and_key(damaged, value, method):
     with pytest.raises(CheckpointError, match="non-finite") as error:
         merge(models, method)
     assert KEY in str(error.value) and str(directory / "model.safetensors") in str(error.value)
+
+
+class KeepPretrained(MergeMethod):
+    """A method that reads every task vector and returns the pretrained tensor: a NaN input
+    never shows in its output, and it declares nothing about NaNs."""
+
+    name = "keep_pretrained"
+
+    def merge(self, pretrained, tensors, statistics):
+        for _ in tensors:
+            pass
+        return pretrained.clone()
+
+
+def test_a_new_method_gets_its_inputs_checked_by_default(damaged):
+    directory, models = damaged
+
+    def poison(state):
+        tensor = state[KEY].clone()
+        tensor[0, 0] = float("nan")
+        return {**state, KEY: tensor}
+
+    mf.rewrite_tensors(directory, poison)
+    assert not KeepPretrained.propagates_non_finite
+    with pytest.raises(CheckpointError, match="non-finite") as error:
+        merge(models, KeepPretrained())
+    assert KEY in str(error.value) and str(directory / "model.safetensors") in str(error.value)
+
+
+def test_two_methods_cannot_share_a_name():
+    with pytest.raises(ValueError, match="two merge methods are named 'ties'"):
+        register_method(type("OtherTies", (KeepPretrained,), {"name": "ties"}))
+    assert METHODS["ties"] is TiesMerging
 
 
 def test_heads_are_checked_against_the_tasks(pool_dirs, damaged, tmp_path):

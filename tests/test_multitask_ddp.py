@@ -10,9 +10,9 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO_ROOT, index_dataset, write_dataset
 from lightning.pytorch import Trainer
 
+from conftest import REPO_ROOT, index_dataset, write_dataset
 from datamodules import DataError, MultiTaskDataModule
 from datamodules.tasks import TASKS
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import CONVNEXT_BASE_PREPROCESSOR, write_preprocessor
 from PIL import Image
 from transformers import AutoImageProcessor
 
+from conftest import CONVNEXT_BASE_PREPROCESSOR, write_preprocessor
 from datamodules import DataError, ImagePreprocessor, load_image_processor
 
 TOLERANCE = 1e-5

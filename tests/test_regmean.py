@@ -7,13 +7,13 @@ explicit inverses in float64), never with ``merging.regmean``'s own helpers.
 
 from __future__ import annotations
 
-import merge_fixtures as mf
 import numpy as np
 import pytest
 import torch
-from conftest import index_dataset, write_dataset
 from transformers import ConvNextConfig, ConvNextModel
 
+import merge_fixtures as mf
+from conftest import index_dataset, write_dataset
 from datamodules import DataError, MultiTaskDataModule, split_train_val
 from datamodules.tasks import TASKS
 from merging import METHODS, RegMean, SimpleAverage

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
-import merge_fixtures as mf
 import numpy as np
 import pytest
 import torch
@@ -27,6 +26,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
 from torch import nn
 from transformers import ConvNextForImageClassification
 
+import merge_fixtures as mf
 from datamodules.preprocessing import ImagePreprocessor
 from datamodules.tasks import get_task
 from merge import main

@@ -16,11 +16,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import hf_home
 import pytest
 import yaml
-from conftest import REPO_ROOT
 
+import hf_home
+from conftest import REPO_ROOT
 from datamodules.tasks import BENCHMARK_TASKS, get_task
 from lightning_modules.export import export_name
 

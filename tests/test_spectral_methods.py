@@ -13,11 +13,11 @@ import json
 import math
 import sys
 
-import merge_fixtures as mf
 import numpy as np
 import pytest
 import torch
 
+import merge_fixtures as mf
 from merge import main
 from merging import METHODS, IsotropicCommon, IsotropicCommonTask, TaskSingularVectors
 from merging.engine import merge_backbone

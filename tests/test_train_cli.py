@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import train_cli_callbacks
 import yaml
-from conftest import REPO_ROOT as REPO
-from conftest import index_dataset, write_dataset
 from safetensors.torch import load_file
 from transformers import ConvNextConfig, ConvNextForImageClassification
 
+import train_cli_callbacks
+from conftest import REPO_ROOT as REPO
+from conftest import index_dataset, write_dataset
 from datamodules import BENCHMARK_TASKS, get_task
 from train import main
 
