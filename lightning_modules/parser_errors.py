@@ -23,7 +23,13 @@ _NOISE = re.compile(r"^(Does not validate|Subtypes:|Errors:|Given value|- Expect
 
 
 class ProjectArgumentParser(LightningArgumentParser):
-    """Reports a parse error as one ``error:`` line and exit status 1, like every input error."""
+    """Reports a parse error as one ``error:`` line and exit status 1, like every input error.
+    Options are spelt out: argparse would take ``--trainer.max_step`` for ``--trainer.max_steps``
+    on the command line while the same key in a YAML file is an error."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         if not self.exit_on_error:  # jsonargparse's inner parsers: the outer one reports

@@ -477,6 +477,7 @@ def test_only_dead_writers_of_this_host_are_cleaned_up(tmp_path):
 
 TRAIN_CONFIG_MISTAKES = {
     "an unknown option": (["--trainer.max_stepz", "10"], "unknown option --trainer.max_stepz; did you mean --trainer.max_steps?"),
+    "an option's prefix": (["--trainer.max_step", "10"], "unknown option --trainer.max_step; did you mean --trainer.max_steps?"),
     "a misspelt top-level key": ({"modle": {"lr": 0.1}}, "unknown key 'modle.lr'; did you mean 'model.lr'?"),
     "a misspelt nested key": ({"model": {"lrr": 0.1}}, "unknown key 'model.lrr'; did you mean 'model.lr'?"),
     "not a number": (["--data.batch_size", "abc"], "error: data.batch_size: expected int, got 'abc'"),
