@@ -8,6 +8,7 @@ task's class count.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -206,6 +207,18 @@ def test_train_mode_in_training_eval_mode_in_validation(tmp_path: Path, monkeypa
     train, val = train_cli_callbacks.RECORDED["train_forwards"], train_cli_callbacks.RECORDED["val_forwards"]
     assert len(train) == 2 and all(not forward["equal"] and forward["modes"] == {True} for forward in train)
     assert val and all(forward["equal"] and forward["modes"] == {False} for forward in val)
+
+
+def test_the_startup_objects_are_frozen_for_the_loops_and_released_after(tiny_model: Path, mnist_data: Path, tmp_path, monkeypatch) -> None:
+    # A full collection in the loops would walk the ~500,000 objects of the imports every time.
+    monkeypatch.chdir(tmp_path)
+    main(
+        ["fit", "--config", str(REPO / "configs" / "train" / "mnist.yaml"), "--trainer.logger=false",
+         *tiny_args(tiny_model, mnist_data), *short_run(2, 2), "--export_dir=null",
+         "--trainer.callbacks+=train_cli_callbacks.RecordFrozen", *QUIET]
+    )  # fmt: skip
+    assert train_cli_callbacks.RECORDED["frozen_at_fit"] > 10_000
+    assert gc.get_freeze_count() == 0, "collectable again once main() returns"
 
 
 # --- 2. export ---------------------------------------------------------------------------------
