@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, OnExceptionCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, OnExceptionCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.trainer.states import TrainerStatus
 
@@ -74,6 +74,16 @@ class ProjectCLI(LightningCLI):
 
     def subcommand_config(self) -> Any:
         return self.config.get(str(self.subcommand), self.config)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        """``--trainer.enable_progress_bar false`` also drops a progress bar the config lists (the
+        shipped training configs list a cheap one), which Lightning would refuse as a contradiction."""
+        trainer = self._get(self.config_init, "trainer", default={})
+        if trainer.get("enable_progress_bar") is False:
+            callbacks = trainer.get("callbacks") or []
+            callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+            trainer["callbacks"] = [callback for callback in callbacks if not isinstance(callback, ProgressBar)]
+        return super().instantiate_trainer(**kwargs)
 
     def freeze_startup_objects(self) -> None:
         """Take the objects alive before the loops (about 500,000: the imports and the configuration)
