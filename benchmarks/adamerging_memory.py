@@ -7,8 +7,9 @@ The checkpoints are nine Hugging Face directories (``config.json`` + ``model.saf
 a "pretrained" ConvNeXt of facebook/convnext-base-224's shape (depths 3/3/27/3, widths
 128-1024, random weights, 1000-class head, about 88.6M parameters, 354 MB in fp32) and eight
 "fine-tuned" ones, the pretrained backbone plus small noise and a 10-class head each. The
-layout is ``benchmarks/merge_speed.py``'s: its cache (``/tmp/convnext-fusion-bench``) is used
-when it is complete, otherwise they are written once to ``/tmp/convnext-fusion-bench-ada``.
+layout and the code that writes them are ``benchmarks/merge_speed.py``'s: its cache
+(``/tmp/convnext-fusion-bench``) is used when it is complete, otherwise they are written once to
+``/tmp/convnext-fusion-bench-ada``.
 
 The measurement runs in a fresh subprocess, so nothing else is in its peak:
 
@@ -37,59 +38,16 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.merge_speed import NUM_CLASSES, TASKS, checkpoint_dirs, complete, prepare, warm_page_cache
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_CACHE = Path("/tmp/convnext-fusion-bench")  # benchmarks/merge_speed.py's
 OWN_CACHE = Path("/tmp/convnext-fusion-bench-ada")
-TASKS = ["sun397", "stanford_cars", "resisc45", "eurosat", "svhn", "gtsrb", "mnist", "dtd"]
-NUM_CLASSES = 10
-SHAPE = {"depths": [3, 3, 27, 3], "hidden_sizes": [128, 256, 512, 1024]}
 MIB = 1024 * 1024
-
-
-def checkpoint_dirs(cache: Path) -> dict[str, Path]:
-    return {"_pretrained_": cache / "pretrained", **{task: cache / task for task in TASKS}}
 
 
 def classnames() -> dict[str, list[str]]:
     return {task: [f"{task}_class_{i}" for i in range(NUM_CLASSES)] for task in TASKS}
-
-
-def complete(cache: Path) -> bool:
-    return all((d / "model.safetensors").is_file() and (d / "config.json").is_file() for d in checkpoint_dirs(cache).values())
-
-
-def prepare(cache: Path) -> None:
-    """Write the nine checkpoints into ``cache`` unless they are there already."""
-    if complete(cache):
-        return
-    import torch
-    from safetensors.torch import save_file
-    from transformers import ConvNextConfig, ConvNextForImageClassification
-
-    print(f"writing nine convnext-base-224-sized checkpoints to {cache} (once) ...", flush=True)
-    torch.manual_seed(0)
-    pretrained_config = ConvNextConfig(**SHAPE, num_labels=1000)
-    state = {k: v.detach().contiguous() for k, v in ConvNextForImageClassification(pretrained_config).state_dict().items()}
-    backbone = {key: value for key, value in state.items() if key.startswith("convnext.")}
-    for name, directory in checkpoint_dirs(cache).items():
-        directory.mkdir(parents=True, exist_ok=True)
-        if name == "_pretrained_":
-            tensors, config = state, pretrained_config
-        else:
-            labels = dict(enumerate(classnames()[name]))
-            config = ConvNextConfig(**SHAPE, num_labels=NUM_CLASSES, id2label=labels, label2id={v: k for k, v in labels.items()})
-            tensors = {key: value + 1e-3 * torch.randn_like(value) for key, value in backbone.items()}
-            tensors["classifier.weight"] = 0.02 * torch.randn(NUM_CLASSES, 1024)
-            tensors["classifier.bias"] = torch.zeros(NUM_CLASSES)
-        config.save_pretrained(directory)
-        save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
-
-
-def warm_page_cache(cache: Path) -> None:
-    for directory in checkpoint_dirs(cache).values():
-        with open(directory / "model.safetensors", "rb", buffering=0) as file:
-            while file.read(64 << 20):
-                pass
 
 
 # ---------------------------------------------------------------- the measured child process
@@ -224,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
         if not torch.cuda.is_available():
             raise SystemExit("--device cuda: no CUDA device here")
     prepare(Path(args.cache))
-    warm_page_cache(Path(args.cache))
+    warm_page_cache(checkpoint_dirs(Path(args.cache)))
     print(f"checkpoints: {args.cache}", flush=True)
     report(args, measure(args))
 

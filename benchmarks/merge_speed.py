@@ -1,8 +1,8 @@
 """Merge speed and memory: the project's merge flow on eight convnext-base-224-sized models.
 
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.merge_speed [--repeats 5] [--cache /tmp/convnext-fusion-bench]
-        [--flows simple_average,task_arithmetic,ties,stream] [--fusionbench-python /tmp/fbvenv/bin/python]
-        [--baseline DIR]
+        [--flows simple_average,task_arithmetic,ties,dare_task_arithmetic,dare_ties,stream]
+        [--fusionbench-python /tmp/fbvenv/bin/python] [--baseline DIR]
 
 The first run writes nine Hugging Face checkpoint directories (``config.json`` +
 ``model.safetensors``) into ``--cache`` and later runs reuse them: a "pretrained" ConvNeXt of
@@ -21,21 +21,27 @@ Every measurement runs in a fresh subprocess, so peaks do not mix, and reports
   size at fork, so this parent never imports torch; ``VmHWM`` (the peak of the child's own
   memory map) is printed beside it as a cross-check.
 
-Flows: ``simple_average``, ``task_arithmetic`` (lambda 0.3), ``ties`` (top_k 0.2, lambda 0.3)
-through the project's code, and ``stream``, a plain baseline: ``safetensors.safe_open`` one
-file at a time, a running fp32 sum of the backbone, divided by 8 (no checks, no heads, no
-save). ``--baseline DIR`` measures the three project flows again with the ``merging``
-package under ``DIR`` (another version of it, e.g. the last commit's). With
-``--fusionbench-python`` (a venv holding fusion-bench), FusionBench's own SimpleAverageAlgorithm
-on the same directories is measured the same way by ``benchmarks/fusionbench_simple_average.py``,
-with and without collecting and saving the heads.
+Flows: ``simple_average``, ``task_arithmetic`` (lambda 0.3), ``ties`` (top_k 0.2, lambda 0.3),
+``dare_task_arithmetic`` (drop_rate 0.9, rescale, seed 0, lambda 0.3) and ``dare_ties`` (the same
+DARE, then TIES with top_k 0.2, lambda 0.3) through the project's code (``METHODS``), and
+``stream``, a plain baseline: ``safetensors.safe_open`` one file at a time, a running fp32 sum of
+the backbone, divided by 8 (no checks, no heads, no save). ``--baseline DIR`` measures the
+project flows again with the ``merging`` package under ``DIR`` (another version of it, e.g. the
+last commit's). With ``--fusionbench-python`` (a venv holding fusion-bench), FusionBench's own
+algorithm of every selected flow it has (SimpleAverage, with and without collecting and saving
+the heads; TIES; DARE task arithmetic; DARE+TIES; ``--fusionbench-flows`` picks a subset) runs on
+the same directories with the same hyper-parameters, measured the same way, by
+``benchmarks/fusionbench_merge.py``. FusionBench's TIES and DARE+TIES flatten every model into
+one vector: their peak is near 23 GB, mind the machine's memory.
 
 Before each measurement the flow's output directory is removed, ``os.sync()`` flushes earlier
 writes and every checkpoint file is read once: each flow saves into a new directory and starts
 from a warm page cache. The flows alternate ``--repeats`` times; the best and the median of each
 are printed (the machine may be shared: compare figures of one run). Afterwards the saved
 SimpleAverage backbones are compared with the average computed in the check (summed in
-float64, as ``merging.methods.simple_average`` does). It measures and prints; it asserts nothing.
+float64, as ``merging.methods.simple_average`` does), and our TIES backbone with FusionBench's
+(DARE's random masks differ between the two, so their results are not compared). It measures and
+prints; it asserts nothing.
 """
 
 from __future__ import annotations
@@ -55,7 +61,17 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CACHE = Path("/tmp/convnext-fusion-bench")
 TASKS = ["sun397", "stanford_cars", "resisc45", "eurosat", "svhn", "gtsrb", "mnist", "dtd"]
 NUM_CLASSES = 10
-PROJECT_FLOWS = ("simple_average", "task_arithmetic", "ties")
+#: flow -> (the project's method class in ``merging.methods``, its hyper-parameters); FusionBench's
+#: runs get the same hyper-parameters (``benchmarks/fusionbench_merge.py`` maps the names).
+METHODS = {
+    "simple_average": ("SimpleAverage", {}),
+    "task_arithmetic": ("TaskArithmetic", {"scaling_factor": 0.3}),
+    "ties": ("TiesMerging", {"top_k": 0.2, "scaling_factor": 0.3}),
+    "dare_task_arithmetic": ("DareTaskArithmetic", {"drop_rate": 0.9, "rescale": True, "seed": 0, "scaling_factor": 0.3}),
+    "dare_ties": ("DareTies", {"drop_rate": 0.9, "rescale": True, "seed": 0, "top_k": 0.2, "scaling_factor": 0.3}),
+}
+PROJECT_FLOWS = tuple(METHODS)
+FUSIONBENCH_METHODS = ("simple_average", "ties", "dare_task_arithmetic", "dare_ties")
 
 
 def _peak_mib() -> float:
@@ -67,11 +83,17 @@ def checkpoint_dirs(cache: Path) -> dict[str, Path]:
     return {"_pretrained_": cache / "pretrained", **{task: cache / task for task in TASKS}}
 
 
+def complete(cache: Path) -> bool:
+    """Whether ``cache`` holds all nine checkpoints."""
+    return all((path / "model.safetensors").is_file() and (path / "config.json").is_file() for path in checkpoint_dirs(cache).values())
+
+
 def prepare(cache: Path) -> None:
-    """Write the nine checkpoints into ``cache`` unless they are there already."""
-    dirs = checkpoint_dirs(cache)
-    if all((path / "model.safetensors").is_file() and (path / "config.json").is_file() for path in dirs.values()):
+    """Write the nine checkpoints into ``cache`` unless they are there already (also
+    ``benchmarks/adamerging_memory.py``'s)."""
+    if complete(cache):
         return
+    dirs = checkpoint_dirs(cache)
     import torch
     from safetensors.torch import save_file
     from transformers import ConvNextConfig, ConvNextForImageClassification
@@ -120,12 +142,13 @@ def output_dir(cache: Path, flow: str) -> Path:
 def _child_project(flow: str, cache: Path, out: Path) -> dict[str, float]:
     if os.environ.get("MERGE_SPEED_BASELINE"):  # the `merging` package of another checkout
         sys.path.insert(0, os.environ["MERGE_SPEED_BASELINE"])
+    from merging import methods
     from merging.engine import merge_backbone
-    from merging.methods import SimpleAverage, TaskArithmetic, TiesMerging
     from merging.pool import PRETRAINED, ModelPool
     from merging.saved import save_merged
 
-    method = {"simple_average": SimpleAverage, "task_arithmetic": TaskArithmetic, "ties": TiesMerging}[flow]()
+    name, hyperparameters = METHODS[flow]
+    method = getattr(methods, name)(**hyperparameters)
     models = {name: str(path) for name, path in checkpoint_dirs(cache).items()}
     info = {
         "method": method.describe(),
@@ -182,6 +205,7 @@ def child(flow: str, cache: Path, out: Path) -> None:
         return
     if flow == "compare":
         compare(cache, ["simple_average", "simple_average-baseline", "fusionbench", "fusionbench-no-heads"])
+        compare_backbones(cache / "out" / "ties", cache / "out" / "fusionbench-ties")
         return
     if os.environ.get("MERGE_SPEED_BASELINE"):
         out = out.with_name(f"{out.name}-baseline")
@@ -223,12 +247,42 @@ def compare(cache: Path, names: list[str]) -> None:
         print(f"  {name}: backbone {'equal to' if exact else 'differs from'} the float64-summed average (largest |diff| {largest:.3g})")
 
 
+def compare_backbones(ours: Path, theirs: Path) -> None:
+    """The largest difference between two saved merges' ``convnext.*`` tensors (where both exist)."""
+    from safetensors.torch import load_file
+
+    if not (ours / "model.safetensors").is_file() or not (theirs / "model.safetensors").is_file():
+        return
+    a, b = load_file(ours / "model.safetensors"), load_file(theirs / "model.safetensors")
+    keys = [key for key in a if key.startswith("convnext.")]
+    largest = max(float((a[key] - b[key]).abs().max()) for key in keys)
+    print(f"  {ours.name} against {theirs.name}: largest |diff| of the {len(keys)} backbone tensors {largest:.3g}")
+
+
+def fusionbench_flows(args: argparse.Namespace, selected: list[str]) -> dict[str, tuple[list[str], dict[str, str]]]:
+    """FusionBench's run of every selected flow it has, with the project's hyper-parameters."""
+    script = [args.fusionbench_python, str(REPO / "benchmarks" / "fusionbench_merge.py"), "--cache", str(args.cache)]
+    flows = {}
+    chosen = args.fusionbench_flows.split(",") if args.fusionbench_flows else FUSIONBENCH_METHODS
+    for flow in (flow for flow in FUSIONBENCH_METHODS if flow in selected and flow in chosen):
+        name = "fusionbench" if flow == "simple_average" else f"fusionbench {flow}"
+        command = [*script, "--method", flow, "--hyperparameters", json.dumps(METHODS[flow][1])]
+        flows[name] = ([*command, "--out", str(output_dir(args.cache, name))], {"PYTHONPATH": ""})
+        if flow == "simple_average":
+            no_heads = "fusionbench (no heads)"
+            flows[no_heads] = ([*command, "--no-heads", "--out", str(output_dir(args.cache, no_heads))], {"PYTHONPATH": ""})
+    return flows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the nine checkpoints live")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--flows", default=",".join([*PROJECT_FLOWS, "stream"]))
+    parser.add_argument("--flows", default=",".join([*PROJECT_FLOWS, "stream"]), help="comma-separated: " + ", ".join([*PROJECT_FLOWS, "stream"]))
     parser.add_argument("--fusionbench-python", help="python of a venv with fusion-bench installed")
+    parser.add_argument(
+        "--fusionbench-flows", help="FusionBench's subset of the flows (default: all it has); its TIES peaks near 23 GB"
+    )
     parser.add_argument(
         "--baseline", help="a folder holding another version of the `merging` package: its three project flows are measured too"
     )
@@ -245,14 +299,13 @@ def main() -> None:
     subprocess.run([*self_command, "prepare"], cwd=REPO, check=True)
     dirs = checkpoint_dirs(args.cache)
     flows: dict[str, tuple[list[str], dict[str, str]]] = {}
-    for flow in filter(None, args.flows.split(",")):
+    selected = list(filter(None, args.flows.split(",")))
+    for flow in selected:
         flows[flow] = ([*self_command, flow], {})
         if args.baseline and flow in PROJECT_FLOWS:
             flows[f"{flow} (baseline)"] = ([*self_command, flow], {"MERGE_SPEED_BASELINE": str(Path(args.baseline).resolve())})
     if args.fusionbench_python:
-        script = [args.fusionbench_python, str(REPO / "benchmarks" / "fusionbench_simple_average.py"), "--cache", str(args.cache)]
-        flows["fusionbench"] = (script, {})
-        flows["fusionbench (no heads)"] = ([*script, "--no-heads"], {})
+        flows.update(fusionbench_flows(args, selected))
     results: dict[str, list[dict[str, float]]] = {flow: [] for flow in flows}
     for repeat in range(args.repeats):
         for flow, (command, extra_env) in flows.items():
@@ -263,24 +316,26 @@ def main() -> None:
             warm_page_cache(dirs)
             results[flow].append(measure(command, extra_env))
             last = results[flow][-1]
-            print(f"[{repeat + 1}/{args.repeats}] {flow:28s} {last['seconds']:6.2f} s  peak {last['peak_rss_mib']:6.0f} MiB", flush=True)
+            print(f"[{repeat + 1}/{args.repeats}] {flow:34s} {last['seconds']:6.2f} s  peak {last['peak_rss_mib']:6.0f} MiB", flush=True)
     print(f"\n8 fine-tuned + 1 pretrained convnext-base-224-sized checkpoints, warm page cache, {args.repeats} runs each")
-    print(f"{'flow':28s} {'best s':>7s} {'median s':>9s} {'peak RSS MiB (min/median)':>26s} {'VmHWM MiB':>10s} {'import floor MiB':>17s}")
+    print(f"{'flow':34s} {'best s':>7s} {'median s':>9s} {'peak RSS MiB (min/median)':>26s} {'VmHWM MiB':>10s} {'import floor MiB':>17s}")
     for flow, runs in results.items():
         seconds = [run["seconds"] for run in runs]
         peaks = [run["peak_rss_mib"] for run in runs]
         floor = statistics.median(run["import_floor_mib"] for run in runs)
         hwm = statistics.median(run["vm_hwm_mib"] for run in runs)
         print(
-            f"{flow:28s} {min(seconds):7.2f} {statistics.median(seconds):9.2f} {min(peaks):12.0f} / {statistics.median(peaks):<8.0f}"
+            f"{flow:34s} {min(seconds):7.2f} {statistics.median(seconds):9.2f} {min(peaks):12.0f} / {statistics.median(peaks):<8.0f}"
             f"   {hwm:10.0f} {floor:12.0f}"
         )
-    if "fusionbench" in results and "simple_average" in results:
-        fb, ours = results["fusionbench"], results["simple_average"]
-        print(
-            f"FusionBench / project SimpleAverage: time x{statistics.median(r['seconds'] for r in fb) / statistics.median(r['seconds'] for r in ours):.1f} (medians), "
-            f"peak RSS x{statistics.median(r['peak_rss_mib'] for r in fb) / statistics.median(r['peak_rss_mib'] for r in ours):.1f}"
-        )
+    for flow in FUSIONBENCH_METHODS:
+        theirs = "fusionbench" if flow == "simple_average" else f"fusionbench {flow}"
+        if theirs in results and flow in results:
+            fb, ours = results[theirs], results[flow]
+            print(
+                f"FusionBench / project {METHODS[flow][0]}: time x{statistics.median(r['seconds'] for r in fb) / statistics.median(r['seconds'] for r in ours):.1f} (medians), "
+                f"peak RSS x{statistics.median(r['peak_rss_mib'] for r in fb) / statistics.median(r['peak_rss_mib'] for r in ours):.1f}"
+            )
     print(f"parent process at the end: {_peak_mib():.0f} MiB peak RSS (what each child's ru_maxrss can start from)")
     print("check:", flush=True)
     subprocess.run([*self_command, "compare"], cwd=REPO, check=True)

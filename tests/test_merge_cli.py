@@ -10,6 +10,7 @@ project's preprocessing. Saving and re-evaluating a merged model, and every kind
 from __future__ import annotations
 
 import csv
+import gc
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 import torch
 
 import merge_fixtures as mf
+import train_cli_callbacks
 from merge import main
 from merging.saved import load_merged
 
@@ -357,3 +359,12 @@ def test_a_limited_test_run_is_reported_as_partial(setup, tmp_path):
     assert report["partial"] is True and "PARTIAL" in report["title"]
     counts = [values["num_samples"] for values in next(iter(report["rows"].values()))["tasks"].values()]
     assert counts == [min(BATCH_SIZE, SIZES[task]) for task in TASKS]
+
+
+def test_the_startup_objects_are_frozen_for_the_test_loop_and_released_after(setup, tmp_path):
+    # A full collection in the loop would walk the ~500,000 objects of the imports every time.
+    train_cli_callbacks.RECORDED.clear()
+    main(cli(setup, tmp_path, "--trainer.callbacks+=train_cli_callbacks.RecordFrozen"))
+    assert train_cli_callbacks.RECORDED["frozen_at_test"] > 10_000
+    assert gc.get_freeze_count() == 0, "collectable again once main() returns"
+    assert read_report(tmp_path)["rows"], "and the run is complete"

@@ -74,6 +74,21 @@ def test_grayscale_and_rgba_become_rgb(mode, base):
         assert not torch.equal(output[0], output[1]), "channels must keep their own mean and std"
 
 
+@pytest.mark.parametrize("size", [224, 32, 384])
+def test_real_grayscale_digits_give_the_pixels_of_converting_first(size, shared_dir, tmp_path):
+    # Grayscale is resized as one band and made RGB last: exactly the pixels of RGB first.
+    import gzip
+
+    raw = gzip.decompress((shared_dir / "data" / "mnist-t10k" / "t10k-images-idx3-ubyte.gz").read_bytes())
+    digits = np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(-1, 28, 28)[:100]
+    directory = write_preprocessor(tmp_path / "processor", {**CONVNEXT_BASE_PREPROCESSOR, "size": size})
+    ours, processor = ImagePreprocessor.from_pretrained(directory), AutoImageProcessor.from_pretrained(directory)
+    for digit in digits:
+        image = Image.fromarray(digit, mode="L")
+        assert torch.equal(ours.to_uint8_tensor(image), ours.to_uint8_tensor(image.convert("RGB")))
+        assert max_difference(ours(image), reference(processor, image.convert("RGB"))) <= TOLERANCE
+
+
 @pytest.mark.parametrize(("width", "height"), [(13, 29), (41, 17), (256, 300), (300, 256), (257, 256)])
 def test_small_and_exact_sizes(width, height, base):
     # Upsampling non-square images, and the no-resize case (shorter side already 256).

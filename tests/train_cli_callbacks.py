@@ -1,4 +1,4 @@
-"""Callbacks that tests add to ``train.py`` runs with ``--trainer.callbacks+=train_cli_callbacks.<Name>``.
+"""Callbacks that tests add to ``train.py`` (and ``merge.py``) runs with ``--trainer.callbacks+=train_cli_callbacks.<Name>``.
 
 This directory must be on ``sys.path`` (pytest's ``pythonpath`` setting puts it there, and
 ``tests/test_train_cli.py`` on ``PYTHONPATH`` for subprocesses).
@@ -6,6 +6,7 @@ This directory must be on ``sys.path`` (pytest's ``pythonpath`` setting puts it 
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 from pathlib import Path
@@ -66,3 +67,13 @@ class CheckModes(Callback):
 
     def on_validation_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._check("val_forwards", pl_module, batch)
+
+
+class RecordFrozen(Callback):
+    """Keeps how many objects the garbage collector had frozen when the fit or test loop started."""
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        RECORDED["frozen_at_fit"] = gc.get_freeze_count()
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        RECORDED["frozen_at_test"] = gc.get_freeze_count()
