@@ -1,7 +1,7 @@
 """Merge speed and memory: the project's merge flow on eight convnext-base-224-sized models.
 
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.merge_speed [--repeats 5] [--cache /tmp/convnext-fusion-bench]
-        [--flows simple_average,task_arithmetic,ties,dare_task_arithmetic,dare_ties,stream]
+        [--flows simple_average,task_arithmetic,ties,dare_task_arithmetic,dare_ties,stream; also tsv_m,iso_c,iso_cts]
         [--fusionbench-python /tmp/fbvenv/bin/python] [--baseline DIR]
 
 The first run writes nine Hugging Face checkpoint directories (``config.json`` +
@@ -69,8 +69,13 @@ METHODS = {
     "ties": ("TiesMerging", {"top_k": 0.2, "scaling_factor": 0.3}),
     "dare_task_arithmetic": ("DareTaskArithmetic", {"drop_rate": 0.9, "rescale": True, "seed": 0, "scaling_factor": 0.3}),
     "dare_ties": ("DareTies", {"drop_rate": 0.9, "rescale": True, "seed": 0, "top_k": 0.2, "scaling_factor": 0.3}),
+    "tsv_m": ("TaskSingularVectors", {"scaling_factor": 1.0}),
+    "iso_c": ("IsotropicCommon", {"scaling_factor": 1.0}),
+    "iso_cts": ("IsotropicCommonTask", {"common_space_fraction": 0.8, "scaling_factor": 1.0}),
 }
 PROJECT_FLOWS = tuple(METHODS)
+#: Minutes each (an SVD per 2-D weight and task), so not run unless named in --flows.
+SLOW_FLOWS = ("tsv_m", "iso_c", "iso_cts")
 FUSIONBENCH_METHODS = ("simple_average", "ties", "dare_task_arithmetic", "dare_ties")
 
 
@@ -142,13 +147,13 @@ def output_dir(cache: Path, flow: str) -> Path:
 def _child_project(flow: str, cache: Path, out: Path) -> dict[str, float]:
     if os.environ.get("MERGE_SPEED_BASELINE"):  # the `merging` package of another checkout
         sys.path.insert(0, os.environ["MERGE_SPEED_BASELINE"])
-    from merging import methods
+    import merging
     from merging.engine import merge_backbone
     from merging.pool import PRETRAINED, ModelPool
     from merging.saved import save_merged
 
     name, hyperparameters = METHODS[flow]
-    method = getattr(methods, name)(**hyperparameters)
+    method = getattr(merging, name)(**hyperparameters)
     models = {name: str(path) for name, path in checkpoint_dirs(cache).items()}
     info = {
         "method": method.describe(),
@@ -278,7 +283,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the nine checkpoints live")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--flows", default=",".join([*PROJECT_FLOWS, "stream"]), help="comma-separated: " + ", ".join([*PROJECT_FLOWS, "stream"]))
+    default_flows = [flow for flow in PROJECT_FLOWS if flow not in SLOW_FLOWS]
+    parser.add_argument("--flows", default=",".join([*default_flows, "stream"]), help="comma-separated: " + ", ".join([*PROJECT_FLOWS, "stream"]))
     parser.add_argument("--fusionbench-python", help="python of a venv with fusion-bench installed")
     parser.add_argument(
         "--fusionbench-flows", help="FusionBench's subset of the flows (default: all it has); its TIES peaks near 23 GB"

@@ -368,3 +368,24 @@ def test_the_startup_objects_are_frozen_for_the_test_loop_and_released_after(set
     assert train_cli_callbacks.RECORDED["frozen_at_test"] > 10_000
     assert gc.get_freeze_count() == 0, "collectable again once main() returns"
     assert read_report(tmp_path)["rows"], "and the run is complete"
+
+
+def test_the_loggers_get_every_number_of_the_report(setup, tmp_path):
+    """Each row's per-task accuracy and loss and its average reach the logger (a CSVLogger here,
+    W&B in the configs), equal to the report: the merged model as ``test/<task>/accuracy``, the
+    other rows as ``test/<row>/<task>/accuracy``."""
+    out = tmp_path / "logged"
+    args = cli(setup, out, *method_args("TaskArithmetic", {"scaling_factor": 0.4}), "--model.evaluate_individual", "true")
+    logger = ["--trainer.logger", json.dumps({"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(out / "csv")}})]
+    main([*args[: args.index("--trainer.logger")], *args[args.index("--trainer.logger") + 2 :], *logger])
+    with open(next((out / "csv").rglob("metrics.csv")), newline="") as file:
+        logged = {key: float(value) for row in csv.DictReader(file) for key, value in row.items() if value and key != "step"}
+    report = read_report(out)
+    assert list(report["rows"]) == ["task_arithmetic(scaling_factor=0.4)", "individual"]
+    for name, row in report["rows"].items():
+        prefix = "test" if name == "task_arithmetic(scaling_factor=0.4)" else f"test/{name}"
+        assert logged[f"{prefix}/average/accuracy"] == pytest.approx(row["average_accuracy"])
+        for task, values in row["tasks"].items():
+            assert logged[f"{prefix}/{task}/accuracy"] == pytest.approx(values["accuracy"])
+            assert logged[f"{prefix}/{task}/loss"] == pytest.approx(values["loss"])
+    assert len(logged) == len(report["rows"]) * (2 * len(TASKS) + 1)
