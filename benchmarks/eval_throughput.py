@@ -16,7 +16,7 @@ facebook/convnext-base-224's settings (resize the shorter side to 256, bicubic, 
 Each measurement runs in a fresh process, on the same images, model, batch size and workers:
 
 * ``merge.py test``: the whole command as a user runs it (``python merge.py test --config ...``,
-  logger off, Lightning's default progress bar on), wall time from start to exit: imports,
+  logger off, the progress bar of the shipped merge configs), wall time from start to exit: imports,
   merging the pool, ``prepare_data``, loading the datasets, the test loop, the report. The same
   run carries ``TestLoopTimer``, a callback timing ``on_test_epoch_start`` -> ``on_test_epoch_end``
   (every batch of both tasks, the second loader's workers starting included): the test loop.
@@ -167,9 +167,13 @@ def merge_config(cache: Path, size: int) -> Path:
     """The ``merge.py test`` config of one processor size (batch size and workers on the command line)."""
     import yaml
 
+    shipped = yaml.safe_load((REPO / "configs" / "quickstart" / "merge.yaml").read_text())["trainer"]
     config = {
         "seed_everything": 0,
-        "trainer": {"accelerator": "cpu", "devices": 1, "logger": False, "default_root_dir": str(cache / "runs" / f"merge-{size}")},
+        "trainer": {
+            "accelerator": "cpu", "devices": 1, "logger": False, "default_root_dir": str(cache / "runs" / f"merge-{size}"),
+            "callbacks": shipped["callbacks"],  # the shipped merge configs' progress bar
+        },
         "model": {
             "class_path": "lightning_modules.merged.MergedClassifier",
             "init_args": {
@@ -252,7 +256,7 @@ def run_merge(cache: Path, size: int, workers: int, batch_size: int) -> dict:
         timer = {"class_path": "benchmarks.eval_throughput.TestLoopTimer", "init_args": {"path": f"{scratch}/loop.json"}}
         command = [sys.executable, "merge.py", "test", "--config", str(cache / f"merge-{size}.yaml"),
                    f"--data.batch_size={batch_size}", f"--data.num_workers={workers}",
-                   f"--trainer.callbacks=[{json.dumps(timer)}]"]  # fmt: skip
+                   f"--trainer.callbacks+={json.dumps(timer)}"]  # fmt: skip
         seconds, _ = run_timed(command)
         loop = json.loads(Path(scratch, "loop.json").read_text())
     report = json.loads((cache / "runs" / f"merge-{size}" / "report.json").read_text())

@@ -149,13 +149,13 @@ def test_train_config_fast_dev_run(task: str, tmp_path: Path, monkeypatch: pytes
     assert model.classifier.out_features == get_task(task).num_classes
 
 
-@pytest.mark.parametrize("config", TRAIN_CONFIGS + QUICKSTART_CONFIGS, ids=lambda path: path.stem)
+@pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*/*.yaml")), ids=lambda path: f"{path.parent.name}/{path.stem}")
 def test_configs_draw_a_progress_bar_every_10_steps(config: Path) -> None:
-    # Lightning's default Rich bar redrew every step, 15% of a small model's training time on 2 cores.
+    # Lightning's default Rich bar redraws 100 times a second: 0.85x a bare training loop on 2 cores.
     callbacks = yaml.safe_load(config.read_text())["trainer"]["callbacks"]
     bars = [c for c in callbacks if c["class_path"] == "lightning.pytorch.callbacks.TQDMProgressBar"]
     assert len(bars) == 1 and bars[0]["init_args"] == {"refresh_rate": 10}
-    if config.parent.name == "train":
+    if any(callback["class_path"].endswith("ModelCheckpoint") for callback in callbacks):
         assert callbacks[-1]["class_path"].endswith("ModelCheckpoint"), "--trainer.callbacks.<arg> changes the last one"
 
 
