@@ -2,14 +2,17 @@
 
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.eval_throughput [--repeats 3] [--sizes 32,224]
         [--workers 0,2] [--batch-size 128] [--cache /tmp/convnext-fusion-eval]
-        [--fusionbench-python /tmp/fbvenv/bin/python] [--profile]
+        [--fusionbench-python /tmp/fbvenv/bin/python] [--profile] [--model tiny|base] [--accelerator cpu|gpu]
 
 Data (written once into ``--cache``, reused afterwards): the real samples of ``../shared/data``
 as ``save_to_disk`` datasets with a ``test`` split, the full MNIST test set (10,000 28x28
 digits, PNG-encoded as on the hub) and the 430 GTSRB test images (their PPM bytes), 10,430
 images in all. Models: a tiny ConvNeXt pool (``depths=[1,1,1,1]``, ``hidden_sizes=[8,16,32,64]``,
 random weights; a ``_pretrained_`` model and one "fine-tuned" model per task, the pretrained
-backbone plus seeded noise and the task's head), merged by simple average. The image processor
+backbone plus seeded noise and the task's head), merged by simple average; ``--model base`` makes
+the pool facebook/convnext-base-224's shape instead (its own cache, ``-base`` appended), and
+``--accelerator gpu`` runs ``merge.py test`` and the bare loop on one GPU (pinned memory, as
+``merge.py`` does there). The image processor
 is either the quickstart's tiny 32-pixel one (``configs/quickstart/convnext-tiny-32``) or
 facebook/convnext-base-224's settings (resize the shorter side to 256, bicubic, centre-crop 224).
 
@@ -63,6 +66,15 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 DEFAULT_CACHE = Path("/tmp/convnext-fusion-eval")
 TASKS = ("mnist", "gtsrb")
 TINY = {"depths": [1, 1, 1, 1], "hidden_sizes": [8, 16, 32, 64]}
+BASE = {"depths": [3, 3, 27, 3], "hidden_sizes": [128, 256, 512, 1024]}  # facebook/convnext-base-224
+SHAPES = {"tiny": TINY, "base": BASE}
+
+
+def default_cache(model: str) -> Path:
+    """One cache per pool shape: ``/tmp/convnext-fusion-eval`` (tiny), ``/tmp/convnext-fusion-eval-base``."""
+    return DEFAULT_CACHE if model == "tiny" else DEFAULT_CACHE.with_name(f"{DEFAULT_CACHE.name}-{model}")
+
+
 SIDES = ("merge.py test", "bare loop", "fusionbench")
 
 
@@ -81,6 +93,10 @@ class TestLoopTimer(Callback):
         self.start = time.perf_counter()
 
     def on_test_epoch_end(self, trainer, pl_module) -> None:
+        if pl_module.device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
         Path(self.path).write_text(json.dumps({"start": self.start, "end": time.perf_counter()}))
 
 
@@ -127,15 +143,15 @@ def write_datasets(cache: Path) -> None:
         DatasetDict({"test": Dataset.from_dict(rows(), features=features)}).save_to_disk(str(target))
 
 
-def write_pool(cache: Path) -> None:
-    """A tiny ``_pretrained_`` ConvNeXt and one fine-tuned model per task (backbone + noise, own head)."""
+def write_pool(cache: Path, shape: dict) -> None:
+    """A ``_pretrained_`` ConvNeXt of ``shape`` and one fine-tuned model per task (backbone + noise, own head)."""
     import torch
     from transformers import ConvNextConfig, ConvNextForImageClassification
 
     from datamodules.tasks import get_task
 
     torch.manual_seed(0)
-    pretrained = ConvNextForImageClassification(ConvNextConfig(**TINY, num_labels=10))
+    pretrained = ConvNextForImageClassification(ConvNextConfig(**shape, num_labels=10))
     with torch.no_grad():  # layer scale starts at 1e-6: give the blocks weight, as a trained model has
         for name, parameter in pretrained.named_parameters():
             if name.endswith("layer_scale_parameter"):
@@ -144,10 +160,10 @@ def write_pool(cache: Path) -> None:
     generator = torch.Generator().manual_seed(1)
     for task in TASKS:
         names = list(get_task(task).classnames)
-        config = ConvNextConfig(**TINY, num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
+        config = ConvNextConfig(**shape, num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
         model = ConvNextForImageClassification(config)
         state = {k: v + 0.05 * torch.randn(v.shape, generator=generator) for k, v in pretrained.state_dict().items() if k.startswith("convnext.")}
-        state["classifier.weight"] = 0.3 * torch.randn((len(names), 64), generator=generator)
+        state["classifier.weight"] = 0.3 * torch.randn((len(names), shape["hidden_sizes"][-1]), generator=generator)
         state["classifier.bias"] = 0.1 * torch.randn(len(names), generator=generator)
         model.load_state_dict(state)
         model.save_pretrained(cache / "pool" / task)
@@ -189,12 +205,12 @@ def merge_config(cache: Path, size: int) -> Path:
     return path
 
 
-def prepare(cache: Path) -> None:
+def prepare(cache: Path, model: str) -> None:
     """Datasets, pool, processors, configs and the merged model's per-task export, unless there."""
     cache.mkdir(parents=True, exist_ok=True)
     write_datasets(cache)
     if not (cache / "exports" / TASKS[-1] / "config.json").is_file():
-        write_pool(cache)
+        write_pool(cache, SHAPES[model])
         write_processors(cache)
         from merge import main
 
@@ -209,7 +225,7 @@ def prepare(cache: Path) -> None:
 # ---------------------------------------------------------------- the bare loop (a child process)
 
 
-def bare_loop(cache: Path, size: int, workers: int, batch_size: int) -> dict:
+def bare_loop(cache: Path, size: int, workers: int, batch_size: int, accelerator: str) -> dict:
     import torch
     from datasets import load_from_disk
     from torch.utils.data import DataLoader
@@ -218,18 +234,21 @@ def bare_loop(cache: Path, size: int, workers: int, batch_size: int) -> dict:
     from datamodules import ImagePreprocessor
     from datamodules.torch_data import ImageClassificationDataset
 
+    cuda = accelerator == "gpu"
+    device = torch.device("cuda" if cuda else "cpu")
     preprocess = ImagePreprocessor.from_pretrained(str(cache / f"processor-{size}"))
     loaders, models = {}, {}
     for task in TASKS:
         dataset = ImageClassificationDataset(load_from_disk(str(cache / "data" / task))["test"], preprocess)
-        loaders[task] = DataLoader(dataset, batch_size=batch_size, num_workers=workers, persistent_workers=workers > 0)
-        models[task] = ConvNextForImageClassification.from_pretrained(cache / "exports" / task).eval()
+        loaders[task] = DataLoader(dataset, batch_size=batch_size, num_workers=workers, persistent_workers=workers > 0, pin_memory=cuda)
+        models[task] = ConvNextForImageClassification.from_pretrained(cache / "exports" / task).eval().to(device)
     correct, images = {}, 0
     start = time.perf_counter()
     with torch.inference_mode():
         for task, loader in loaders.items():
             correct[task] = 0
             for pixels, labels in loader:
+                pixels, labels = pixels.to(device, non_blocking=True), labels.to(device, non_blocking=True)
                 correct[task] += int((models[task](pixel_values=pixels).logits.argmax(-1) == labels).sum())
                 images += len(labels)
     seconds = time.perf_counter() - start
@@ -251,11 +270,11 @@ def run_timed(command: list[str], env: dict[str, str] | None = None) -> tuple[fl
     return seconds, done.stdout
 
 
-def run_merge(cache: Path, size: int, workers: int, batch_size: int) -> dict:
+def run_merge(cache: Path, size: int, workers: int, batch_size: int, accelerator: str) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         timer = {"class_path": "benchmarks.eval_throughput.TestLoopTimer", "init_args": {"path": f"{scratch}/loop.json"}}
         command = [sys.executable, "merge.py", "test", "--config", str(cache / f"merge-{size}.yaml"),
-                   f"--data.batch_size={batch_size}", f"--data.num_workers={workers}",
+                   f"--data.batch_size={batch_size}", f"--data.num_workers={workers}", f"--trainer.accelerator={accelerator}",
                    f"--trainer.callbacks+={json.dumps(timer)}"]  # fmt: skip
         seconds, _ = run_timed(command)
         loop = json.loads(Path(scratch, "loop.json").read_text())
@@ -272,8 +291,8 @@ def run_child(command: list[str], env: dict[str, str] | None = None) -> dict:
 def side_commands(args: argparse.Namespace, size: int, workers: int) -> dict:
     common = ["--cache", str(args.cache), "--size", str(size), "--workers", str(workers), "--batch-size", str(args.batch_size)]
     sides = {
-        "merge.py test": lambda: run_merge(args.cache, size, workers, args.batch_size),
-        "bare loop": lambda: run_child([sys.executable, "-m", "benchmarks.eval_throughput", "--child", "bare", *common]),
+        "merge.py test": lambda: run_merge(args.cache, size, workers, args.batch_size, args.accelerator),
+        "bare loop": lambda: run_child([sys.executable, "-m", "benchmarks.eval_throughput", "--child", "bare", *common, "--accelerator", args.accelerator]),
     }
     if args.fusionbench_python:
         script = str(REPO / "benchmarks" / "fusionbench_taskpool.py")
@@ -348,7 +367,9 @@ def profile(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the datasets, pool and configs are written once")
+    parser.add_argument("--cache", type=Path, help="where the datasets, pool and configs are written once (default: /tmp/convnext-fusion-eval[-base])")
+    parser.add_argument("--model", choices=sorted(SHAPES), default="tiny", help="pool shape: tiny, or facebook/convnext-base-224's (random weights)")
+    parser.add_argument("--accelerator", choices=["cpu", "gpu"], default="cpu", help="where merge.py test and the bare loop run (FusionBench: CPU)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sizes", type=lambda text: [int(s) for s in text.split(",")], default=[32, 224], help="processor sizes")
     parser.add_argument("--workers", type=lambda text: [int(w) for w in text.split(",")], default=[0, 2])
@@ -359,16 +380,20 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.cache = args.cache or default_cache(args.model)
+    if args.accelerator == "gpu" and args.fusionbench_python:
+        parser.error("--fusionbench-python: its task pool runs on the CPU; compare it with --accelerator cpu")
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by every measured process
     if args.child == "bare":
-        print(json.dumps(bare_loop(args.cache, args.size, args.workers[0], args.batch_size)))
+        print(json.dumps(bare_loop(args.cache, args.size, args.workers[0], args.batch_size, args.accelerator)))
         return
     if args.child == "prepare":
-        prepare(args.cache)
+        prepare(args.cache, args.model)
         return
     # The parent stays small: the data and models are written in a child of their own.
-    subprocess.run([sys.executable, "-m", "benchmarks.eval_throughput", "--cache", str(args.cache), "--child", "prepare"], cwd=REPO, check=True)
+    subprocess.run([sys.executable, "-m", "benchmarks.eval_throughput", "--cache", str(args.cache), "--model", args.model, "--child", "prepare"],
+                   cwd=REPO, check=True)  # fmt: skip
     if args.profile:
         profile(args)
         return

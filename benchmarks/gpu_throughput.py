@@ -1,7 +1,9 @@
 """GPU figures: convnext-base-224 training images/s (fp32 / bf16-mixed, channels-last off / on),
-the data pipeline's images/s with N workers, and the estimated time of a 4,000-step fine-tune.
+its evaluation forward's images/s (``--parts eval``: no gradients, eval mode, fp32 / TF32 / bf16
+autocast), the data pipeline's images/s with N workers, and the estimated time of a 4,000-step
+fine-tune.
 
-    python -m benchmarks.gpu_throughput --jpegs ../shared/data/dtd-10class-sample --workers 8 16
+    python -m benchmarks.gpu_throughput --jpegs ../shared/data/dtd-10class-sample --workers 8 16 [--parts train,eval,data]
 
 Random weights and synthetic batches for the model (no hub access needed); the data
 pipeline reads real JPEGs (the DTD sample, repeated) through ImageClassificationDataModule.
@@ -55,6 +57,26 @@ def model_images_per_second(model_dir: Path, precision: str, channels_last: bool
     return steps * 64 / (clock.end - clock.start)
 
 
+def eval_images_per_second(mode: str, batch_size: int, batches: int) -> float:
+    """The evaluation forward alone: ``inference_mode``, eval mode, one resident batch, mean of ``batches`` after 3 warm-ups."""
+    from transformers import ConvNextForImageClassification
+
+    model = ConvNextForImageClassification(BASE).eval().cuda()  # random weights: the cost is the same
+    images = torch.randn(batch_size, 3, 224, 224, device="cuda")
+    torch.backends.cuda.matmul.allow_tf32 = mode == "tf32"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=mode == "bf16")
+    with torch.inference_mode(), autocast:
+        for _ in range(3):
+            model(pixel_values=images)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(batches):
+            model(pixel_values=images).logits.argmax(-1)
+        torch.cuda.synchronize()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    return batches * batch_size / (time.perf_counter() - start)
+
+
 def pipeline_images_per_second(dataset_dir: Path, processor_dir: Path, workers: int, batches: int) -> float:
     data = ImageClassificationDataModule("dtd", path=str(dataset_dir), processor=str(processor_dir), batch_size=64, num_workers=workers)
     data.setup("fit")
@@ -73,18 +95,26 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[8, 16])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--parts", default="train,eval,data", help="comma-separated: train, eval, data")
+    parser.add_argument("--eval-batch-size", type=int, default=256, help="the merge configs' batch size")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     print(torch.cuda.get_device_name(0), torch.__version__)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         BASE.save_pretrained(root / "model")
         ImagePreprocessor().to_processor().save_pretrained(root / "model")
         best = 0.0
-        for precision in ("32-true", "bf16-mixed"):
+        for precision in ("32-true", "bf16-mixed") if "train" in parts else ():
             for channels_last in (False, True):
                 rate = model_images_per_second(root / "model", precision, channels_last, args.steps, args.warmup)
                 best = max(best, rate)
                 print(f"model  precision={precision:10s} channels_last={channels_last!s:5s} {rate:7.0f} images/s", flush=True)
+        for mode in ("fp32", "tf32", "bf16") if "eval" in parts else ():
+            rate = eval_images_per_second(mode, args.eval_batch_size, batches=20)
+            print(f"eval   {mode} forward, batch {args.eval_batch_size}: {rate:7.0f} images/s", flush=True)
+        if "data" not in parts:
+            return
         names = list(get_task("dtd").classnames)
         files = sorted(args.jpegs.glob("*/*.jpg"))
         rows = {"image": [str(f) for f in files] * 100, "label": [names.index(f.parent.name) for f in files] * 100}
@@ -96,6 +126,8 @@ def main() -> None:
             rate = pipeline_images_per_second(root / "data", root / "model", workers, batches=40)
             pipeline = max(pipeline, rate)
             print(f"data   workers={workers:3d} {rate:7.0f} images/s (decode + resize + crop + normalise, real JPEGs)", flush=True)
+        if best == 0.0:
+            return
         limit = min(best, pipeline)
         print(f"4,000 steps x 64 images at {limit:.0f} images/s: {4000 * 64 / limit / 60:.1f} min (model and data bound)")
 

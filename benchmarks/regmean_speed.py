@@ -1,8 +1,8 @@
-"""RegMean's cost on the CPU: the Gram pass (images/s) and the closed-form merge of eight
+"""RegMean's cost on the CPU or one GPU: the Gram pass (images/s) and the closed-form merge of eight
 convnext-base-224-sized checkpoints.
 
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.regmean_speed [--batches 3] [--batch-size 8]
-        [--cache /tmp/convnext-fusion-bench] [--models tiny,base] [--skip-merge]
+        [--cache /tmp/convnext-fusion-bench] [--models tiny,base] [--skip-merge] [--device cpu|cuda]
 
 Gram pass: a random ``ConvNextModel`` (``tiny``: depths 1/1/1/1, widths 8-64; ``base``:
 facebook/convnext-base-224's shape, depths 3/3/27/3, widths 128-1024) in eval mode without
@@ -16,7 +16,9 @@ per Linear weight a symmetric positive-definite Gram ``A A^T / 64 + I`` (``A``: 
 same tensor for all eight tasks (the closed form costs the same whatever the values; eight
 distinct sets would hold 5.7 GB of RAM). Timed: ``merge_backbone(pool, RegMean(0.95),
 grams=...)`` (every other parameter averaged) beside ``merge_backbone(pool, SimpleAverage())``,
-and the process's peak RSS. It measures and prints; it asserts nothing.
+and the process's peak RSS. With ``--device cuda`` the Gram pass runs on the GPU and the Grams
+live there, so the closed form is solved there too (as in a ``merge.py`` run on a GPU); the
+checkpoints are still read on the CPU. It measures and prints; it asserts nothing.
 """
 
 from __future__ import annotations
@@ -38,21 +40,28 @@ SHAPES = {
 }
 
 
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def images_per_second(run, images: torch.Tensor, batches: int) -> float:
     """Best of ``batches`` timed calls after one warm-up."""
     run(images)
     best = float("inf")
     for _ in range(batches):
+        synchronize(images.device)
         start = time.perf_counter()
         run(images)
+        synchronize(images.device)
         best = min(best, time.perf_counter() - start)
     return images.shape[0] / best
 
 
-def gram_pass(shape: str, batch_size: int, batches: int) -> None:
+def gram_pass(shape: str, batch_size: int, batches: int, device: torch.device) -> None:
     torch.manual_seed(0)
-    backbone = ConvNextModel(ConvNextConfig(**SHAPES[shape])).eval()
-    images = torch.randn(batch_size, 3, 224, 224)
+    backbone = ConvNextModel(ConvNextConfig(**SHAPES[shape])).eval().to(device)
+    images = torch.randn(batch_size, 3, 224, 224, device=device)
     gram_bytes = sum(layer.in_features**2 * 4 for layer in linear_layers(backbone).values())
     with torch.no_grad():
         plain = images_per_second(lambda x: backbone(pixel_values=x), images, batches)
@@ -64,17 +73,17 @@ def gram_pass(shape: str, batch_size: int, batches: int) -> None:
     )
 
 
-def spd_grams(dims: dict[str, int], num_tasks: int) -> dict[str, list[torch.Tensor]]:
+def spd_grams(dims: dict[str, int], num_tasks: int, device: torch.device) -> dict[str, list[torch.Tensor]]:
     generator = torch.Generator().manual_seed(0)
     grams = {}
     for key, dim in dims.items():
         factor = torch.randn(dim, 64, generator=generator)
         gram = factor @ factor.T / 64 + torch.eye(dim)
-        grams[key] = [gram] * num_tasks
+        grams[key] = [gram.to(device)] * num_tasks
     return grams
 
 
-def merge_time(cache: Path) -> None:
+def merge_time(cache: Path, device: torch.device) -> None:
     from merging.engine import merge_backbone
     from merging.methods import SimpleAverage
     from merging.pool import ModelPool
@@ -85,11 +94,12 @@ def merge_time(cache: Path) -> None:
     pool = ModelPool(models)
     with torch.device("meta"):
         layers = linear_layers(ConvNextModel(pool.config()))
-    grams = spd_grams({key: layer.in_features for key, layer in layers.items()}, len(pool.task_names))
+    grams = spd_grams({key: layer.in_features for key, layer in layers.items()}, len(pool.task_names), device)
     print(f"merge of {len(pool.task_names)} checkpoints: {len(grams)} Linear weights from Grams, {len(pool.backbone_keys) - len(grams)} other tensors averaged")
     for label, method, extra in [("SimpleAverage", SimpleAverage(), {}), ("RegMean(0.95)", RegMean(0.95), {"grams": grams})]:
         start = time.perf_counter()
         merge_backbone(pool, method, progress=False, **extra)
+        synchronize(device)
         print(f"  {label:14s} {time.perf_counter() - start:7.2f} s")
     pool.close()
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB (Grams of one model held once: see above)")
@@ -102,12 +112,15 @@ def main() -> None:
     parser.add_argument("--models", default="tiny,base", help="Gram-pass model shapes, comma-separated: tiny, base")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="the merge benchmark's checkpoints (written once)")
     parser.add_argument("--skip-merge", action="store_true", help="the Gram pass only")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    device = torch.device(args.device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}")
     for shape in args.models.split(","):
-        gram_pass(shape, args.batch_size, args.batches)
+        gram_pass(shape, args.batch_size, args.batches, device)
     if not args.skip_merge:
-        merge_time(args.cache)
+        merge_time(args.cache, device)
 
 
 if __name__ == "__main__":

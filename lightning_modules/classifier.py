@@ -50,6 +50,9 @@ class ImageClassifier(LightningModule):
         scheduler: learning-rate scheduler, stepped every optimizer step; default none (constant).
         label_smoothing: cross-entropy label smoothing.
         channels_last: keep activations in channels-last memory format (faster convolutions on GPUs).
+        compile: compile the ConvNeXt with ``torch.compile`` (in place: the same parameters and
+            state-dict keys, so checkpoints and exports are unchanged); the first steps pay the
+            compilation. ``benchmarks/compile_check.py`` measures speed and numerics against eager.
     """
 
     def __init__(
@@ -65,6 +68,7 @@ class ImageClassifier(LightningModule):
         scheduler: LRSchedulerCallable | None = None,
         label_smoothing: float = 0.0,
         channels_last: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         check_setting(0 < lr < math.inf, "model.lr", "a positive number", lr, TrainingError)
@@ -82,6 +86,7 @@ class ImageClassifier(LightningModule):
         self.model.train()
         self.scheduler = scheduler
         self.channels_last = channels_last
+        self.compile_model = compile
         self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         metrics = classification_metrics(num_classes)
         self.train_metrics = metrics.clone(prefix="train/")
@@ -109,6 +114,9 @@ class ImageClassifier(LightningModule):
     def configure_model(self) -> None:
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
+        if self.compile_model and not getattr(self, "_compiled", False):  # the hook runs once per stage
+            self.model.compile()
+            self._compiled = True
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
