@@ -234,6 +234,44 @@ def test_train_mode_in_training_eval_mode_in_validation(tmp_path: Path, monkeypa
     assert val and all(forward["equal"] and forward["modes"] == {False} for forward in val)
 
 
+def test_compile_trains_and_exports_the_same_weights_under_their_own_names(tiny_model: Path, mnist_data: Path, tmp_path, monkeypatch) -> None:
+    # --model.compile compiles the ConvNeXt in place: checkpoints and exports keep the plain keys.
+    from lightning_modules.classifier import ImageClassifier
+
+    compiled, compile_calls = [], []
+    real_configure, real_compile = ImageClassifier.configure_model, ConvNextForImageClassification.compile
+
+    def configure_and_record(module: ImageClassifier) -> None:
+        real_configure(module)
+        real_configure(module)  # Lightning calls the hook once per stage: compiling again would start over
+        compiled.append(module)
+
+    def compile_and_count(model: ConvNextForImageClassification, *args, **kwargs) -> None:
+        compile_calls.append(model)
+        real_compile(model, *args, **kwargs)
+
+    monkeypatch.setattr(ImageClassifier, "configure_model", configure_and_record)
+    monkeypatch.setattr(ConvNextForImageClassification, "compile", compile_and_count)
+    monkeypatch.chdir(tmp_path)
+    main(
+        ["fit", "--config", str(REPO / "configs" / "train" / "mnist.yaml"), "--trainer.logger=false",
+         *tiny_args(tiny_model, mnist_data), *short_run(2, 2), "--model.compile=true", *QUIET]
+    )  # fmt: skip
+    module = compiled[0]
+    assert compile_calls == [module.model] and module.model._compiled_call_impl is not None
+    export = export_tensors(tmp_path / "exports" / "tiny_mnist_sgd_batch-size-8_lr-0.01_steps-2")
+    assert set(export) == set(module.model.state_dict()) and not any("_orig_mod" in key for key in export)
+    images = torch.rand(4, 3, 32, 32)
+    module.eval()
+    with torch.no_grad():
+        compiled_logits = module(images)
+        module.model._compiled_call_impl = None  # the same module, eager
+        eager_logits = module(images)
+    torch.testing.assert_close(compiled_logits, eager_logits, rtol=1e-5, atol=1e-5)
+    for key, tensor in module.model.state_dict().items():
+        torch.testing.assert_close(export[key], tensor, rtol=0, atol=0)
+
+
 def test_the_startup_objects_are_frozen_for_the_loops_and_released_after(tiny_model: Path, mnist_data: Path, tmp_path, monkeypatch) -> None:
     # A full collection in the loops would walk the ~500,000 objects of the imports every time.
     monkeypatch.chdir(tmp_path)
