@@ -43,6 +43,7 @@ test: lint
 ## One style: ruff's lint (and import order) and format check, configured in pyproject.toml.
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 format: $(BIN)/.installed
 	$(BIN)/ruff check --fix --select I .

@@ -1,8 +1,8 @@
 """Fine-tune ConvNeXt on one task and export it in Hugging Face format.
 
-    python train.py fit --config configs/train/dtd.yaml
-    python train.py fit --config configs/quickstart/digits.yaml
-    python train.py --help
+python train.py fit --config configs/train/dtd.yaml
+python train.py fit --config configs/quickstart/digits.yaml
+python train.py --help
 """
 
 from lightning.pytorch.cli import ArgsType

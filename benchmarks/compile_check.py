@@ -70,7 +70,9 @@ class StepRecorder(Callback):
 
 def run(model_dir: Path, data: TensorDataset, steps: int, compile: bool, args: argparse.Namespace) -> dict:
     seed_everything(0, verbose=False)
-    model = ImageClassifier(NUM_CLASSES, model_name_or_path=str(model_dir), lr=0.01, momentum=0.9, weight_decay=1e-4, compile=compile)
+    model = ImageClassifier(
+        NUM_CLASSES, model_name_or_path=str(model_dir), lr=0.01, momentum=0.9, weight_decay=1e-4, compile=compile
+    )
     loader = DataLoader(data, batch_size=args.batch_size, shuffle=True, drop_last=True, pin_memory=args.device == "cuda",
                         generator=torch.Generator().manual_seed(0))  # fmt: skip
     recorder = StepRecorder(min(args.warmup, steps - 1), synchronize=args.device == "cuda")

@@ -90,7 +90,9 @@ def measure_source(name: str, task: str, path: str, processor: str, args: argpar
     target = scratch / f"{task}.npy"
     seconds, labels = build_cache(path, processor, target)
     size_mb = target.stat().st_size / 1e6
-    print(f"{name}: {len(labels)} images; cache build {seconds:.1f} s ({len(labels) / seconds:.0f} img/s, one process), {size_mb:.0f} MB")
+    print(
+        f"{name}: {len(labels)} images; cache build {seconds:.1f} s ({len(labels) / seconds:.0f} img/s, one process), {size_mb:.0f} MB"
+    )
     cached = CachedCrops(target, ImagePreprocessor.from_pretrained(processor), labels)
     for workers in args.workers:
         decoded = rate(evaluation_loader(task, path, processor, workers, args.batch_size))

@@ -160,9 +160,15 @@ def write_pool(cache: Path, shape: dict) -> None:
     generator = torch.Generator().manual_seed(1)
     for task in TASKS:
         names = list(get_task(task).classnames)
-        config = ConvNextConfig(**shape, num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
+        config = ConvNextConfig(
+            **shape, num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)}
+        )
         model = ConvNextForImageClassification(config)
-        state = {k: v + 0.05 * torch.randn(v.shape, generator=generator) for k, v in pretrained.state_dict().items() if k.startswith("convnext.")}
+        state = {
+            k: v + 0.05 * torch.randn(v.shape, generator=generator)
+            for k, v in pretrained.state_dict().items()
+            if k.startswith("convnext.")
+        }
         state["classifier.weight"] = 0.3 * torch.randn((len(names), shape["hidden_sizes"][-1]), generator=generator)
         state["classifier.bias"] = 0.1 * torch.randn(len(names), generator=generator)
         model.load_state_dict(state)
@@ -187,7 +193,10 @@ def merge_config(cache: Path, size: int) -> Path:
     config = {
         "seed_everything": 0,
         "trainer": {
-            "accelerator": "cpu", "devices": 1, "logger": False, "default_root_dir": str(cache / "runs" / f"merge-{size}"),
+            "accelerator": "cpu",
+            "devices": 1,
+            "logger": False,
+            "default_root_dir": str(cache / "runs" / f"merge-{size}"),
             "callbacks": shipped["callbacks"],  # the shipped merge configs' progress bar
         },
         "model": {
@@ -198,7 +207,11 @@ def merge_config(cache: Path, size: int) -> Path:
                 "report_dir": str(cache / "runs" / f"merge-{size}"),
             },
         },
-        "data": {"tasks": list(TASKS), "paths": {task: str(cache / "data" / task) for task in TASKS}, "processor": str(cache / f"processor-{size}")},
+        "data": {
+            "tasks": list(TASKS),
+            "paths": {task: str(cache / "data" / task) for task in TASKS},
+            "processor": str(cache / f"processor-{size}"),
+        },
     }
     path = cache / f"merge-{size}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -240,7 +253,9 @@ def bare_loop(cache: Path, size: int, workers: int, batch_size: int, accelerator
     loaders, models = {}, {}
     for task in TASKS:
         dataset = ImageClassificationDataset(load_from_disk(str(cache / "data" / task))["test"], preprocess)
-        loaders[task] = DataLoader(dataset, batch_size=batch_size, num_workers=workers, persistent_workers=workers > 0, pin_memory=cuda)
+        loaders[task] = DataLoader(
+            dataset, batch_size=batch_size, num_workers=workers, persistent_workers=workers > 0, pin_memory=cuda
+        )
         models[task] = ConvNextForImageClassification.from_pretrained(cache / "exports" / task).eval().to(device)
     correct, images = {}, 0
     start = time.perf_counter()
@@ -280,7 +295,11 @@ def run_merge(cache: Path, size: int, workers: int, batch_size: int, accelerator
         loop = json.loads(Path(scratch, "loop.json").read_text())
     report = json.loads((cache / "runs" / f"merge-{size}" / "report.json").read_text())
     tasks = next(iter(report["rows"].values()))["tasks"]
-    return {"process_seconds": seconds, "loop_seconds": loop["end"] - loop["start"], "accuracy": {t: tasks[t]["accuracy"] for t in TASKS}}
+    return {
+        "process_seconds": seconds,
+        "loop_seconds": loop["end"] - loop["start"],
+        "accuracy": {t: tasks[t]["accuracy"] for t in TASKS},
+    }
 
 
 def run_child(command: list[str], env: dict[str, str] | None = None) -> dict:
@@ -292,7 +311,9 @@ def side_commands(args: argparse.Namespace, size: int, workers: int) -> dict:
     common = ["--cache", str(args.cache), "--size", str(size), "--workers", str(workers), "--batch-size", str(args.batch_size)]
     sides = {
         "merge.py test": lambda: run_merge(args.cache, size, workers, args.batch_size, args.accelerator),
-        "bare loop": lambda: run_child([sys.executable, "-m", "benchmarks.eval_throughput", "--child", "bare", *common, "--accelerator", args.accelerator]),
+        "bare loop": lambda: run_child(
+            [sys.executable, "-m", "benchmarks.eval_throughput", "--child", "bare", *common, "--accelerator", args.accelerator]
+        ),
     }
     if args.fusionbench_python:
         script = str(REPO / "benchmarks" / "fusionbench_taskpool.py")
@@ -367,9 +388,23 @@ def profile(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cache", type=Path, help="where the datasets, pool and configs are written once (default: /tmp/convnext-fusion-eval[-base])")
-    parser.add_argument("--model", choices=sorted(SHAPES), default="tiny", help="pool shape: tiny, or facebook/convnext-base-224's (random weights)")
-    parser.add_argument("--accelerator", choices=["cpu", "gpu"], default="cpu", help="where merge.py test and the bare loop run (FusionBench: CPU)")
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        help="where the datasets, pool and configs are written once (default: /tmp/convnext-fusion-eval[-base])",
+    )
+    parser.add_argument(
+        "--model",
+        choices=sorted(SHAPES),
+        default="tiny",
+        help="pool shape: tiny, or facebook/convnext-base-224's (random weights)",
+    )
+    parser.add_argument(
+        "--accelerator",
+        choices=["cpu", "gpu"],
+        default="cpu",
+        help="where merge.py test and the bare loop run (FusionBench: CPU)",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sizes", type=lambda text: [int(s) for s in text.split(",")], default=[32, 224], help="processor sizes")
     parser.add_argument("--workers", type=lambda text: [int(w) for w in text.split(",")], default=[0, 2])

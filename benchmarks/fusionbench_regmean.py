@@ -87,7 +87,10 @@ def write_pool(root: Path, num_tasks: int, seed: int) -> None:
     generator = torch.Generator().manual_seed(seed + 1)
     for index in range(num_tasks):
         model = ConvNextForImageClassification(ConvNextConfig(**TINY, num_labels=10))
-        state = {key: tensor + NOISE * torch.randn(tensor.shape, generator=generator) for key, tensor in pretrained.state_dict().items()}
+        state = {
+            key: tensor + NOISE * torch.randn(tensor.shape, generator=generator)
+            for key, tensor in pretrained.state_dict().items()
+        }
         model.load_state_dict(state)
         model.save_pretrained(dirs[f"task{index}"])
         images = torch.randn((num_images(index), 3, 32, 32), generator=generator)
@@ -123,7 +126,9 @@ def merge_ours(root: Path, num_tasks: int, ratios: list[float], out: Path) -> No
             merged = merge_backbone(pool, RegMean(ratio), progress=False, grams=grams)
         finally:
             pool.close()
-        save_file({key: tensor.contiguous() for key, tensor in merged.items()}, str(out / f"ours_{ratio_label(ratio)}.safetensors"))
+        save_file(
+            {key: tensor.contiguous() for key, tensor in merged.items()}, str(out / f"ours_{ratio_label(ratio)}.safetensors")
+        )
 
 
 FUNCTIONS = ("merging_with_regmean_weights", "regmean_merging")
@@ -141,7 +146,14 @@ def compare(root: Path, num_tasks: int, ratios: list[float], out: Path) -> list[
         theirs = load_file(str(out / f"fusionbench_{function}_{ratio_label(ratio)}{suffix}.safetensors"))
         if set(ours) != set(theirs):
             raise SystemExit(f"{function}: different keys: {sorted(set(ours) ^ set(theirs))[:5]}")
-        row: dict[str, object] = {"ratio": ratio, "function": function, "float64": bool(suffix), "linear": 0.0, "other": 0.0, "scale": 0.0}
+        row: dict[str, object] = {
+            "ratio": ratio,
+            "function": function,
+            "float64": bool(suffix),
+            "linear": 0.0,
+            "other": 0.0,
+            "scale": 0.0,
+        }
         for key, tensor in ours.items():
             if not torch.isfinite(theirs[key]).all():
                 raise SystemExit(f"{function}: FusionBench's '{key}' is not finite")
@@ -155,7 +167,9 @@ def compare(root: Path, num_tasks: int, ratios: list[float], out: Path) -> list[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--fusionbench-python", default="/tmp/fbvenv/bin/python", help="python of a venv with fusion-bench==0.2.33")
+    parser.add_argument(
+        "--fusionbench-python", default="/tmp/fbvenv/bin/python", help="python of a venv with fusion-bench==0.2.33"
+    )
     parser.add_argument("--workdir", type=Path, help="where pools and merges are written (default: a temporary folder)")
     parser.add_argument("--tasks", default="2,3,8", help="pool sizes T, comma-separated")
     parser.add_argument("--ratios", default="0.95,0.5,0", help="reduce_non_diagonal_ratio values, comma-separated")
@@ -187,7 +201,9 @@ def main() -> None:
 
 def report(workdir: Path, sizes: list[int], ratios: list[float]) -> None:
     print(f"largest |ours - FusionBench 0.2.33| of the merged backbones (tiny ConvNeXt {TINY['hidden_sizes']}, noise {NOISE})")
-    print(f"{'T':>3s} {'ratio':>6s} {'FusionBench function':30s} {'precision':>9s} {'pwconv weights':>15s} {'other':>10s} {'max |W*|':>9s}")
+    print(
+        f"{'T':>3s} {'ratio':>6s} {'FusionBench function':30s} {'precision':>9s} {'pwconv weights':>15s} {'other':>10s} {'max |W*|':>9s}"
+    )
     worst: dict[tuple[str, bool], float] = {}
     for num_tasks in sizes:
         root = workdir / f"T{num_tasks}"
@@ -254,7 +270,9 @@ def merge_fusionbench(root: Path, num_tasks: int, ratios: list[float], out: Path
         models = backbones(dtype)
         params = {key: [dict(model.named_parameters())[key] for model in models] for key, _ in models[0].named_parameters()}
         # FusionBench keys its Grams by module name: "encoder.stages.0.layers.0.pwconv1".
-        module_grams = [{key.removeprefix("convnext.").removesuffix(".weight"): g.to(dtype) for key, g in task.items()} for task in grams]
+        module_grams = [
+            {key.removeprefix("convnext.").removesuffix(".weight"): g.to(dtype) for key, g in task.items()} for task in grams
+        ]
         with torch.no_grad():
             merged = merging_with_regmean_weights(params, module_grams, reduce_non_diagonal_ratio=ratio)
         save(merged, "merging_with_regmean_weights", ratio, suffix)

@@ -86,7 +86,10 @@ def write_pool(root: Path, num_tasks: int, seed: int) -> None:
         if name == "_pretrained_":
             continue
         model = ConvNextForImageClassification(ConvNextConfig(**TINY, num_labels=10))
-        state = {key: tensor + NOISE * torch.randn(tensor.shape, generator=generator) for key, tensor in pretrained.state_dict().items()}
+        state = {
+            key: tensor + NOISE * torch.randn(tensor.shape, generator=generator)
+            for key, tensor in pretrained.state_dict().items()
+        }
         model.load_state_dict(state)
         model.save_pretrained(directory)
 
@@ -135,7 +138,9 @@ def compare(root: Path, num_tasks: int, out: Path) -> dict[str, dict[str, float]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--fusionbench-python", default="/tmp/fbvenv/bin/python", help="python of a venv with fusion-bench==0.2.33")
+    parser.add_argument(
+        "--fusionbench-python", default="/tmp/fbvenv/bin/python", help="python of a venv with fusion-bench==0.2.33"
+    )
     parser.add_argument("--workdir", type=Path, help="where pools and merges are written (default: a temporary folder)")
     parser.add_argument("--tasks", default="2,3,8", help="pool sizes T, comma-separated")
     parser.add_argument("--seed", type=int, default=0)
@@ -154,7 +159,15 @@ def main() -> None:
             write_pool(root, num_tasks, args.seed + num_tasks)
             merge_ours(root, num_tasks, root / "merged")
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-        command = [args.fusionbench_python, str(Path(__file__).resolve()), "--fusionbench-side", "--workdir", str(workdir), "--tasks", args.tasks]
+        command = [
+            args.fusionbench_python,
+            str(Path(__file__).resolve()),
+            "--fusionbench-side",
+            "--workdir",
+            str(workdir),
+            "--tasks",
+            args.tasks,
+        ]
         done = subprocess.run(command, cwd=tempfile.gettempdir(), env=env, capture_output=True, text=True)
         if done.returncode != 0:
             raise SystemExit(f"the FusionBench side failed:\n{done.stderr[-4000:]}")
@@ -164,7 +177,9 @@ def main() -> None:
 def report(workdir: Path, sizes: list[int]) -> None:
     print(f"largest |ours - FusionBench 0.2.33| of the merged backbones (tiny ConvNeXt {TINY['hidden_sizes']}, noise {NOISE})")
     print(f"{'':22s} {'FusionBench as it runs':>23s}  {'FusionBench on float64':>23s}")
-    print(f"{'method':18s} {'T':>3s} {'matrices':>11s} {'other':>11s}  {'matrices':>11s} {'other':>11s}  {'max |theta - theta_0|':>22s}")
+    print(
+        f"{'method':18s} {'T':>3s} {'matrices':>11s} {'other':>11s}  {'matrices':>11s} {'other':>11s}  {'max |theta - theta_0|':>22s}"
+    )
     classes = {label: cls for label, cls, _ in METHODS}
     overall: dict[str, list[float]] = {}
     for num_tasks in sizes:

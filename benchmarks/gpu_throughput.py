@@ -49,8 +49,15 @@ def model_images_per_second(model_dir: Path, precision: str, channels_last: bool
     model = ImageClassifier(47, model_name_or_path=str(model_dir), pretrained=False, channels_last=channels_last)
     clock = _StepClock(warmup)
     trainer = Trainer(
-        accelerator="gpu", devices=1, precision=precision, max_steps=warmup + steps, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[clock],
+        accelerator="gpu",
+        devices=1,
+        precision=precision,
+        max_steps=warmup + steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[clock],
         limit_val_batches=0,
     )
     trainer.fit(model, train_dataloaders=loader)
@@ -78,7 +85,9 @@ def eval_images_per_second(mode: str, batch_size: int, batches: int) -> float:
 
 
 def pipeline_images_per_second(dataset_dir: Path, processor_dir: Path, workers: int, batches: int) -> float:
-    data = ImageClassificationDataModule("dtd", path=str(dataset_dir), processor=str(processor_dir), batch_size=64, num_workers=workers)
+    data = ImageClassificationDataModule(
+        "dtd", path=str(dataset_dir), processor=str(processor_dir), batch_size=64, num_workers=workers
+    )
     data.setup("fit")
     iterator = iter(data.train_dataloader())
     for _ in range(max(2, workers // 4)):
@@ -125,7 +134,9 @@ def main() -> None:
         for workers in args.workers:
             rate = pipeline_images_per_second(root / "data", root / "model", workers, batches=40)
             pipeline = max(pipeline, rate)
-            print(f"data   workers={workers:3d} {rate:7.0f} images/s (decode + resize + crop + normalise, real JPEGs)", flush=True)
+            print(
+                f"data   workers={workers:3d} {rate:7.0f} images/s (decode + resize + crop + normalise, real JPEGs)", flush=True
+            )
         if best == 0.0:
             return
         limit = min(best, pipeline)

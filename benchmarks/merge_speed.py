@@ -90,7 +90,9 @@ def checkpoint_dirs(cache: Path) -> dict[str, Path]:
 
 def complete(cache: Path) -> bool:
     """Whether ``cache`` holds all nine checkpoints."""
-    return all((path / "model.safetensors").is_file() and (path / "config.json").is_file() for path in checkpoint_dirs(cache).values())
+    return all(
+        (path / "model.safetensors").is_file() and (path / "config.json").is_file() for path in checkpoint_dirs(cache).values()
+    )
 
 
 def prepare(cache: Path) -> None:
@@ -109,7 +111,9 @@ def prepare(cache: Path) -> None:
     shape = {"depths": [3, 3, 27, 3], "hidden_sizes": [128, 256, 512, 1024]}
     torch.manual_seed(0)
     pretrained_config = ConvNextConfig(**shape, num_labels=1000)
-    state = {key: value.detach().contiguous() for key, value in ConvNextForImageClassification(pretrained_config).state_dict().items()}
+    state = {
+        key: value.detach().contiguous() for key, value in ConvNextForImageClassification(pretrained_config).state_dict().items()
+    }
     backbone = {key: value for key, value in state.items() if key.startswith("convnext.")}
     print(f"  {sum(value.numel() for value in state.values()) / 1e6:.1f}M parameters", flush=True)
     for name, directory in dirs.items():
@@ -249,7 +253,9 @@ def compare(cache: Path, names: list[str]) -> None:
         saved = load_file(path)
         exact = all(torch.equal(saved[key], value) for key, value in reference.items())
         largest = max(float((saved[key] - value).abs().max()) for key, value in reference.items())
-        print(f"  {name}: backbone {'equal to' if exact else 'differs from'} the float64-summed average (largest |diff| {largest:.3g})")
+        print(
+            f"  {name}: backbone {'equal to' if exact else 'differs from'} the float64-summed average (largest |diff| {largest:.3g})"
+        )
 
 
 def compare_backbones(ours: Path, theirs: Path) -> None:
@@ -284,7 +290,9 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the nine checkpoints live")
     parser.add_argument("--repeats", type=int, default=5)
     default_flows = [flow for flow in PROJECT_FLOWS if flow not in SLOW_FLOWS]
-    parser.add_argument("--flows", default=",".join([*default_flows, "stream"]), help="comma-separated: " + ", ".join([*PROJECT_FLOWS, "stream"]))
+    parser.add_argument(
+        "--flows", default=",".join([*default_flows, "stream"]), help="comma-separated: " + ", ".join([*PROJECT_FLOWS, "stream"])
+    )
     parser.add_argument("--fusionbench-python", help="python of a venv with fusion-bench installed")
     parser.add_argument(
         "--fusionbench-flows", help="FusionBench's subset of the flows (default: all it has); its TIES peaks near 23 GB"
@@ -322,9 +330,14 @@ def main() -> None:
             warm_page_cache(dirs)
             results[flow].append(measure(command, extra_env))
             last = results[flow][-1]
-            print(f"[{repeat + 1}/{args.repeats}] {flow:34s} {last['seconds']:6.2f} s  peak {last['peak_rss_mib']:6.0f} MiB", flush=True)
+            print(
+                f"[{repeat + 1}/{args.repeats}] {flow:34s} {last['seconds']:6.2f} s  peak {last['peak_rss_mib']:6.0f} MiB",
+                flush=True,
+            )
     print(f"\n8 fine-tuned + 1 pretrained convnext-base-224-sized checkpoints, warm page cache, {args.repeats} runs each")
-    print(f"{'flow':34s} {'best s':>7s} {'median s':>9s} {'peak RSS MiB (min/median)':>26s} {'VmHWM MiB':>10s} {'import floor MiB':>17s}")
+    print(
+        f"{'flow':34s} {'best s':>7s} {'median s':>9s} {'peak RSS MiB (min/median)':>26s} {'VmHWM MiB':>10s} {'import floor MiB':>17s}"
+    )
     for flow, runs in results.items():
         seconds = [run["seconds"] for run in runs]
         peaks = [run["peak_rss_mib"] for run in runs]

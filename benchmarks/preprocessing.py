@@ -70,9 +70,7 @@ def write_dataset(files: list[Path], rows: int, root: Path) -> str:
 
 def loader_rate(path: str, processor: str, workers: int, batch_size: int) -> float:
     """Images/s of the test DataLoader over its second pass (workers already started)."""
-    data = ImageClassificationDataModule(
-        "dtd", path=path, processor=processor, batch_size=batch_size, num_workers=workers
-    )
+    data = ImageClassificationDataModule("dtd", path=path, processor=processor, batch_size=batch_size, num_workers=workers)
     data.setup("test")
     loader = data.test_dataloader()
     for _ in loader:  # first pass: starts the workers and warms the caches

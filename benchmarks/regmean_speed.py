@@ -95,14 +95,18 @@ def merge_time(cache: Path, device: torch.device) -> None:
     with torch.device("meta"):
         layers = linear_layers(ConvNextModel(pool.config()))
     grams = spd_grams({key: layer.in_features for key, layer in layers.items()}, len(pool.task_names), device)
-    print(f"merge of {len(pool.task_names)} checkpoints: {len(grams)} Linear weights from Grams, {len(pool.backbone_keys) - len(grams)} other tensors averaged")
+    print(
+        f"merge of {len(pool.task_names)} checkpoints: {len(grams)} Linear weights from Grams, {len(pool.backbone_keys) - len(grams)} other tensors averaged"
+    )
     for label, method, extra in [("SimpleAverage", SimpleAverage(), {}), ("RegMean(0.95)", RegMean(0.95), {"grams": grams})]:
         start = time.perf_counter()
         merge_backbone(pool, method, progress=False, **extra)
         synchronize(device)
         print(f"  {label:14s} {time.perf_counter() - start:7.2f} s")
     pool.close()
-    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB (Grams of one model held once: see above)")
+    print(
+        f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB (Grams of one model held once: see above)"
+    )
 
 
 def main() -> None:

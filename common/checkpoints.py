@@ -83,8 +83,7 @@ def check_convnext_checkpoint(directory: Path, source: str, weights: bool = True
     if model_type != "convnext" or any(name not in _CONVNEXT_ARCHITECTURES for name in architectures):
         kind = ", ".join(map(str, architectures)) or "no architectures named"
         raise CheckpointError(
-            f"checkpoint '{source}' is a '{model_type}' model ({kind}), not a ConvNeXt "
-            f"({' or '.join(_CONVNEXT_ARCHITECTURES)})"
+            f"checkpoint '{source}' is a '{model_type}' model ({kind}), not a ConvNeXt ({' or '.join(_CONVNEXT_ARCHITECTURES)})"
         )
     if weights:
         _check_backbone_weights(directory, source)

@@ -38,9 +38,7 @@ def check_output_location(path: str | Path, option: str, atomic: bool = False) -
         raise CheckpointError(f"{option} '{path}' cannot be written: no new files in '{existing}' ({error.strerror})") from None
 
 
-def write_atomically(
-    target: Path, write: Callable[[Path], None], overwrite: bool, flag: str = "--overwrite true"
-) -> None:
+def write_atomically(target: Path, write: Callable[[Path], None], overwrite: bool, flag: str = "--overwrite true") -> None:
     """Run ``write(tmp_dir)`` and move the result to ``target``: it appears whole or not at all.
 
     The staging directory's name holds the writer's pid and host, so that the next write to

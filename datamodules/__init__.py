@@ -1,8 +1,8 @@
 """LightningDataModules for the eight benchmark tasks and the offline quickstart tasks.
 
-    from datamodules import ImageClassificationDataModule, MultiTaskDataModule, TASKS
-    data = ImageClassificationDataModule("dtd", path="/data/dtd", processor="facebook/convnext-base-224")
-    data.num_classes, data.classnames[:3]
+from datamodules import ImageClassificationDataModule, MultiTaskDataModule, TASKS
+data = ImageClassificationDataModule("dtd", path="/data/dtd", processor="facebook/convnext-base-224")
+data.num_classes, data.classnames[:3]
 """
 
 from datamodules.classification import ImageClassificationDataModule, split_train_val

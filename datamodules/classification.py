@@ -78,7 +78,9 @@ class ImageClassificationDataModule(LightningDataModule):
         if val_split == "holdout" and not 0 < val_fraction < 1:
             raise DataError(f"val_fraction must be between 0 and 1 for val_split holdout, got {val_fraction}")
         check_setting(batch_size > 0, "data.batch_size", "a positive integer", batch_size)
-        check_setting(eval_batch_size is None or eval_batch_size > 0, "data.eval_batch_size", "a positive integer or null", eval_batch_size)
+        check_setting(
+            eval_batch_size is None or eval_batch_size > 0, "data.eval_batch_size", "a positive integer or null", eval_batch_size
+        )
         check_setting(num_workers >= 0, "data.num_workers", "0 or more", num_workers)
         self.path = path
         self.processor = processor

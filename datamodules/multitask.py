@@ -216,9 +216,7 @@ class MultiTaskDataModule(LightningDataModule):
         """
         _, world_size = distributed_context(self.trainer)
         if self.adaptation_batch_size % world_size:
-            raise DataError(
-                f"adaptation_batch_size {self.adaptation_batch_size} does not split over {world_size} devices"
-            )
+            raise DataError(f"adaptation_batch_size {self.adaptation_batch_size} does not split over {world_size} devices")
         max_steps = self.trainer.max_steps if self.trainer is not None else -1
         if max_steps is None or max_steps <= 0:
             raise DataError("test-time adaptation counts steps: set trainer.max_steps")

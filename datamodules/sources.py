@@ -63,8 +63,7 @@ def get_split(dataset: DatasetDict, split: str, task: TaskInfo, path: str | None
     missing = [column for column in REQUIRED_COLUMNS if column not in data.column_names]
     if missing:
         raise DataError(
-            f"{where}, split '{split}': missing column(s) {', '.join(missing)} "
-            f"(found: {', '.join(data.column_names)})"
+            f"{where}, split '{split}': missing column(s) {', '.join(missing)} (found: {', '.join(data.column_names)})"
         )
     if len(data) == 0:
         raise DataError(f"{where}: split '{split}' is empty")

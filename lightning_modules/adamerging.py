@@ -211,5 +211,7 @@ class AdaMerging(MultiTaskEvaluation):
             "method": self.row_names[0],
             "models": dict(self.pool.sources),
             # The file evaluated (``--model.coefficients``); only after a fit in this process the output.
-            "coefficients": self.coefficient_table() if self.granularity == "task" else self.coefficients_file or str(Path(self.output_dir, "coefficients.json")),
+            "coefficients": self.coefficient_table()
+            if self.granularity == "task"
+            else self.coefficients_file or str(Path(self.output_dir, "coefficients.json")),
         }

@@ -144,7 +144,9 @@ class MultiTaskEvaluation(LightningModule, ABC):
     def setup(self, stage: str) -> None:
         data_splits = getattr(self.trainer.datamodule, "splits", None) if self.trainer is not None else None
         if data_splits is not None and list(data_splits) != self.splits:
-            raise MergeError(f"the data module evaluates splits {data_splits}, the model expects {self.splits}: pass splits=data.splits")
+            raise MergeError(
+                f"the data module evaluates splits {data_splits}, the model expects {self.splits}: pass splits=data.splits"
+            )
         self._check_gram_split()  # before build() loads any model
         if self.heads is None:
             self.build()
@@ -155,7 +157,9 @@ class MultiTaskEvaluation(LightningModule, ABC):
         if needs and not given:
             raise MergeError("this merge needs unlabelled train images for its Gram matrices: set data.gram_images (e.g. 256)")
         if given and not needs:
-            raise MergeError(f"data.gram_images is set, but {type(self).__name__} with these methods merges without data: drop it")
+            raise MergeError(
+                f"data.gram_images is set, but {type(self).__name__} with these methods merges without data: drop it"
+            )
 
     def merge_with_grams(self, grams: dict[str, list[torch.Tensor]]) -> None:
         """Build the rows that wait for the Gram pass, from ``grams`` (per Linear weight key,

@@ -168,8 +168,7 @@ class MergedClassifier(MultiTaskEvaluation):
         missing = [task for task in self.tasks if task not in saved.heads]
         if missing:
             raise MergeError(
-                f"saved merged model '{self.merged_model}' has no head for {', '.join(missing)} "
-                f"(heads: {', '.join(saved.heads)})"
+                f"saved merged model '{self.merged_model}' has no head for {', '.join(missing)} (heads: {', '.join(saved.heads)})"
             )
         for task in self.tasks:
             rows = saved.heads[task]["weight"].shape[0]
@@ -213,7 +212,9 @@ class MergedClassifier(MultiTaskEvaluation):
         target = Path(self.export_dir, task)
         head = self.heads.route(task).state_dict()
         config = classifier_config(config, self.classnames[task])
-        write = partial(write_classifier, backbone=backbone, head=head, config=config, processor_file=self._processor_file(), card=card)
+        write = partial(
+            write_classifier, backbone=backbone, head=head, config=config, processor_file=self._processor_file(), card=card
+        )
         write_atomically(target, write, self.overwrite, flag="--model.overwrite true")
         print(f"exported the merged model with the {task} head to {target}")
 

@@ -81,8 +81,11 @@ def merged_model_card(task: str, merge: Mapping[str, Any], evaluation: Mapping[s
         "",
         "## Model pool",
         "",
-        *(["| model | checkpoint |", "| --- | --- |", *(f"| {name} | {source} |" for name, source in models.items())]
-          if models else ["Not recorded."]),  # fmt: skip
+        *(
+            ["| model | checkpoint |", "| --- | --- |", *(f"| {name} | {source} |" for name, source in models.items())]
+            if models
+            else ["Not recorded."]
+        ),  # fmt: skip
         "",
         "## Accuracy",
         "",

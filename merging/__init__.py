@@ -1,8 +1,8 @@
 """Model pool, merge methods and the switched heads.
 
-    from merging import ModelPool, TiesMerging, merge_backbone
-    pool = ModelPool({"_pretrained_": "facebook/convnext-base-224", "dtd": "path/to/dtd-model"})
-    merged = merge_backbone(pool, TiesMerging(top_k=0.2, scaling_factor=0.3))
+from merging import ModelPool, TiesMerging, merge_backbone
+pool = ModelPool({"_pretrained_": "facebook/convnext-base-224", "dtd": "path/to/dtd-model"})
+merged = merge_backbone(pool, TiesMerging(top_k=0.2, scaling_factor=0.3))
 """
 
 from common.errors import CheckpointError

@@ -186,7 +186,9 @@ class _Streams:
         try:
             return self.method.merge_linear(self.finetuned_tensors(key), self.grams[key]).cpu()
         except torch.linalg.LinAlgError as error:
-            raise MergeError(f"merging '{key}' with {self.method.describe()}: the summed Gram matrix is singular ({error})") from error
+            raise MergeError(
+                f"merging '{key}' with {self.method.describe()}: the summed Gram matrix is singular ({error})"
+            ) from error
 
     def _check_result(self, key: str, result: Tensor) -> None:
         if not _all_finite(result):

@@ -207,7 +207,9 @@ class MergeMethod(ABC):
 
     def describe(self) -> str:
         """``ties(top_k=0.2, scaling_factor=0.3)``: the method as it appears in reports."""
-        args = ", ".join(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}" for key, value in self.hyperparameters().items())
+        args = ", ".join(
+            f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}" for key, value in self.hyperparameters().items()
+        )
         return f"{self.name}({args})" if args else self.name
 
     def __repr__(self) -> str:

@@ -71,8 +71,10 @@ class ModelPool:
             raise MergeError(f"the model pool has no '{PRETRAINED}' entry (names: {', '.join(models) or 'none'})")
         self.sources: dict[str, str] = {}
         for name, entry in models.items():
-            task = name if name == PRETRAINED else task_key(
-                entry.get("dataset_name") or name if isinstance(entry, Mapping) else name
+            task = (
+                name
+                if name == PRETRAINED
+                else task_key(entry.get("dataset_name") or name if isinstance(entry, Mapping) else name)
             )
             if task in self.sources:
                 raise MergeError(f"task '{task}' appears twice in the model pool")
@@ -146,16 +148,16 @@ class ModelPool:
         head = {key.split(".")[-1]: reader.read(key).to(torch.float32) for key in HEAD_KEYS}
         for key, tensor in head.items():
             if not torch.isfinite(tensor).all():
-                raise CheckpointError(f"non-finite values (NaN/Inf) in 'classifier.{key}' of '{reader.path_of('classifier.' + key)}'")
+                raise CheckpointError(
+                    f"non-finite values (NaN/Inf) in 'classifier.{key}' of '{reader.path_of('classifier.' + key)}'"
+                )
         return head
 
     def check_heads(self, classnames: Mapping[str, list[str]]) -> None:
         """Every task to evaluate has a fine-tuned head of its class count (and labels)."""
         for task, names in classnames.items():
             if task not in self.sources or task == PRETRAINED:
-                raise MergeError(
-                    f"no fine-tuned model for task '{task}' in the model pool (tasks: {', '.join(self.task_names)})"
-                )
+                raise MergeError(f"no fine-tuned model for task '{task}' in the model pool (tasks: {', '.join(self.task_names)})")
             reader = self.reader(task)
             shape = reader.shape(HEAD_KEYS[0]) if HEAD_KEYS[0] in reader else None
             if shape is None or shape[0] != len(names):

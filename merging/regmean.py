@@ -70,7 +70,9 @@ def regmean(weights: Iterable[Tensor], grams: Sequence[Tensor], reduce_non_diago
             raise MergeError(f"RegMean: more weights than the {len(grams)} Gram matrices")
         gram = grams[count]
         if weight.ndim != 2 or gram.shape != (weight.shape[1], weight.shape[1]):
-            raise MergeError(f"RegMean: a weight of shape {list(weight.shape)} needs a Gram of {[weight.shape[-1]] * 2}, got {list(gram.shape)}")
+            raise MergeError(
+                f"RegMean: a weight of shape {list(weight.shape)} needs a Gram of {[weight.shape[-1]] * 2}, got {list(gram.shape)}"
+            )
         shrunk = shrink_off_diagonal(gram.to(torch.float64), reduce_non_diagonal_ratio)
         weighted = shrunk @ weight.to(device=gram.device, dtype=torch.float64).T
         gram_sum = shrunk if gram_sum is None else gram_sum.add_(shrunk)

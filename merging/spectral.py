@@ -110,9 +110,7 @@ def _check_count(count: int, num_tasks: int | None, pretrained: Tensor) -> None:
         raise MergeError(f"expected {num_tasks} task vectors for a {tuple(pretrained.shape)} parameter, got {count}")
 
 
-def tsv_merge(
-    pretrained: Tensor, task_vectors: Iterable[Tensor], scaling_factor: float, num_tasks: int | None = None
-) -> Tensor:
+def tsv_merge(pretrained: Tensor, task_vectors: Iterable[Tensor], scaling_factor: float, num_tasks: int | None = None) -> Tensor:
     """Task Singular Vectors merge, TSV-M (Gargiulo et al., CVPR 2025, arXiv 2412.00081), of one parameter.
 
     For a matrix: with ``k = floor(r / T)`` (``tsv_rank``) and ``tau_t = U_t S_t V_t^T``, keep

@@ -139,9 +139,7 @@ def make_test_set(directory: Path, task: str, size: int, finetuned: str | Path, 
     rng = np.random.default_rng(seed + 1)
     labels = [predicted[i] if i % 3 else int(rng.integers(len(classnames))) for i in range(size)]
     features = Features({"image": Image(), "label": ClassLabel(names=classnames)})
-    DatasetDict({"test": Dataset.from_dict({"image": images, "label": labels}, features=features)}).save_to_disk(
-        str(directory)
-    )
+    DatasetDict({"test": Dataset.from_dict({"image": images, "label": labels}, features=features)}).save_to_disk(str(directory))
     return directory
 
 

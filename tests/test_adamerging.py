@@ -59,8 +59,7 @@ def setup(tmp_path_factory) -> Setup:
     root = tmp_path_factory.mktemp("adamerging")
     pool = mf.make_pool(root / "models", TASKS, seed=3)
     data = {
-        task: str(mf.make_test_set(root / "data" / task, task, SIZE, pool[task], seed=30 + i))
-        for i, task in enumerate(TASKS)
+        task: str(mf.make_test_set(root / "data" / task, task, SIZE, pool[task], seed=30 + i)) for i, task in enumerate(TASKS)
     }
     keys = [key for key in mf.load_state(pool[mf.PRETRAINED]) if key.startswith("convnext.")]
     return Setup(pool, data, keys)
@@ -135,7 +134,9 @@ def constant_table(setup: Setup, value: float) -> dict[str, dict[str, float]]:
 
 
 def recorded_table(setup: Setup, coefficients: list[list[float]]) -> dict[str, dict[str, float]]:
-    return {task: dict(zip(setup.keys, row * len(setup.keys) if len(row) == 1 else row)) for task, row in zip(TASKS, coefficients)}
+    return {
+        task: dict(zip(setup.keys, row * len(setup.keys) if len(row) == 1 else row)) for task, row in zip(TASKS, coefficients)
+    }
 
 
 def images(setup: Setup, task: str) -> list[torch.Tensor]:
@@ -200,7 +201,9 @@ def test_fit_lowers_the_summed_entropy_and_writes_the_coefficients(setup, tmp_pa
     # and of step s+1 the entropy at step s's coefficients: the objective is what it claims.
     initial = reference_entropy(setup, constant_table(setup, 0.3))
     assert records[0]["loss"] == pytest.approx(initial, rel=1e-5)
-    assert records[5]["loss"] == pytest.approx(reference_entropy(setup, recorded_table(setup, records[4]["coefficients"])), rel=1e-5)
+    assert records[5]["loss"] == pytest.approx(
+        reference_entropy(setup, recorded_table(setup, records[4]["coefficients"])), rel=1e-5
+    )
     learned = reference_entropy(setup, table_of(content))
     assert learned < initial - 1e-3, (initial, learned)
 

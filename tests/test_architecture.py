@@ -41,10 +41,7 @@ def imported_packages(path: Path) -> set[str]:
 def test_a_package_imports_only_the_layers_below_it(package: str) -> None:
     files = sorted((REPO_ROOT / package).rglob("*.py"))
     assert files, package
-    wrong = {
-        str(path.relative_to(REPO_ROOT)): sorted(imported_packages(path) - ALLOWED[package] - {package})
-        for path in files
-    }
+    wrong = {str(path.relative_to(REPO_ROOT)): sorted(imported_packages(path) - ALLOWED[package] - {package}) for path in files}
     assert not {path: names for path, names in wrong.items() if names}
 
 

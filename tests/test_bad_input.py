@@ -249,9 +249,7 @@ def rewrite_backbone(directory: Path, case: str) -> str:
 
 
 @pytest.mark.parametrize("case", ["missing", "unexpected"])
-def test_fine_tuning_from_a_convnext_with_other_backbone_weights_is_one_error_line(
-    case, convnext, tmp_path, workdir, capsys
-):
+def test_fine_tuning_from_a_convnext_with_other_backbone_weights_is_one_error_line(case, convnext, tmp_path, workdir, capsys):
     key = rewrite_backbone(mf.copy_checkpoint(convnext, tmp_path / "model"), case)
     data = write_dataset(small_dataset("mnist"), tmp_path / "mnist", "disk")
     line = one_error_line(train_main, train_args(tmp_path / "model", data, "mnist"), capsys)
@@ -391,9 +389,7 @@ def test_coefficients_outside_the_clamp_range_apply_where_no_range_is_enforced(p
     for key, tensor in expected.items():
         assert torch.allclose(learned[key], tensor, rtol=1e-6, atol=1e-6), key
     classnames = {task: list(get_task(task).classnames) for task in MERGE_TASKS}
-    unclamped = AdaMerging(
-        list(MERGE_TASKS), classnames, pool.models, granularity="task", clamp=False, coefficients=str(path)
-    )
+    unclamped = AdaMerging(list(MERGE_TASKS), classnames, pool.models, granularity="task", clamp=False, coefficients=str(path))
     assert torch.equal(unclamped.coefficients.detach(), torch.full((2, 1), 1.5))
 
 

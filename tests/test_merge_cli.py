@@ -135,7 +135,7 @@ def test_report_equals_an_independent_evaluation(setup, individual, tmp_path, cl
     assert report["method_name"] == name
     assert {key: report["hyperparameters"][key] for key in params} == params
     assert report["models"] == setup.pool
-    (row_name, row), = report["rows"].items()  # one row: no individual models asked for
+    ((row_name, row),) = report["rows"].items()  # one row: no individual models asked for
     assert row_name == report["method"] and row_name.startswith(name)
     merged = reference_backbone(setup, name, params)
     expected = independent_results(setup, lambda task: merged)
@@ -145,7 +145,11 @@ def test_report_equals_an_independent_evaluation(setup, individual, tmp_path, cl
     # The Markdown and CSV tables carry the same numbers, in percent.
     lines = list(csv.reader((tmp_path / "report" / "report.csv").read_text().splitlines()))
     assert lines[0] == ["model", *TASKS, "average"]
-    assert lines[1] == [row_name, *(f"{100 * row['tasks'][t]['accuracy']:.2f}" for t in TASKS), f"{100 * row['average_accuracy']:.2f}"]
+    assert lines[1] == [
+        row_name,
+        *(f"{100 * row['tasks'][t]['accuracy']:.2f}" for t in TASKS),
+        f"{100 * row['average_accuracy']:.2f}",
+    ]
     markdown = (tmp_path / "report" / "report.md").read_text()
     assert f"| {' | '.join(lines[1])} |" in markdown
     assert f"eurosat {SIZES['eurosat']}, dtd {SIZES['dtd']}" in markdown
@@ -239,7 +243,12 @@ def test_overwrite_replaces_an_existing_save_dir(setup, tmp_path):
     saved.mkdir()
     (saved / "stale.txt").write_text("from an earlier run")
     main(cli(setup, tmp_path, "--model.save_dir", str(saved), "--model.overwrite", "true", "--trainer.limit_test_batches", "0"))
-    assert sorted(p.name for p in saved.iterdir()) == ["config.json", "merge.json", "model.safetensors", "preprocessor_config.json"]
+    assert sorted(p.name for p in saved.iterdir()) == [
+        "config.json",
+        "merge.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+    ]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left
 
 
@@ -279,7 +288,18 @@ def bad_pool(setup: Setup, tmp_path: Path, case: str) -> tuple[dict, list[str], 
         return pool, [], [str(copy), "[10, 64]", "task 'dtd' has 47 classes"]
     if case == "saved model without the task's head":
         pool = {mf.PRETRAINED: setup.pool[mf.PRETRAINED], "eurosat": setup.pool["eurosat"]}
-        main(cli(setup, tmp_path / "saving", "--model.save_dir", str(copy), "--trainer.limit_test_batches", "0", models=pool, tasks=["eurosat"]))
+        main(
+            cli(
+                setup,
+                tmp_path / "saving",
+                "--model.save_dir",
+                str(copy),
+                "--trainer.limit_test_batches",
+                "0",
+                models=pool,
+                tasks=["eurosat"],
+            )
+        )
         return pool, ["--model.merged_model", str(copy)], [str(copy), "no head for dtd"]
     if case == "existing save_dir":
         existing = tmp_path / "existing"
@@ -376,7 +396,10 @@ def test_the_loggers_get_every_number_of_the_report(setup, tmp_path):
     other rows as ``test/<row>/<task>/accuracy``."""
     out = tmp_path / "logged"
     args = cli(setup, out, *method_args("TaskArithmetic", {"scaling_factor": 0.4}), "--model.evaluate_individual", "true")
-    logger = ["--trainer.logger", json.dumps({"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(out / "csv")}})]
+    logger = [
+        "--trainer.logger",
+        json.dumps({"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(out / "csv")}}),
+    ]
     main([*args[: args.index("--trainer.logger")], *args[args.index("--trainer.logger") + 2 :], *logger])
     with open(next((out / "csv").rglob("metrics.csv")), newline="") as file:
         logged = {key: float(value) for row in csv.DictReader(file) for key, value in row.items() if value and key != "step"}

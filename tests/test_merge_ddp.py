@@ -138,7 +138,9 @@ def test_two_nodes_of_one_process_give_the_one_process_report(setup, single, tmp
     port = str(mf.free_port())
     nodes = [
         launch(
-            args(setup, tmp_path / f"node{rank}", "--trainer.num_nodes", "2", "--trainer.devices", "1", "--trainer.strategy", "ddp"),
+            args(
+                setup, tmp_path / f"node{rank}", "--trainer.num_nodes", "2", "--trainer.devices", "1", "--trainer.strategy", "ddp"
+            ),
             cwd=tmp_path,
             MASTER_ADDR="127.0.0.1",
             MASTER_PORT=port,
@@ -170,7 +172,17 @@ def test_bad_input_on_two_processes_fails_on_every_rank_without_hanging(setup, t
     mf.rewrite_tensors(copy, poison)
     saved = tmp_path / "saved"
     process = launch(
-        args(setup, tmp_path, "--trainer.devices", "2", "--trainer.strategy", "ddp", "--model.save_dir", str(saved), pool={**models, "dtd": str(copy)}),
+        args(
+            setup,
+            tmp_path,
+            "--trainer.devices",
+            "2",
+            "--trainer.strategy",
+            "ddp",
+            "--model.save_dir",
+            str(saved),
+            pool={**models, "dtd": str(copy)},
+        ),
         cwd=tmp_path,
     )
     code, output = finish(process)

@@ -77,10 +77,7 @@ def ties_entry(values: list[float], thresholds: list[float]) -> float:
 
 def finetuned_values() -> list[dict[str, list[float]]]:
     """theta_t = theta_0 + tau_t for the three tasks, then theta_0 itself as a fourth model."""
-    models = [
-        {key: [p + v for p, v in zip(flat(PRETRAINED[key]), flat(tau[key]))] for key in PRETRAINED}
-        for tau in TASK_VECTORS
-    ]
+    models = [{key: [p + v for p, v in zip(flat(PRETRAINED[key]), flat(tau[key]))] for key in PRETRAINED} for tau in TASK_VECTORS]
     return models + [{key: flat(PRETRAINED[key]) for key in PRETRAINED}]
 
 
@@ -127,7 +124,9 @@ def test_ties_exact(top_k, scaling_factor):
     module_thresholds = [magnitude_threshold(iter(tensors(task).values()), top_k) for task in TASK_VECTORS]
     for key, pretrained in tensors(PRETRAINED).items():
         columns = list(zip(*(flat(task[key]) for task in TASK_VECTORS)))
-        expected = [p + scaling_factor * ties_entry(list(values), thresholds) for p, values in zip(flat(PRETRAINED[key]), columns)]
+        expected = [
+            p + scaling_factor * ties_entry(list(values), thresholds) for p, values in zip(flat(PRETRAINED[key]), columns)
+        ]
         vectors = (tensors(task)[key] for task in TASK_VECTORS)
         result = ties_merging(pretrained, vectors, module_thresholds, scaling_factor)
         assert torch.equal(result, as_tensor(expected, pretrained)), (key, result, expected)
@@ -141,9 +140,7 @@ def test_ties_hand_built_data_covers_the_hard_cases():
     trimmed = [[v if abs(v) >= t else 0.0 for v, t in zip(column, thresholds)] for column in columns]
     assert any(abs(v) == t for column in columns for v, t in zip(column, thresholds))
     assert any(sum(c) == 0 and any(c) for c in trimmed)
-    assert any(
-        sum(c) < 0 and sum(v > 0 for v in c) >= sum(v < 0 for v in c) for c in trimmed
-    )
+    assert any(sum(c) < 0 and sum(v > 0 for v in c) >= sum(v < 0 for v in c) for c in trimmed)
     # One hand-derived value: b[1] has trimmed values -1.5, +1.5, 0 -> sum 0 -> theta_0 unchanged.
     result = ties_merging(
         tensors(PRETRAINED)["b"],
@@ -221,7 +218,10 @@ def test_methods_are_registered_by_name():
     names = ["simple_average", "task_arithmetic", "ties", "dare_task_arithmetic", "dare_ties"]
     assert [cls.name for cls in classes] == names
     assert all(METHODS[name] is cls for name, cls in zip(names, classes))
-    assert DareTies(drop_rate=0.5, top_k=0.2).describe() == "dare_ties(drop_rate=0.5, rescale=True, seed=0, top_k=0.2, scaling_factor=0.3)"
+    assert (
+        DareTies(drop_rate=0.5, top_k=0.2).describe()
+        == "dare_ties(drop_rate=0.5, rescale=True, seed=0, top_k=0.2, scaling_factor=0.3)"
+    )
 
 
 # --- Properties -----------------------------------------------------------------------------

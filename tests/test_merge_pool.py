@@ -91,7 +91,9 @@ def test_reader_names_a_corrupt_header(damaged):
     assert str(path) in str(error.value)
 
 
-@pytest.mark.parametrize("content", [b"", b"\x01\x02", (10**9).to_bytes(8, "little") + b"{}"], ids=["empty", "3-bytes", "huge-length"])
+@pytest.mark.parametrize(
+    "content", [b"", b"\x01\x02", (10**9).to_bytes(8, "little") + b"{}"], ids=["empty", "3-bytes", "huge-length"]
+)
 def test_reader_rejects_files_that_are_not_safetensors(tmp_path, content):
     (tmp_path / "model.safetensors").write_bytes(content)
     with pytest.raises(CheckpointError, match="corrupt checkpoint") as error:
@@ -296,7 +298,9 @@ def test_a_checkpoint_without_a_head_is_named(damaged):
 
 def test_a_non_finite_head_is_named(damaged):
     directory, models = damaged
-    mf.rewrite_tensors(directory, lambda state: {**state, "classifier.bias": torch.full_like(state["classifier.bias"], float("nan"))})
+    mf.rewrite_tensors(
+        directory, lambda state: {**state, "classifier.bias": torch.full_like(state["classifier.bias"], float("nan"))}
+    )
     with pytest.raises(CheckpointError, match="non-finite.*classifier.bias"):
         ModelPool(models).head("eurosat")
 

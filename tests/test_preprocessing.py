@@ -32,9 +32,7 @@ def random_image(width: int, height: int, mode: str = "RGB", seed: int = 0) -> I
 @pytest.fixture(scope="module")
 def base(convnext_base_processor):
     """``(ours, Hugging Face)`` for facebook/convnext-base-224's processor config."""
-    return ImagePreprocessor.from_pretrained(convnext_base_processor), AutoImageProcessor.from_pretrained(
-        convnext_base_processor
-    )
+    return ImagePreprocessor.from_pretrained(convnext_base_processor), AutoImageProcessor.from_pretrained(convnext_base_processor)
 
 
 def test_settings_are_read_from_the_config(base):

@@ -224,7 +224,9 @@ CLASSES = TASKS["dtd"].classnames[:4]
 
 def test_the_gram_split_comes_first_unlabelled_and_seeded(tmp_path, tiny_processor, decode_index):
     path = write_dataset(index_dataset(SIZES, CLASSES), tmp_path / "dtd", "disk")
-    data = MultiTaskDataModule(["dtd"], paths={"dtd": path}, processor=tiny_processor, batch_size=7, num_workers=0, gram_images=20, gram_seed=4)
+    data = MultiTaskDataModule(
+        ["dtd"], paths={"dtd": path}, processor=tiny_processor, batch_size=7, num_workers=0, gram_images=20, gram_seed=4
+    )
     assert data.splits == ["gram", "test"] and data.evaluated_splits == ["test"]
     assert data.gram_datasets["dtd"].data.column_names == ["image"], "no label column to read"
     gram, test = data.test_dataloader()
@@ -239,7 +241,9 @@ def test_the_gram_split_comes_first_unlabelled_and_seeded(tmp_path, tiny_process
 
 def test_gram_images_avoid_the_validation_rows_and_are_capped_by_the_train_split(tmp_path, tiny_processor):
     path = write_dataset(index_dataset(SIZES, CLASSES), tmp_path / "dtd", "disk")
-    data = MultiTaskDataModule(["dtd"], paths={"dtd": path}, processor=tiny_processor, gram_images=1000, val_fraction=0.25, split_seed=2)
+    data = MultiTaskDataModule(
+        ["dtd"], paths={"dtd": path}, processor=tiny_processor, gram_images=1000, val_fraction=0.25, split_seed=2
+    )
     assert data.splits == ["gram", "validation", "test"]
     train_rows, held_out = split_train_val(SIZES["train"], 0.25, 2)
     assert data.gram_rows(SIZES["train"]).tolist() == train_rows.tolist(), "all the train part, none held out"

@@ -205,7 +205,12 @@ def test_the_gram_pass_reads_images_and_never_a_label(setup, tmp_path, monkeypat
 def launch(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
     try:
         return subprocess.run(
-            [sys.executable, MERGE_PY, *command], cwd=cwd, env=mf.subprocess_env(), capture_output=True, text=True, timeout=TIMEOUT
+            [sys.executable, MERGE_PY, *command],
+            cwd=cwd,
+            env=mf.subprocess_env(),
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
         )
     except subprocess.TimeoutExpired as error:
         pytest.fail(f"merge.py did not finish in {TIMEOUT} s:\n{str(error.stdout)[-4000:]}")
@@ -216,7 +221,16 @@ def test_two_processes_merge_the_one_process_weights(setup, tmp_path):
     summed over the ranks give the one-process merge (to float32 rounding) and report."""
     main(args(setup, tmp_path / "one", "--trainer.devices", "1", "--model.save_dir", str(tmp_path / "one" / "saved")))
     done = launch(
-        args(setup, tmp_path / "two", "--trainer.devices", "2", "--trainer.strategy", "ddp", "--model.save_dir", str(tmp_path / "two" / "saved")),
+        args(
+            setup,
+            tmp_path / "two",
+            "--trainer.devices",
+            "2",
+            "--trainer.strategy",
+            "ddp",
+            "--model.save_dir",
+            str(tmp_path / "two" / "saved"),
+        ),
         cwd=tmp_path,
     )
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]

@@ -89,7 +89,12 @@ def test_reproduce_fine_tunes_the_eight_configs_and_merges_their_exports(home: P
         config = json.loads((export / "config.json").read_text())
         assert config["id2label"] == {str(i): name for i, name in enumerate(info.classnames)}
         card = (export / "README.md").read_text()
-        for row in ("| training split | train (every row) |", "| training images | 64 |", "| validation split | test |", "| steps | 2 |"):
+        for row in (
+            "| training split | train (every row) |",
+            "| training images | 64 |",
+            "| validation split | test |",
+            "| steps | 2 |",
+        ):
             assert row in card, (task, row)
         assert (export / "preprocessor_config.json").is_file()
         assert f"{task}: exported" in printed
@@ -99,7 +104,9 @@ def test_reproduce_fine_tunes_the_eight_configs_and_merges_their_exports(home: P
     assert_full_report(content, {entry["label"] for entry in content["methods"]} | {"individual"})
     assert len(content["methods"]) > len(methods), "every grid point is a row"
     assert {entry["method"] for entry in content["selection"]} >= {"task_arithmetic", "ties"}
-    assert all(row["tasks"]["dtd"]["num_samples"] == round(0.1 * SIZES["train"]) for row in content["validation"]["rows"].values())
+    assert all(
+        row["tasks"]["dtd"]["num_samples"] == round(0.1 * SIZES["train"]) for row in content["validation"]["rows"].values()
+    )
     assert content["models"] == pool
     assert (tmp_path / "outputs" / "reproduce" / "adamerging" / "coefficients.json").is_file()
     assert "| individual |" in printed
@@ -124,7 +131,7 @@ def test_make_reproduce_runs_the_documented_command() -> None:
         ["make", "-n", "-C", str(REPO_ROOT), "reproduce", "GPUS=8", "TRAIN_ARGS=--trainer.precision=bf16-mixed"],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
-    assert "-m lightning_modules.reproduce --gpus 8 --train-args \"--trainer.precision=bf16-mixed\"" in dry_run.stdout
+    assert '-m lightning_modules.reproduce --gpus 8 --train-args "--trainer.precision=bf16-mixed"' in dry_run.stdout
 
 
 def test_merge_configs_rehearsed_on_the_public_ids(home: Path, tmp_path: Path) -> None:
@@ -151,7 +158,9 @@ def test_merge_configs_rehearsed_on_the_public_ids(home: Path, tmp_path: Path) -
     assert_full_report(content, {entry["label"] for entry in content["methods"]} | {"individual"})
     assert {entry["name"] for entry in content["methods"]} >= {"regmean"}
     # The Gram pass reads the train rows outside the 10% held out for validation.
-    assert content["gram_images"] == {get_task(task).name: SIZES["train"] - round(0.1 * SIZES["train"]) for task in BENCHMARK_TASKS}
+    assert content["gram_images"] == {
+        get_task(task).name: SIZES["train"] - round(0.1 * SIZES["train"]) for task in BENCHMARK_TASKS
+    }
 
 
 def test_merge_and_save_needs_no_data(home: Path, models_only_home: Path, tmp_path: Path) -> None:
@@ -164,7 +173,9 @@ def test_merge_and_save_needs_no_data(home: Path, models_only_home: Path, tmp_pa
          "--trainer.limit_test_batches=0", "--trainer.accelerator=cpu"],
         models_only_home, tmp_path,
     )  # fmt: skip
-    assert (saved / "model.safetensors").is_file() and json.loads((saved / "merge.json").read_text())["method_name"] == "task_arithmetic"
+    assert (saved / "model.safetensors").is_file() and json.loads((saved / "merge.json").read_text())[
+        "method_name"
+    ] == "task_arithmetic"
     assert not (models_only_home / "datasets").exists() or not any((models_only_home / "datasets").iterdir())
     assert not (tmp_path / "outputs" / "merge" / "convnext-base-224_8-tasks" / "report.json").exists()
 

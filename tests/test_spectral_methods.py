@@ -229,7 +229,9 @@ def test_iso_cts_dimensions(rank, tasks, fraction, expected):
 
 def test_iso_cts_dimensions_that_cannot_be_split_raise():
     # int(0) = 0; 8 / 3 rounds to 3 task dimensions each, 9 > 8: no room for the common subspace.
-    with pytest.raises(MergeError, match=r"common_space_fraction 0.0 leaves -1 common dimensions for a rank-8 matrix and 3 tasks"):
+    with pytest.raises(
+        MergeError, match=r"common_space_fraction 0.0 leaves -1 common dimensions for a rank-8 matrix and 3 tasks"
+    ):
         iso_cts_dimensions(8, 3, 0.0)
 
 
@@ -424,7 +426,10 @@ def test_merge_cli_iso_cts_report_equals_an_independent_evaluation(tmp_path, mon
     monkeypatch.chdir(tmp_path)
     tasks = tuple(SIZES)
     pool = mf.make_pool(tmp_path / "models", tasks, seed=2)
-    data = {task: str(mf.make_test_set(tmp_path / "data" / task, task, size, pool[task], seed=30 + i)) for i, (task, size) in enumerate(SIZES.items())}
+    data = {
+        task: str(mf.make_test_set(tmp_path / "data" / task, task, size, pool[task], seed=30 + i))
+        for i, (task, size) in enumerate(SIZES.items())
+    }
     params = {"common_space_fraction": 0.5, "scaling_factor": 1.5}
     main([
         "test",

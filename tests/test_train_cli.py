@@ -149,7 +149,9 @@ def test_train_config_fast_dev_run(task: str, tmp_path: Path, monkeypatch: pytes
     assert model.classifier.out_features == get_task(task).num_classes
 
 
-@pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*/*.yaml")), ids=lambda path: f"{path.parent.name}/{path.stem}")
+@pytest.mark.parametrize(
+    "config", sorted((REPO / "configs").glob("*/*.yaml")), ids=lambda path: f"{path.parent.name}/{path.stem}"
+)
 def test_configs_draw_a_progress_bar_every_10_steps(config: Path) -> None:
     # Lightning's default Rich bar redraws 100 times a second: 0.85x a bare training loop on 2 cores.
     callbacks = yaml.safe_load(config.read_text())["trainer"]["callbacks"]
@@ -160,7 +162,9 @@ def test_configs_draw_a_progress_bar_every_10_steps(config: Path) -> None:
 
 
 @pytest.mark.parametrize("enabled", [True, False])
-def test_enable_progress_bar_false_drops_the_configs_bar(enabled: bool, tiny_model: Path, mnist_data: Path, tmp_path, monkeypatch) -> None:
+def test_enable_progress_bar_false_drops_the_configs_bar(
+    enabled: bool, tiny_model: Path, mnist_data: Path, tmp_path, monkeypatch
+) -> None:
     from lightning.pytorch.callbacks import TQDMProgressBar
 
     monkeypatch.chdir(tmp_path)
@@ -234,7 +238,9 @@ def test_train_mode_in_training_eval_mode_in_validation(tmp_path: Path, monkeypa
     assert val and all(forward["equal"] and forward["modes"] == {False} for forward in val)
 
 
-def test_compile_trains_and_exports_the_same_weights_under_their_own_names(tiny_model: Path, mnist_data: Path, tmp_path, monkeypatch) -> None:
+def test_compile_trains_and_exports_the_same_weights_under_their_own_names(
+    tiny_model: Path, mnist_data: Path, tmp_path, monkeypatch
+) -> None:
     # --model.compile compiles the ConvNeXt in place: checkpoints and exports keep the plain keys.
     from lightning_modules.classifier import ImageClassifier
 
@@ -272,7 +278,9 @@ def test_compile_trains_and_exports_the_same_weights_under_their_own_names(tiny_
         torch.testing.assert_close(export[key], tensor, rtol=0, atol=0)
 
 
-def test_the_startup_objects_are_frozen_for_the_loops_and_released_after(tiny_model: Path, mnist_data: Path, tmp_path, monkeypatch) -> None:
+def test_the_startup_objects_are_frozen_for_the_loops_and_released_after(
+    tiny_model: Path, mnist_data: Path, tmp_path, monkeypatch
+) -> None:
     # A full collection in the loops would walk the ~500,000 objects of the imports every time.
     monkeypatch.chdir(tmp_path)
     main(
@@ -318,7 +326,12 @@ def test_export_is_a_complete_hf_checkpoint(trained: dict) -> None:
     assert config["id2label"] == {str(i): name for i, name in enumerate(get_task("mnist").classnames)}
     assert config["finetuning_task"] == "mnist"
     card = (export / "README.md").read_text()
-    for text in ("SGD (lr 0.01, momentum 0.9, weight decay 0.0001)", "| steps | 6 |", "| global batch size | 8 |", "val/accuracy"):
+    for text in (
+        "SGD (lr 0.01, momentum 0.9, weight decay 0.0001)",
+        "| steps | 6 |",
+        "| global batch size | 8 |",
+        "val/accuracy",
+    ):
         assert text in card
     train_config = yaml.safe_load((export / "train_config.yaml").read_text())
     assert train_config["data"]["task"] == "mnist" and train_config["trainer"]["max_steps"] == 6
@@ -389,7 +402,9 @@ def test_wandb_offline_run_directory(tiny_model: Path, mnist_data: Path, tmp_pat
 
 
 @pytest.mark.parametrize("stage", ["validate", "test"])
-def test_evaluate_lightning_checkpoint(stage: str, trained: dict, tiny_model: Path, mnist_data: Path, tmp_path, monkeypatch) -> None:
+def test_evaluate_lightning_checkpoint(
+    stage: str, trained: dict, tiny_model: Path, mnist_data: Path, tmp_path, monkeypatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     main(
         [stage, "--config", str(REPO / "configs" / "train" / "mnist.yaml"), "--trainer.logger=false",

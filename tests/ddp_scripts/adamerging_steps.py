@@ -47,9 +47,13 @@ class StepRecorder(Callback):
             "step": trainer.global_step,
             "coefficients": pl_module.coefficients.detach().cpu().tolist(),
             "batch": _describe(batch),
-            "image_sums": {task: float(value.double().sum()) for task, value in images.items() if isinstance(value, torch.Tensor)},
+            "image_sums": {
+                task: float(value.double().sum()) for task, value in images.items() if isinstance(value, torch.Tensor)
+            },
             "loss": float(outputs["loss"]) if isinstance(outputs, dict) else None,
-            "logged": {name: float(value) for name, value in trainer.callback_metrics.items() if name.startswith("train/entropy")},
+            "logged": {
+                name: float(value) for name, value in trainer.callback_metrics.items() if name.startswith("train/entropy")
+            },
         }
         with open(self.directory / f"rank{trainer.global_rank}.jsonl", "a") as file:
             file.write(json.dumps(record) + "\n")
