@@ -52,12 +52,14 @@ def task_arithmetic(pretrained: Tensor, task_vectors: Iterable[Tensor], scaling_
 
 
 def magnitude_threshold(task_vector: Iterable[Tensor], top_k: float) -> float:
-    """TIES trim threshold of one task: the ``k``-th largest ``|tau_t|`` over all its
-    parameters, ``k = int(top_k * n)``; trimming keeps ``|tau_t| >= threshold``.
-    ``top_k = 1`` keeps everything (threshold 0)."""
+    """TIES trim threshold of one task: the ``(k + 1)``-th largest ``|tau_t|`` over all its
+    ``n`` parameters, ``k = int(top_k * n)``; trimming keeps ``|tau_t| >= threshold``, so
+    ``k + 1`` entries (more where magnitudes tie). This is the TIES authors' ``topk_values_mask``,
+    which FusionBench copies (``kthvalue(|tau|, n - k)``, then ``>=``): the same merge to the
+    last element. ``top_k = 1`` keeps everything (threshold 0; theirs fails there)."""
     if not 0 < top_k <= 1:
         raise MergeError(f"top_k must be in (0, 1], got {top_k}")
-    # The k-th largest of the concatenated magnitudes, found as torch.kthvalue(cat, n - k + 1)
+    # The (n - k)-th smallest of the concatenated magnitudes, found as torch.kthvalue(cat, n - k)
     # would find it, without the concatenation nor kthvalue's sorted copy and int64 indices
     # of everything. The bits of a float with its sign bit clear, read as an int32, sort as
     # the float does (+Inf above every finite value, NaN above +Inf as kthvalue ranks it), so
@@ -74,10 +76,8 @@ def magnitude_threshold(task_vector: Iterable[Tensor], top_k: float) -> float:
     keep = int(top_k * numel)
     if keep >= numel:
         return 0.0
-    if keep == 0:
-        return float("inf")
-    # k-th largest = (n - k + 1)-th smallest
-    return _kth_smallest(magnitudes, counts, numel - keep + 1)
+    # (k + 1)-th largest = (n - k)-th smallest; k = 0 keeps the largest magnitude(s)
+    return _kth_smallest(magnitudes, counts, numel - keep)
 
 
 _BUCKETS = 1 << 15

@@ -196,12 +196,13 @@ def reference_task_arithmetic(pretrained, vectors, scaling_factor: float) -> dic
 
 
 def reference_thresholds(vectors, top_k: float) -> list[float]:
-    """Per task: the ``k``-th largest ``|tau|`` over the whole task vector, ``k = int(top_k * n)``."""
+    """Per task, the TIES authors' threshold: the ``(k + 1)``-th largest ``|tau|`` over the whole
+    task vector (their ``kthvalue(n - k)``), ``k = int(top_k * n)``; 0 where ``k = n``."""
     thresholds = []
     for tau in vectors:
         magnitudes = torch.cat([tensor.abs().reshape(-1) for tensor in tau.values()]).sort(descending=True).values
         k = int(top_k * magnitudes.numel())
-        thresholds.append(float("inf") if k == 0 else float(magnitudes[k - 1]))
+        thresholds.append(0.0 if k >= magnitudes.numel() else float(magnitudes[k]))
     return thresholds
 
 

@@ -8,8 +8,6 @@ the helpers of ``merging.methods``.
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -58,9 +56,11 @@ def as_tensor(values: list[float], like: torch.Tensor) -> torch.Tensor:
 
 
 def kth_largest_magnitude(task_vector: dict, top_k: float) -> float:
+    """The TIES authors' threshold (FusionBench's copy): ``kthvalue(|tau|, n - k)``, the
+    ``(k + 1)``-th largest magnitude, ``k = int(top_k * n)``; 0 (keep all) where ``k = n``."""
     magnitudes = sorted((abs(x) for value in task_vector.values() for x in flat(value)), reverse=True)
     k = int(top_k * len(magnitudes))
-    return math.inf if k == 0 else magnitudes[k - 1]
+    return 0.0 if k >= len(magnitudes) else magnitudes[k]
 
 
 def ties_entry(values: list[float], thresholds: list[float]) -> float:
