@@ -76,13 +76,20 @@ class ProjectCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         """``--trainer.enable_progress_bar false`` also drops a progress bar the config lists (the
-        shipped training configs list a cheap one), which Lightning would refuse as a contradiction."""
+        shipped training configs list a cheap one), which Lightning would refuse as a contradiction.
+        A ``ModelCheckpoint`` without a ``dirpath`` writes to ``<trainer.default_root_dir>/checkpoints``
+        whatever the logger (Lightning would put it under the logger's run, a new folder per W&B run,
+        where ``--ckpt_path last`` could never find it): one base config serves every task."""
         trainer = self._get(self.config_init, "trainer", default={})
         if trainer.get("enable_progress_bar") is False:
             callbacks = trainer.get("callbacks") or []
             callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
             trainer["callbacks"] = [callback for callback in callbacks if not isinstance(callback, ProgressBar)]
-        return super().instantiate_trainer(**kwargs)
+        instance = super().instantiate_trainer(**kwargs)
+        for callback in instance.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
+                callback.dirpath = default_checkpoint_dir(instance.default_root_dir)
+        return instance
 
     def freeze_startup_objects(self) -> None:
         """Take the objects alive before the loops (about 500,000: the imports and the configuration)
@@ -100,6 +107,11 @@ class ProjectCLI(LightningCLI):
 
     def before_test(self) -> None:
         self.freeze_startup_objects()
+
+
+def default_checkpoint_dir(default_root_dir: str) -> str:
+    """Where a ``ModelCheckpoint`` without ``dirpath`` writes (``ProjectCLI.instantiate_trainer``)."""
+    return str(Path(default_root_dir) / "checkpoints")
 
 
 def check_resume_checkpoint(trainer: Any, ckpt_path: str | None) -> None:

@@ -41,6 +41,7 @@ from unittest import mock
 import yaml
 
 from datamodules.tasks import BENCHMARK_TASKS, get_task
+from lightning_modules.cli import default_checkpoint_dir
 from lightning_modules.export import export_path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -89,11 +90,11 @@ def plan_fine_tune(task: str, train_args: Sequence[str]) -> FineTune:
     if export is None:
         raise SystemExit(f"error: {config_file} exports nothing (export_dir: null); the merges need the exports")
     checkpoints = [
-        callback["init_args"].get("dirpath")
+        callback["init_args"].get("dirpath") or default_checkpoint_dir(config["trainer"]["default_root_dir"] or ".")
         for callback in config["trainer"].get("callbacks") or []
         if callback["class_path"].endswith("ModelCheckpoint")
     ]
-    last = Path(checkpoints[0]) / "last.ckpt" if checkpoints and checkpoints[0] else None
+    last = Path(checkpoints[0]) / "last.ckpt" if checkpoints else None
     return FineTune(task, config_file, config["model"]["model_name_or_path"], export, last)
 
 

@@ -28,7 +28,8 @@ from datamodules import BENCHMARK_TASKS, get_task
 from train import main
 
 TESTS = Path(__file__).resolve().parent
-TRAIN_CONFIGS = sorted((REPO / "configs" / "train").glob("*.yaml"))
+BASE_CONFIG = REPO / "configs" / "train" / "base.yaml"
+TRAIN_CONFIGS = sorted(path for path in (REPO / "configs" / "train").glob("*.yaml") if path != BASE_CONFIG)
 # configs/quickstart also holds merge.py's configs: those name several tasks (data.tasks).
 QUICKSTART_CONFIGS = [
     path
@@ -112,8 +113,25 @@ def test_config_parses(config: Path, capsys: pytest.CaptureFixture) -> None:
         assert printed["trainer"]["max_steps"] == 4000 and printed["trainer"]["precision"] == "32-true"
         assert printed["trainer"]["val_check_interval"] == 1000 and printed["seed_everything"] == 0
         checkpoint = printed["trainer"]["callbacks"][-1]["init_args"]
-        assert checkpoint["dirpath"] == f"outputs/train/{task}/checkpoints" and checkpoint["every_n_train_steps"] == 1000
-        assert printed["trainer"]["logger"]["init_args"]["name"] == task
+        # No dirpath: <default_root_dir>/checkpoints, as test_train_config_fast_dev_run sees it.
+        assert checkpoint["dirpath"] is None and checkpoint["every_n_train_steps"] == 1000
+        assert printed["trainer"]["default_root_dir"] == f"outputs/train/{task}"
+        assert printed["trainer"]["logger"]["init_args"]["name"] == task == printed["trainer"]["logger"]["init_args"]["group"]
+
+
+@pytest.mark.parametrize("config", TRAIN_CONFIGS, ids=lambda path: path.stem)
+def test_a_task_file_names_its_task_and_nothing_else(config: Path) -> None:
+    # The recipe lives once, in base.yaml; a task's file only says which task and where its run goes.
+    task = config.stem
+    assert yaml.safe_load(config.read_text()) == {
+        "config": "base.yaml",
+        "data.task": task,
+        "trainer.default_root_dir": f"outputs/train/{task}",
+        "trainer.logger.init_args.name": task,
+        "trainer.logger.init_args.group": task,
+    }
+    base = yaml.safe_dump(yaml.safe_load(BASE_CONFIG.read_text()))  # its values, not its comments
+    assert not any(name in base for name in BENCHMARK_TASKS), "base.yaml holds no task's name"
 
 
 def test_train_configs_cover_the_benchmark() -> None:
@@ -147,6 +165,9 @@ def test_train_config_fast_dev_run(task: str, tmp_path: Path, monkeypatch: pytes
     )  # fmt: skip
     model = train_cli_callbacks.RECORDED["module"].model
     assert model.classifier.out_features == get_task(task).num_classes
+    root = tmp_path / "outputs" / "train" / task
+    assert Path(train_cli_callbacks.RECORDED["default_root_dir"]).resolve() == root
+    assert [Path(d).resolve() for d in train_cli_callbacks.RECORDED["checkpoint_dirs"]] == [root / "checkpoints"]
 
 
 @pytest.mark.parametrize(
@@ -154,6 +175,8 @@ def test_train_config_fast_dev_run(task: str, tmp_path: Path, monkeypatch: pytes
 )
 def test_configs_draw_a_progress_bar_every_10_steps(config: Path) -> None:
     # Lightning's default Rich bar redraws 100 times a second: 0.85x a bare training loop on 2 cores.
+    if config in TRAIN_CONFIGS:
+        config = BASE_CONFIG  # a task's file takes the callbacks of base.yaml
     callbacks = yaml.safe_load(config.read_text())["trainer"]["callbacks"]
     bars = [c for c in callbacks if c["class_path"] == "lightning.pytorch.callbacks.TQDMProgressBar"]
     assert len(bars) == 1 and bars[0]["init_args"] == {"refresh_rate": 10}

@@ -35,6 +35,8 @@ class Record(Callback):
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         RECORDED["module"] = pl_module
+        RECORDED["checkpoint_dirs"] = [callback.dirpath for callback in trainer.checkpoint_callbacks]
+        RECORDED["default_root_dir"] = trainer.default_root_dir
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         RECORDED["validate"] = {key: float(value) for key, value in trainer.callback_metrics.items()}
