@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -110,8 +111,11 @@ class ProjectCLI(LightningCLI):
 
 
 def default_checkpoint_dir(default_root_dir: str) -> str:
-    """Where a ``ModelCheckpoint`` without ``dirpath`` writes (``ProjectCLI.instantiate_trainer``)."""
-    return str(Path(default_root_dir) / "checkpoints")
+    """Where a ``ModelCheckpoint`` without ``dirpath`` writes (``ProjectCLI.instantiate_trainer``);
+    a local folder made absolute, as ``ModelCheckpoint`` makes its own ``dirpath``."""
+    if "://" in default_root_dir:
+        return default_root_dir.rstrip("/") + "/checkpoints"
+    return os.path.realpath(os.path.join(os.path.expanduser(default_root_dir), "checkpoints"))
 
 
 def check_resume_checkpoint(trainer: Any, ckpt_path: str | None) -> None:

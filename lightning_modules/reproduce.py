@@ -90,7 +90,8 @@ def plan_fine_tune(task: str, train_args: Sequence[str]) -> FineTune:
     if export is None:
         raise SystemExit(f"error: {config_file} exports nothing (export_dir: null); the merges need the exports")
     checkpoints = [
-        callback["init_args"].get("dirpath") or default_checkpoint_dir(config["trainer"]["default_root_dir"] or ".")
+        callback["init_args"].get("dirpath")
+        or os.path.relpath(default_checkpoint_dir(config["trainer"]["default_root_dir"] or "."))
         for callback in config["trainer"].get("callbacks") or []
         if callback["class_path"].endswith("ModelCheckpoint")
     ]
