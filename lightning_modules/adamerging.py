@@ -22,7 +22,7 @@ from torch.func import functional_call
 
 from common.files import check_output_location
 from datamodules.errors import check_setting
-from lightning_modules.evaluation import MultiTaskEvaluation, backbone_from_state
+from lightning_modules.evaluation import ModelPoolSpec, MultiTaskEvaluation, backbone_from_state
 from lightning_modules.wandb_logger import wandb_loggers
 from merging.coefficients import coefficients_heatmap, read_coefficients, write_coefficients
 from merging.errors import MergeError
@@ -67,7 +67,7 @@ class AdaMerging(MultiTaskEvaluation):
         self,
         tasks: list[str],
         classnames: dict[str, list[str]],
-        models: dict[str, str | dict[str, Any]] | str,
+        models: ModelPoolSpec,
         granularity: Literal["layer", "task"] = "layer",
         init_value: float = 0.3,
         lr: float = 1e-3,

@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from lightning_modules.evaluation import MultiTaskEvaluation, backbone_from_state
+from lightning_modules.evaluation import ModelPoolSpec, MultiTaskEvaluation, backbone_from_state
 from lightning_modules.grams import GramPass
 from merging.engine import merge_backbone
 from merging.errors import MergeError
@@ -83,7 +83,7 @@ class MethodComparison(MultiTaskEvaluation):
         self,
         tasks: list[str],
         classnames: dict[str, list[str]],
-        models: dict[str, str | dict[str, Any]] | str,
+        models: ModelPoolSpec,
         methods: list[MergeMethod],
         grid: dict[str, dict[str, list[float | int | bool]]] | None = None,
         evaluate_individual: bool = True,

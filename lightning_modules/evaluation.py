@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from jsonargparse.typing import Path_fr
 from lightning.pytorch import LightningModule
 from torch import nn
 from torchmetrics import MeanMetric, SumMetric
@@ -34,6 +35,11 @@ from lightning_modules.report import INDIVIDUAL, summarize, table_rows, write_re
 from lightning_modules.wandb_logger import wandb_loggers
 from merging.errors import MergeError
 from merging.switch import SwitchModule
+
+#: ``model.models``: the pool as a mapping, or the path of a pool YAML. In a config file a
+#: relative path is read from that config's folder (``Path_fr``, jsonargparse's existing-file
+#: path); a path that names no file stays a string, for the pool's own one-line error.
+ModelPoolSpec = dict[str, str | dict[str, Any]] | Path_fr | str
 
 
 def backbone_from_state(config: ConvNextConfig, state: Mapping[str, torch.Tensor]) -> ConvNextModel:

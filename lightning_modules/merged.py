@@ -13,7 +13,7 @@ from transformers import PretrainedConfig
 
 from common.checkpoints import BACKBONE_PREFIX
 from common.files import check_export_target, check_output_location, write_atomically
-from lightning_modules.evaluation import MultiTaskEvaluation, backbone_from_state, heads_from_state
+from lightning_modules.evaluation import ModelPoolSpec, MultiTaskEvaluation, backbone_from_state, heads_from_state
 from lightning_modules.grams import GramPass
 from lightning_modules.merged_export import classifier_config, merged_model_card, write_classifier
 from merging.engine import merge_backbone
@@ -31,7 +31,8 @@ class MergedClassifier(MultiTaskEvaluation):
         tasks: evaluated tasks, in order (linked from ``data.task_names``).
         classnames: class names per task (linked from ``data.classnames``).
         models: the model pool: ``_pretrained_`` and one checkpoint per task (hub id or
-            directory), as in FusionBench's pool YAML; or the path of such a YAML file.
+            directory), as in FusionBench's pool YAML; or the path of such a YAML file (in a
+            config file, relative to that config's folder).
         method: the merge method and its hyper-parameters, e.g. ``--model.method TiesMerging
             --model.method.top_k 0.2``. ``RegMean`` also needs ``--data.gram_images``: it
             merges after a pass over unlabelled train images, in the same ``merge.py test``.
@@ -55,7 +56,7 @@ class MergedClassifier(MultiTaskEvaluation):
         self,
         tasks: list[str],
         classnames: dict[str, list[str]],
-        models: dict[str, str | dict[str, Any]] | str | None = None,
+        models: ModelPoolSpec | None = None,
         method: MergeMethod | None = None,
         evaluate_individual: bool = False,
         merged_model: str | None = None,

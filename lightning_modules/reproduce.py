@@ -158,9 +158,9 @@ def reroot(value: Any, output_dir: Path) -> Any:
 
 def write_merge_config(name: str, pool: Path, tasks: Sequence[str], output_dir: Path) -> Path:
     config = reroot(yaml.safe_load((CONFIGS / "merge" / f"{name}.yaml").read_text()), output_dir)
-    config["model"]["init_args"]["models"] = str(pool)
-    config["data"]["tasks"] = list(tasks)
     target = output_dir / "configs" / f"{name}.yaml"
+    config["model"]["init_args"]["models"] = os.path.relpath(pool, target.parent)  # read from the config's folder
+    config["data"]["tasks"] = list(tasks)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(f"# configs/merge/{name}.yaml on the reproduced pool, written by lightning_modules.reproduce\n")
     with target.open("a") as file:

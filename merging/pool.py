@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from functools import cached_property
 from pathlib import Path
@@ -47,8 +48,11 @@ def read_pool_file(path: str) -> dict[str, Any]:
     if isinstance(content, dict) and isinstance(content.get("model"), dict):
         content = content["model"].get("init_args", content["model"])
     models = content.get("models", content) if isinstance(content, dict) else None
-    if isinstance(models, str) and models != path:  # a merge config naming its pool file
-        return read_pool_file(models)
+    if isinstance(models, str):  # a merge config naming its pool file, relative to the config's folder
+        nested = file.parent / models
+        if nested.resolve() == file.resolve():
+            raise MergeError(f"model pool file '{path}' names itself as its pool")
+        return read_pool_file(str(nested))
     if not isinstance(models, dict):
         raise MergeError(f"model pool file '{path}' has no 'models' mapping")
     return models
@@ -64,9 +68,9 @@ class ModelPool:
             ``dataset_name`` names the task). A string is read as the path of such a YAML file.
     """
 
-    def __init__(self, models: Mapping[str, str | Mapping[str, Any]] | str) -> None:
-        if isinstance(models, str):
-            models = read_pool_file(models)
+    def __init__(self, models: Mapping[str, str | Mapping[str, Any]] | str | os.PathLike) -> None:
+        if isinstance(models, str | os.PathLike):
+            models = read_pool_file(os.fspath(models))
         if PRETRAINED not in models:
             raise MergeError(f"the model pool has no '{PRETRAINED}' entry (names: {', '.join(models) or 'none'})")
         self.sources: dict[str, str] = {}

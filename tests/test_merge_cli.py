@@ -202,6 +202,26 @@ def test_a_pool_given_as_a_fusionbench_yaml_file(setup, tmp_path):
     assert_matches(row, independent_results(setup, lambda task: merged))
 
 
+def test_a_merge_config_reads_its_pool_file_from_its_own_folder(setup, tmp_path, monkeypatch):
+    """As ``configs/merge/*.yaml`` name ``pools/convnext-base-224_8-tasks.yaml``: a relative pool
+    path in a config is read from that config's folder, whatever the working directory."""
+    import yaml
+
+    (tmp_path / "conf" / "pools").mkdir(parents=True)
+    (tmp_path / "conf" / "pools" / "pool.yaml").write_text(yaml.safe_dump({"models": setup.pool}))
+    config = tmp_path / "conf" / "merge.yaml"
+    method = {"class_path": "merging.methods.TaskArithmetic", "init_args": {"scaling_factor": 0.4}}
+    init = {"models": "pools/pool.yaml", "method": method, "report_dir": str(tmp_path / "report")}
+    config.write_text(yaml.safe_dump({"model": {"class_path": "lightning_modules.merged.MergedClassifier", "init_args": init}}))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    main(cli(setup, tmp_path, "--config", str(config), model=False))
+    (row,) = read_report(tmp_path)["rows"].values()
+    merged = reference_backbone(setup, "task_arithmetic", {"scaling_factor": 0.4})
+    assert_matches(row, independent_results(setup, lambda task: merged))
+    assert read_report(tmp_path)["models"] == setup.pool
+
+
 # --- Saving, re-evaluating, merging without evaluating ----------------------------------------
 
 

@@ -195,6 +195,30 @@ def test_pool_reads_a_fusionbench_yaml(pool_dirs, tmp_path):
         ModelPool(str(tmp_path / "missing.yaml"))
 
 
+MERGE_CONFIGS = ["convnext-base-224_8-tasks", "regmean", "adamerging", "compare"]
+
+
+@pytest.mark.parametrize("name", MERGE_CONFIGS)
+def test_every_merge_config_reads_the_one_pool_file(name):
+    # The eight public checkpoints are listed once, in configs/merge/pools/, named by every merge config.
+    config = mf.REPO_ROOT / "configs" / "merge" / f"{name}.yaml"
+    assert yaml.safe_load(config.read_text())["model"]["init_args"]["models"] == "pools/convnext-base-224_8-tasks.yaml"
+    pool = ModelPool(str(config))  # from any working directory: the path is read from the config's folder
+    assert pool.sources[mf.PRETRAINED] == "facebook/convnext-base-224"
+    hub = {name: source for name, source in pool.sources.items() if name != mf.PRETRAINED}
+    assert len(hub) == 8 and all(
+        source == f"tanganke/convnext-base-224_{name.replace('_', '-')}_sgd_batch-size-64_lr-0.01_steps-4000"
+        for name, source in hub.items()
+    )
+
+
+def test_a_pool_file_that_names_itself_is_refused(tmp_path):
+    path = tmp_path / "pool.yaml"
+    path.write_text(yaml.safe_dump({"models": "pool.yaml"}))
+    with pytest.raises(MergeError, match="names itself"):
+        ModelPool(str(path))
+
+
 def test_backbones_of_different_shapes_name_the_key_and_both_shapes(damaged):
     directory, models = damaged
     mf.rewrite_tensors(directory, lambda state: {**state, KEY: torch.zeros(7, 3)})
