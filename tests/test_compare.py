@@ -28,6 +28,7 @@ from merge import main
 from merging.coefficients import write_coefficients
 from merging.errors import MergeError
 from merging.methods import TaskArithmetic
+from merging.pool import read_pool_file
 
 pytestmark = pytest.mark.usefixtures("quiet_cli", "one_thread")
 
@@ -50,8 +51,8 @@ def example_config(pool: dict[str, str], out: Path) -> dict:
     """``compare.yaml`` with its ``outputs/quickstart`` paths replaced by this test's."""
     config = yaml.safe_load(CONFIG.read_text())
     init = config["model"]["init_args"]
-    assert set(init["models"]) == {mf.PRETRAINED, *TASKS}
-    init["models"] = {name: pool[name] for name in init["models"]}
+    assert init["models"] == "pools/quickstart.yaml" and set(read_pool_file(str(CONFIG))) == {mf.PRETRAINED, *TASKS}
+    init["models"] = {name: pool[name] for name in (mf.PRETRAINED, *TASKS)}
     init["report_dir"] = str(out / "report")
     for method in init["methods"]:
         if method["class_path"].endswith("LearnedCoefficients"):

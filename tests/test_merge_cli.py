@@ -222,6 +222,24 @@ def test_a_merge_config_reads_its_pool_file_from_its_own_folder(setup, tmp_path,
     assert read_report(tmp_path)["models"] == setup.pool
 
 
+MERGE_CONFIGS = sorted((mf.REPO_ROOT / "configs" / "merge").glob("*.yaml")) + [
+    mf.REPO_ROOT / "configs" / "quickstart" / f"{name}.yaml" for name in ("merge", "adamerging", "compare", "regmean")
+]
+
+
+@pytest.mark.parametrize("config", MERGE_CONFIGS, ids=lambda path: f"{path.parent.name}/{path.stem}")
+def test_every_merge_config_parses_through_merge_py(config, capsys):
+    import yaml
+
+    subcommand = "fit" if config.stem == "adamerging" else "test"
+    with pytest.raises(SystemExit) as exit_info:
+        main([subcommand, "--config", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    pool = "pools/convnext-base-224_8-tasks.yaml" if config.parent.name == "merge" else "pools/quickstart.yaml"
+    assert printed["model"]["init_args"]["models"] == pool and (config.parent / pool).is_file()
+
+
 # --- Saving, re-evaluating, merging without evaluating ----------------------------------------
 
 

@@ -30,6 +30,7 @@ import merge_fixtures as mf
 from datamodules.preprocessing import ImagePreprocessor
 from datamodules.tasks import get_task
 from merge import main
+from merging.pool import read_pool_file
 from merging.saved import load_merged
 
 pytestmark = pytest.mark.usefixtures("quiet_cli", "one_thread")
@@ -272,9 +273,11 @@ def test_misconfigurations_stop_with_one_error_line(setup, tmp_path, capsys, met
 def test_the_quickstart_regmean_config_runs_as_it_is(tmp_path):
     """``configs/quickstart/regmean.yaml`` on the built-in digits and mnist5k data, only its
     model paths pointed at a tiny pool: the Gram pass reads 256 train images of each task."""
-    config = yaml.safe_load((mf.REPO_ROOT / "configs" / "quickstart" / "regmean.yaml").read_text())
+    path = mf.REPO_ROOT / "configs" / "quickstart" / "regmean.yaml"
+    config = yaml.safe_load(path.read_text())
     init = config["model"]["init_args"]
-    pool = mf.make_pool(tmp_path / "models", list(init["models"])[1:], seed=6)
+    tasks = [name for name in read_pool_file(str(path)) if name != mf.PRETRAINED]
+    pool = mf.make_pool(tmp_path / "models", tasks, seed=6)
     init["models"], init["report_dir"] = pool, str(tmp_path / "report")
     config["data"]["processor"] = pool[mf.PRETRAINED]
     config["trainer"]["default_root_dir"] = str(tmp_path / "root")
