@@ -17,6 +17,8 @@ from merging.methods import (
     SimpleAverage,
     TaskArithmetic,
     TiesMerging,
+    merge_function,
+    register_method,
 )
 from merging.pool import ModelPool
 from merging.regmean import RegMean
@@ -24,13 +26,13 @@ from merging.spectral import IsotropicCommon, IsotropicCommonTask, TaskSingularV
 from merging.switch import SwitchModule
 
 __all__ = [
-    "METHODS",
     "CheckpointError",
     "DareTaskArithmetic",
     "DareTies",
     "IsotropicCommon",
     "IsotropicCommonTask",
     "LearnedCoefficients",
+    "METHODS",
     "MergeError",
     "MergeMethod",
     "ModelPool",
@@ -41,4 +43,6 @@ __all__ = [
     "TaskSingularVectors",
     "TiesMerging",
     "merge_backbone",
+    "merge_function",
+    "register_method",
 ]

@@ -13,9 +13,11 @@ in ``METHODS``. They never read files: ``merging.engine`` streams the tensors in
 from __future__ import annotations
 
 import hashlib
+import inspect
+import sys
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Sequence
-from typing import ClassVar
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -223,6 +225,79 @@ def register_method(cls: type[MergeMethod]) -> type[MergeMethod]:
         raise ValueError(f"two merge methods are named '{cls.name}': {METHODS[cls.name].__name__} and {cls.__name__}")
     METHODS[cls.name] = cls
     return cls
+
+
+def merge_function(
+    function: Callable[..., Tensor] | None = None,
+    *,
+    uses_pretrained: bool = True,
+    elementwise: bool = False,
+    propagates_non_finite: bool = False,
+) -> Any:
+    """Decorator: a pure function of one parameter's tensors becomes a registered merge method.
+
+    The function takes the pretrained tensor and the stream of task vectors (or of fine-tuned
+    tensors, with ``uses_pretrained=False``; the pretrained one is then ``None``) and returns the
+    merged tensor; its keyword-only arguments, each with a type and a default, are the
+    hyper-parameters, and so the CLI and YAML options. Its docstring (with an ``Args:`` section)
+    is the method's help. For instance, in any module imported before the CLI parses::
+
+        @merge_function(elementwise=True)
+        def task_median(pretrained, task_vectors, *, scaling_factor: float = 1.0):
+            \"\"\"``theta_0 + lambda * median_t tau_t``.
+
+            Args:
+                scaling_factor: lambda.
+            \"\"\"
+            return pretrained + scaling_factor * torch.stack(list(task_vectors)).median(0).values
+
+    gives the class ``TaskMedian`` (module attribute, ``METHODS["task_median"]``): ``merge.py test
+    --model.method TaskMedian --model.method.scaling_factor 0.5``, a row of the comparison, a grid
+    over ``scaling_factor``. The function itself is returned unchanged (``task_median.method`` is
+    the class). Inputs are checked for NaN/Inf unless ``propagates_non_finite``; ``elementwise``
+    lets the engine hand it flat slices in several threads (only for entry-by-entry formulas)."""
+
+    def build(function: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        parameters = list(inspect.signature(function).parameters.values())
+        positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        options = [p for p in parameters if p.kind is p.KEYWORD_ONLY]
+        where = f"merge function {function.__module__}.{function.__name__}"
+        if len(positional) != 2 or len(options) != len(parameters) - 2:
+            raise TypeError(f"{where}: takes (pretrained, tensors, *, <hyper-parameters>)")
+        for option in options:
+            if option.annotation is option.empty or option.default is option.empty:
+                raise TypeError(f"{where}: hyper-parameter '{option.name}' needs a type and a default (it is a CLI option)")
+        schema = inspect.Signature(options)
+
+        def __init__(self: MergeMethod, **values: Any) -> None:
+            bound = schema.bind(**values)
+            bound.apply_defaults()
+            self._hyperparameters = dict(bound.arguments)
+            vars(self).update(self._hyperparameters)
+
+        __init__.__signature__ = inspect.Signature([inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD), *options])
+
+        def merge(self: MergeMethod, pretrained: Tensor | None, tensors: Iterable[Tensor], statistics: Sequence[float]) -> Tensor:
+            return function(pretrained, tensors, **self._hyperparameters)
+
+        def hyperparameters(self: MergeMethod) -> dict[str, float | int | bool]:
+            return dict(self._hyperparameters)
+
+        class_name = "".join(part[:1].upper() + part[1:] for part in function.__name__.split("_"))
+        namespace = {
+            "__init__": __init__, "merge": merge, "hyperparameters": hyperparameters, "__doc__": function.__doc__,
+            "__module__": function.__module__, "__qualname__": class_name, "name": function.__name__,
+            "uses_pretrained": uses_pretrained, "elementwise": elementwise, "propagates_non_finite": propagates_non_finite,
+        }  # fmt: skip
+        module = sys.modules[function.__module__]
+        if getattr(module, class_name, None) is not None:
+            raise TypeError(f"{where}: its class name {class_name} is taken in {function.__module__}")
+        method = register_method(type(class_name, (MergeMethod,), namespace))
+        setattr(module, class_name, method)  # importable as <module>.<ClassName>: class_path, pickling
+        function.method = method
+        return function
+
+    return build if function is None else build(function)
 
 
 @register_method

@@ -240,6 +240,70 @@ def test_every_merge_config_parses_through_merge_py(config, capsys):
     assert printed["model"]["init_args"]["models"] == pool and (config.parent / pool).is_file()
 
 
+@pytest.fixture
+def task_median():
+    """A merge method written as one function, registered for this test only."""
+    from merging import merge_function
+
+    @merge_function(elementwise=True)
+    def task_median(pretrained: torch.Tensor, task_vectors, *, scaling_factor: float = 1.0) -> torch.Tensor:
+        """``theta_0 + lambda * median_t tau_t`` (a method of the tests).
+
+        Args:
+            scaling_factor: lambda, applied to the entrywise median of the task vectors.
+        """
+        return pretrained + scaling_factor * torch.stack(list(task_vectors)).median(0).values
+
+    yield task_median
+    import sys
+
+    from merging import METHODS
+
+    del METHODS["task_median"]
+    delattr(sys.modules[task_median.__module__], "TaskMedian")
+    del task_median.method
+    gc.collect()  # out of MergeMethod.__subclasses__(), where the CLI lists the methods
+
+
+def test_a_method_written_as_one_function_runs_through_merge_py(setup, tmp_path, task_median, capsys):
+    from merging import METHODS
+
+    method = task_median.method
+    assert method.__name__ == "TaskMedian" and METHODS["task_median"] is method
+    assert method(scaling_factor=0.5).describe() == "task_median(scaling_factor=0.5)"
+    main(cli(setup, tmp_path, "--model.method", "TaskMedian", "--model.method.scaling_factor", "0.5"))
+    ((label, row),) = read_report(tmp_path)["rows"].items()
+    assert label == "task_median(scaling_factor=0.5)"
+    pretrained = mf.backbone(mf.load_state(setup.pool[mf.PRETRAINED]))
+    finetuned = [mf.backbone(mf.load_state(setup.pool[task])) for task in TASKS]
+    merged = {
+        key: value + 0.5 * torch.stack([state[key] - value for state in finetuned]).median(0).values
+        for key, value in pretrained.items()
+    }
+    assert_matches(row, independent_results(setup, lambda task: merged))
+    # Its keyword arguments are the options: a typo is the usual one-line error.
+    with pytest.raises(SystemExit) as exit_info:
+        main(cli(setup, tmp_path / "typo", "--model.method", "TaskMedian", "--model.method.scaling", "0.5"))
+    assert exit_info.value.code == 1
+    assert "did you mean 'scaling_factor'" in capsys.readouterr().err
+
+
+def test_a_merge_function_needs_typed_options_with_defaults():
+    from merging import merge_function
+
+    with pytest.raises(TypeError, match="'scale' needs a type and a default"):
+
+        @merge_function
+        def untyped(pretrained, task_vectors, *, scale=1.0):
+            return pretrained
+
+    with pytest.raises(TypeError, match=r"takes \(pretrained, tensors, \*, <hyper-parameters>\)"):
+
+        @merge_function
+        def positional(pretrained, task_vectors, scale: float = 1.0):
+            return pretrained
+
+
 # --- Saving, re-evaluating, merging without evaluating ----------------------------------------
 
 
