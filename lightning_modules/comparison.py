@@ -15,7 +15,6 @@ from torch import Tensor, nn
 
 from lightning_modules.evaluation import ModelPoolSpec, MultiTaskEvaluation, backbone_from_state
 from lightning_modules.grams import GramPass
-from merging.engine import merge_backbone
 from merging.errors import MergeError
 from merging.methods import MergeMethod
 from merging.pool import PRETRAINED, ModelPool
@@ -118,10 +117,7 @@ class MethodComparison(MultiTaskEvaluation):
             self.gram_pass = GramPass(pool, self.tasks)
 
     def _merged_backbone(self, method: MergeMethod, grams: dict[str, list[Tensor]] | None = None) -> nn.Module:
-        show_progress = self.trainer is None or self.trainer.is_global_zero
-        merged = merge_backbone(self.pool, method, progress=show_progress, grams=grams)
-        self.verify_identical_across_ranks(merged, f"merged weights ({method.describe()})")
-        return backbone_from_state(self.pool.config(PRETRAINED), merged)
+        return backbone_from_state(self.pool.config(PRETRAINED), self.merged_state(self.pool, method, grams))
 
     def merge_with_grams(self, grams: dict[str, list[Tensor]]) -> None:
         for row, method in enumerate(self.methods):

@@ -33,6 +33,7 @@ from common.files import check_output_location
 from datamodules.multitask import GRAM_SPLIT
 from lightning_modules.report import INDIVIDUAL, summarize, table_rows, write_report
 from lightning_modules.wandb_logger import wandb_loggers
+from merging.engine import merge_backbone
 from merging.errors import MergeError
 from merging.switch import SwitchModule
 
@@ -195,6 +196,14 @@ class MultiTaskEvaluation(LightningModule, ABC):
         self.accuracy = per_task(lambda task: MulticlassAccuracy(len(self.classnames[task]), average="micro"))
         self.mean_loss = per_task(lambda task: MeanMetric())
         self.samples = per_task(lambda task: SumMetric())
+
+    def merged_state(self, pool: Any, method: Any, grams: dict[str, list[torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
+        """``merge_backbone(pool, method)``, its progress bar on the first process only, and
+        checked to be the same on every process."""
+        show_progress = self.trainer is None or self.trainer.is_global_zero
+        merged = merge_backbone(pool, method, progress=show_progress, grams=grams)
+        self.verify_identical_across_ranks(merged, f"merged weights ({method.describe()})")
+        return merged
 
     def verify_identical_across_ranks(self, state: Mapping[str, torch.Tensor], what: str) -> None:
         """On several processes, every one must hold the same ``state``."""

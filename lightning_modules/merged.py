@@ -16,7 +16,6 @@ from common.files import check_export_target, check_output_location, write_atomi
 from lightning_modules.evaluation import ModelPoolSpec, MultiTaskEvaluation, backbone_from_state, heads_from_state
 from lightning_modules.grams import GramPass
 from lightning_modules.merged_export import classifier_config, merged_model_card, write_classifier
-from merging.engine import merge_backbone
 from merging.errors import MergeError
 from merging.methods import MergeMethod, SimpleAverage
 from merging.pool import PRETRAINED, ModelPool
@@ -134,32 +133,27 @@ class MergedClassifier(MultiTaskEvaluation):
             self.set_heads_and_individual(pool, self.evaluate_individual)
             self.gram_pass = GramPass(pool, self.tasks)
             return
-        merged = merge_backbone(pool, self.method, progress=self._progress())
+        merged = self.merged_state(pool, self.method)
         self._install(merged)
         self.set_heads_and_individual(pool, self.evaluate_individual)
         self._save(merged)
 
     def merge_with_grams(self, grams: dict[str, list[torch.Tensor]]) -> None:
-        merged = merge_backbone(self.pool, self.method, progress=self._progress(), grams=grams)
+        merged = self.merged_state(self.pool, self.method, grams)
         self._install(merged)
-        if self.channels_last:
-            self.rows["row0"].to(memory_format=torch.channels_last)
         self._save(merged)
 
-    def _progress(self) -> bool:
-        return self.trainer is None or self.trainer.is_global_zero
-
     def _install(self, merged: dict[str, torch.Tensor]) -> None:
-        """The merged backbone as the row, on the module's device, once all processes agree on it."""
-        self.verify_identical_across_ranks(merged, "merged weights")
-        self.rows["row0"] = backbone_from_state(self.pool.config(PRETRAINED), merged).to(self.device)
+        """The merged backbone as the row, on the module's device and in its memory format."""
+        backbone = backbone_from_state(self._backbone_config, merged).to(self.device)
+        self.rows["row0"] = backbone.to(memory_format=torch.channels_last) if self.channels_last else backbone
 
     def _save(self, merged: dict[str, torch.Tensor]) -> None:
         pool = self.pool
         if self.save_dir is not None and (self.trainer is None or self.trainer.is_global_zero):
             all_heads = {task: pool.head(task) for task in pool.task_names}
-            config = pool.config(PRETRAINED)
-            save_merged(self.save_dir, merged, all_heads, config, pool.directory(PRETRAINED), self._info(), self.overwrite)
+            directory = pool.directory(PRETRAINED)
+            save_merged(self.save_dir, merged, all_heads, self._backbone_config, directory, self._info(), self.overwrite)
             print(f"saved the merged model to {self.save_dir}")
         if self.trainer is not None:
             self.trainer.strategy.barrier("save merged model")

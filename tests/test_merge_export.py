@@ -54,18 +54,7 @@ pytestmark = pytest.mark.usefixtures("quiet_cli")
 
 
 def cli(setup: Setup, out: Path, *extra: str, pool: bool = True) -> list[str]:
-    args = [
-        "test",
-        "--trainer.logger", "false",
-        "--trainer.accelerator", "cpu",
-        "--trainer.devices", "1",
-        "--trainer.default_root_dir", str(out / "root"),
-        *mf.QUIET,
-        "--data.tasks", json.dumps(list(TASKS)),
-        "--data.paths", json.dumps(setup.data),
-        "--data.processor", setup.pool[mf.PRETRAINED],
-        "--data.batch_size", "8",
-        "--data.num_workers", "0",
+    args = mf.merge_test_args(out, {task: setup.data[task] for task in TASKS}, setup.pool[mf.PRETRAINED], 8) + [
         "--model", "lightning_modules.merged.MergedClassifier",
         "--model.report_dir", str(out / "report"),
     ]  # fmt: skip
@@ -204,14 +193,14 @@ def test_a_partial_evaluation_is_said_on_the_card(setup, tmp_path):
 
 
 def test_an_existing_export_is_refused_before_merging_and_replaced_with_overwrite(setup, tmp_path, capsys, monkeypatch):
-    import lightning_modules.merged
+    import lightning_modules.evaluation  # where the evaluation modules merge
 
     exports = tmp_path / "exports"
     (exports / "dtd").mkdir(parents=True)
     (exports / "dtd" / "stale.txt").write_text("from an earlier run")
     merges = []
-    original = lightning_modules.merged.merge_backbone
-    monkeypatch.setattr(lightning_modules.merged, "merge_backbone", lambda *a, **k: merges.append(1) or original(*a, **k))
+    original = lightning_modules.evaluation.merge_backbone
+    monkeypatch.setattr(lightning_modules.evaluation, "merge_backbone", lambda *a, **k: merges.append(1) or original(*a, **k))
     with pytest.raises(SystemExit) as exit_info:
         main(cli(setup, tmp_path, "--model.export_dir", str(exports)))
     assert exit_info.value.code != 0
