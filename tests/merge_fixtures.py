@@ -13,6 +13,7 @@ merged model scores differently: accuracy numbers that tell rows apart.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -20,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, load_from_disk
 from PIL import Image as PILImage
@@ -34,6 +36,38 @@ PROCESSOR_FILE = REPO_ROOT / "configs" / "quickstart" / "convnext-tiny-32" / "pr
 TINY = dict(depths=[1, 1, 1, 1], hidden_sizes=[8, 16, 32, 64], image_size=32, patch_size=2)
 PRETRAINED = "_pretrained_"
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+def merge_test_args(out: Path, paths: Mapping[str, str], processor: str, batch_size: int) -> list[str]:
+    """``merge.py test`` on one CPU process, quiet, without a logger, over the tasks of ``paths``
+    (in that order); the model options follow."""
+    return [
+        "test",
+        "--trainer.logger", "false",
+        "--trainer.accelerator", "cpu",
+        "--trainer.devices", "1",
+        "--trainer.default_root_dir", str(out / "root"),
+        *QUIET,
+        "--data.tasks", json.dumps(list(paths)),
+        "--data.paths", json.dumps(dict(paths)),
+        "--data.processor", processor,
+        "--data.batch_size", str(batch_size),
+        "--data.num_workers", "0",
+    ]  # fmt: skip
+
+
+def assert_row_matches(row: dict, expected: Mapping[str, Mapping[str, float]], sizes: Mapping[str, int], rel: float) -> None:
+    """A report row against an independent evaluation: every test sample counted once, the same
+    number of correct answers, the mean loss to ``rel``, and the average of the accuracies."""
+    for task, values in expected.items():
+        got = row["tasks"][task]
+        assert got["num_samples"] == sizes[task] == values["num_samples"], task
+        # torchmetrics divides in float32: the same count gives the same float32 quotient.
+        correct = round(values["accuracy"] * sizes[task])
+        assert got["accuracy"] == float(torch.tensor(correct, dtype=torch.float32) / sizes[task]), task
+        assert got["loss"] == pytest.approx(values["loss"], abs=1e-5, rel=rel), task
+    accuracies = [row["tasks"][task]["accuracy"] for task in expected]
+    assert row["average_accuracy"] == pytest.approx(sum(accuracies) / len(accuracies), abs=1e-12)
 
 
 def tiny_config(classnames: Sequence[str], **overrides) -> ConvNextConfig:

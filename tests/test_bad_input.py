@@ -282,17 +282,7 @@ def pool(tmp_path_factory) -> Pool:
 
 def merge_args(pool: Pool, out: Path, *model: str, models: dict | None = None) -> list[str]:
     return [
-        "test",
-        "--trainer.logger", "false",
-        "--trainer.accelerator", "cpu",
-        "--trainer.devices", "1",
-        "--trainer.default_root_dir", str(out / "root"),
-        *mf.QUIET,
-        "--data.tasks", json.dumps(list(MERGE_TASKS)),
-        "--data.paths", json.dumps(pool.data),
-        "--data.processor", pool.models[mf.PRETRAINED],
-        "--data.batch_size", "4",
-        "--data.num_workers", "0",
+        *mf.merge_test_args(out, {task: pool.data[task] for task in MERGE_TASKS}, pool.models[mf.PRETRAINED], 4),
         *model,
         "--model.models", json.dumps(models or pool.models),
         "--model.report_dir", str(out / "report"),

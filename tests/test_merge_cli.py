@@ -57,19 +57,7 @@ pytestmark = pytest.mark.usefixtures("quiet_cli")
 
 
 def cli(setup: Setup, out: Path, *extra: str, models: dict | None = None, tasks=TASKS, model: bool = True) -> list[str]:
-    args = [
-        "test",
-        "--trainer.logger", "false",
-        "--trainer.accelerator", "cpu",
-        "--trainer.devices", "1",
-        "--trainer.default_root_dir", str(out / "root"),
-        *mf.QUIET,
-        "--data.tasks", json.dumps(list(tasks)),
-        "--data.paths", json.dumps({task: setup.data[task] for task in tasks}),
-        "--data.processor", setup.pool[mf.PRETRAINED],
-        "--data.batch_size", str(BATCH_SIZE),
-        "--data.num_workers", "0",
-    ]  # fmt: skip
+    args = mf.merge_test_args(out, {task: setup.data[task] for task in tasks}, setup.pool[mf.PRETRAINED], BATCH_SIZE)
     if model:
         args += ["--model", "lightning_modules.merged.MergedClassifier", "--model.report_dir", str(out / "report")]
         if models is not False:
@@ -105,15 +93,7 @@ def reference_backbone(setup: Setup, method: str, params: dict) -> dict[str, tor
 
 
 def assert_matches(row: dict, expected: dict[str, dict[str, float]]) -> None:
-    for task, values in expected.items():
-        got = row["tasks"][task]
-        assert got["num_samples"] == SIZES[task] == values["num_samples"], task
-        # torchmetrics divides in float32: the same count gives the same float32 quotient.
-        correct = round(values["accuracy"] * SIZES[task])
-        assert got["accuracy"] == float(torch.tensor(correct, dtype=torch.float32) / SIZES[task]), task
-        assert got["loss"] == pytest.approx(values["loss"], abs=1e-5, rel=1e-6), task
-    accuracies = [row["tasks"][task]["accuracy"] for task in expected]
-    assert row["average_accuracy"] == pytest.approx(sum(accuracies) / len(accuracies), abs=1e-12)
+    mf.assert_row_matches(row, expected, SIZES, rel=1e-6)
 
 
 # --- The report against an independent evaluation -------------------------------------------
@@ -240,32 +220,9 @@ def test_every_merge_config_parses_through_merge_py(config, capsys):
     assert printed["model"]["init_args"]["models"] == pool and (config.parent / pool).is_file()
 
 
-@pytest.fixture
-def task_median():
-    """A merge method written as one function, registered for this test only."""
-    from merging import merge_function
+def test_a_method_written_as_one_function_runs_through_merge_py(setup, tmp_path, capsys):
+    from example_methods import task_median
 
-    @merge_function(elementwise=True)
-    def task_median(pretrained: torch.Tensor, task_vectors, *, scaling_factor: float = 1.0) -> torch.Tensor:
-        """``theta_0 + lambda * median_t tau_t`` (a method of the tests).
-
-        Args:
-            scaling_factor: lambda, applied to the entrywise median of the task vectors.
-        """
-        return pretrained + scaling_factor * torch.stack(list(task_vectors)).median(0).values
-
-    yield task_median
-    import sys
-
-    from merging import METHODS
-
-    del METHODS["task_median"]
-    delattr(sys.modules[task_median.__module__], "TaskMedian")
-    del task_median.method
-    gc.collect()  # out of MergeMethod.__subclasses__(), where the CLI lists the methods
-
-
-def test_a_method_written_as_one_function_runs_through_merge_py(setup, tmp_path, task_median, capsys):
     from merging import METHODS
 
     method = task_median.method

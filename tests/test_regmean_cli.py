@@ -79,21 +79,11 @@ def setup(tmp_path_factory) -> Setup:
 
 
 def args(setup: Setup, out: Path, *extra: str, method: str = "RegMean", gram_images: int | None = GRAM_IMAGES) -> list[str]:
-    command = [
-        "test",
-        "--trainer.logger", "false",
-        "--trainer.accelerator", "cpu",
-        "--trainer.default_root_dir", str(out / "root"),
-        *mf.QUIET,
+    command = mf.merge_test_args(out, {task: setup.data[task] for task in TASKS}, setup.pool[mf.PRETRAINED], 4) + [
         "--model", "lightning_modules.merged.MergedClassifier",
         "--model.models", json.dumps(setup.pool),
         "--model.method", method,
         "--model.report_dir", str(out / "report"),
-        "--data.tasks", json.dumps(list(TASKS)),
-        "--data.paths", json.dumps(setup.data),
-        "--data.processor", setup.pool[mf.PRETRAINED],
-        "--data.batch_size", "4",
-        "--data.num_workers", "0",
         "--data.gram_seed", str(GRAM_SEED),
     ]  # fmt: skip
     if method == "RegMean":
@@ -159,12 +149,7 @@ def independent_results(setup: Setup, backbone: dict[str, torch.Tensor]) -> dict
 
 
 def assert_row_matches(row: dict, expected: dict[str, dict[str, float]]) -> None:
-    for task, values in expected.items():
-        got = row["tasks"][task]
-        assert got["num_samples"] == TEST[task] == values["num_samples"], task
-        correct = round(values["accuracy"] * TEST[task])
-        assert got["accuracy"] == float(torch.tensor(correct, dtype=torch.float32) / TEST[task]), task
-        assert got["loss"] == pytest.approx(values["loss"], abs=1e-5, rel=1e-5), task
+    mf.assert_row_matches(row, expected, TEST, rel=1e-5)
 
 
 # --- End to end ------------------------------------------------------------------------------
