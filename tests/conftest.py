@@ -35,10 +35,6 @@ CONVNEXT_BASE_PREPROCESSOR = {
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
-# A merge method written as one function, registered before any test module is collected: the
-# methods the CLI offers (and its error messages list) are the same for every test, in any order.
-import example_methods  # noqa: E402, F401
-
 
 @pytest.fixture
 def quiet_cli(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:

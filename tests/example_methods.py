@@ -1,5 +1,6 @@
-"""A merge method written as one function (CONTRIBUTING.md's example), registered for the whole
-test session by ``conftest.py``: every test sees the same methods, whatever the order they run in."""
+"""A merge method written as one function (CONTRIBUTING.md's example). Imported only by the
+process ``tests/test_merge_cli.py`` starts for it: once registered, a method stays among the
+classes the CLI offers."""
 
 from __future__ import annotations
 
