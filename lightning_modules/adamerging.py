@@ -25,6 +25,7 @@ from datamodules.errors import check_setting
 from lightning_modules.evaluation import ModelPoolSpec, MultiTaskEvaluation, backbone_from_state
 from lightning_modules.wandb_logger import wandb_loggers
 from merging.coefficients import coefficients_heatmap, read_coefficients, write_coefficients
+from merging.engine import TaskVectors
 from merging.errors import MergeError
 from merging.pool import BACKBONE_PREFIX, PRETRAINED, ModelPool
 
@@ -118,24 +119,15 @@ class AdaMerging(MultiTaskEvaluation):
         pool = self.pool
         pool.check_backbones()
         pool.check_heads(self.classnames)
-        pretrained = pool.reader(PRETRAINED)
-        theta0 = {key: pretrained.read(key).to(torch.float32) for key in self.keys}
+        vectors = TaskVectors(pool)
+        theta0 = {key: vectors.pretrained_tensor(key) for key in self.keys}
         self.backbone = backbone_from_state(pool.config(PRETRAINED), theta0).requires_grad_(False)
         for index, key in enumerate(self.keys):
-            if not torch.isfinite(theta0[key]).all():
-                raise MergeError(f"non-finite values (NaN/Inf) in '{key}' of '{pretrained.path_of(key)}' (pretrained)")
-            # Each task vector is read straight into its row of the stacked tensor: no list of
-            # copies and no second copy by torch.stack (transient peak of 2 x tasks x tensor).
+            # Each task vector is copied into its row of the stacked tensor as it is read (one
+            # transient tensor at a time): no list of copies and no second copy by torch.stack.
             stacked = torch.empty((len(self.merge_tasks), *theta0[key].shape), dtype=torch.float32)
-            for row, task in zip(stacked, self.merge_tasks):
-                reader = pool.reader(task)
-                if reader.dtype(key) == torch.float32:
-                    reader.read(key, out=row)
-                else:
-                    row.copy_(reader.read(key))
-                row.sub_(theta0[key])
-                if not torch.isfinite(row).all():
-                    raise MergeError(f"non-finite values (NaN/Inf) in '{key}' of '{reader.path_of(key)}' ({task})")
+            for row, vector in zip(stacked, vectors.of(key, theta0[key])):
+                row.copy_(vector)
             self.task_vectors.register_buffer(f"k{index}", stacked, persistent=False)
         # Identical on every rank by construction: DDP must not re-broadcast gigabytes of
         # task vectors before every forward (its default for buffers).

@@ -11,13 +11,14 @@ faster, and only slices in flight. Such a merge runs torch on one thread and spr
 over as many Python threads as torch had. TIES's per-task thresholds need a first pass over
 each whole task vector; it runs one model at a time. RegMean merges each Linear weight from
 the stream of fine-tuned weights and the tasks' Gram matrices, which the caller gathered on
-data (``grams``), on the Grams' device.
+data (``grams``), on the Grams' device. ``TaskVectors`` is the one reader of the pool's
+tensors and task vectors, for the merges here and for AdaMerging's stacked task vectors.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from functools import partial
@@ -47,18 +48,32 @@ def _all_finite(tensor: Tensor) -> bool:
     return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
-def _check_finite(tensor: Tensor, reader: CheckpointReader, key: str) -> None:
-    if tensor.is_floating_point() and not _all_finite(tensor):
-        raise CheckpointError(f"non-finite values (NaN/Inf) in '{key}' of '{reader.path_of(key)}'")
+#: A part of one tensor: ``None`` for the whole tensor in its shape, or ``(start, stop)`` for
+#: those entries of it flattened (row-major).
+Region = tuple[int, int] | None
 
 
-class _Streams:
-    """The tensors of one key, read lazily from each fine-tuned checkpoint."""
+def _regions(numel: int) -> Iterator[tuple[int, int]]:
+    """The slices of ``SLICE`` entries that cover a tensor of ``numel`` entries."""
+    for start in range(0, numel, SLICE):
+        yield start, min(start + SLICE, numel)
 
-    def __init__(self, pool: ModelPool, method: MergeMethod, check_inputs: bool, grams: Mapping[str, Sequence[Tensor]]) -> None:
-        self.method = method
-        self.grams = grams
-        self.check_inputs = check_inputs
+
+class TaskVectors:
+    """The tensors of one key in the pool's checkpoints, read when asked, each into a reused
+    buffer: the pretrained one and, through ``of``, the fine-tuned ones or their task vectors.
+
+    With ``check`` on, every tensor read is checked for NaN/Inf (each pretrained key once) and
+    a bad one raises ``CheckpointError`` naming its file and key. ``transform`` maps each task
+    vector before it is handed over (``MergeMethod.transform``: DARE's drop-and-rescale);
+    the identity when not given.
+    """
+
+    def __init__(
+        self, pool: ModelPool, check: bool = True, transform: Callable[[Tensor, int, str], Tensor] | None = None
+    ) -> None:
+        self.check = check
+        self.transform = transform
         self.pretrained = pool.reader(PRETRAINED)
         self.finetuned = [pool.reader(task) for task in pool.task_names]
         self._largest = max(_numel(self.pretrained.shape(key)) for key in pool.backbone_keys)
@@ -66,125 +81,120 @@ class _Streams:
         self._local = threading.local()  # each merging thread's slice buffers
         self._pretrained_checked: set[str] = set()
 
-    def _buffer(self, reader: CheckpointReader, key: str) -> Tensor:
-        dtype, shape = reader.dtype(key), reader.shape(key)
-        if dtype not in self._scratch:
-            self._scratch[dtype] = torch.empty(self._largest, dtype=dtype)
-        return self._scratch[dtype][: _numel(shape)].view(shape)
+    def pretrained_tensor(self, key: str, region: Region = None) -> Tensor:
+        """``theta_0`` of ``key`` (or its ``region``) in float32."""
+        tensor = self._read(self.pretrained, key, region, pretrained=True)
+        if self.check and key not in self._pretrained_checked:
+            self._check(tensor, key, include_pretrained=True)
+            if region is None or region[1] == _numel(self.pretrained.shape(key)):
+                self._pretrained_checked.add(key)  # its last slice: every entry was checked
+        return tensor.to(torch.float32)
 
-    def pretrained_tensor(self, key: str) -> Tensor:
-        tensor = self.pretrained.read(key).to(torch.float32)
-        if self.check_inputs and key not in self._pretrained_checked:
-            _check_finite(tensor, self.pretrained, key)
-            self._pretrained_checked.add(key)
-        return tensor
-
-    def finetuned_tensors(self, key: str) -> Iterator[Tensor]:
-        """``theta_t``, each in a reused buffer (valid until the next one is read)."""
-        for reader in self.finetuned:
-            tensor = reader.read(key, out=self._buffer(reader, key))
-            if self.check_inputs:
-                _check_finite(tensor, reader, key)
-            yield tensor
-
-    def task_vectors(self, key: str, pretrained: Tensor, tasks: range | None = None) -> Iterator[Tensor]:
-        """``transform(theta_t - theta_0)`` for each task (DARE, or identity)."""
+    def of(
+        self, key: str, pretrained: Tensor | None, region: Region = None, tasks: Iterable[int] | None = None
+    ) -> Iterator[Tensor]:
+        """Task by task (all, or the indices ``tasks``): ``transform(theta_t - theta_0)`` in
+        float32, or ``theta_t`` itself in its stored dtype where ``pretrained`` is ``None``;
+        ``theta_t`` lives in a reused buffer, valid until the next one is read."""
         for index in tasks if tasks is not None else range(len(self.finetuned)):
-            reader = self.finetuned[index]
-            finetuned = reader.read(key, out=self._buffer(reader, key))
-            if self.check_inputs:
-                _check_finite(finetuned, reader, key)
-            yield self.method.transform(finetuned.to(torch.float32) - pretrained, index, key)
+            finetuned = self._read(self.finetuned[index], key, region, pretrained=False)
+            if self.check:
+                self._check(finetuned, key, include_pretrained=pretrained is not None)
+            if pretrained is None:
+                yield finetuned
+                continue
+            vector = finetuned.to(torch.float32) - pretrained
+            yield self.transform(vector, index, key) if self.transform is not None else vector
 
-    def task_vector(self, index: int, keys: list[str], read_through: set[int]) -> Iterator[Tensor]:
-        """Task ``index``'s whole vector, key by key; ``index`` joins ``read_through`` once
-        every key was read (and checked). Each pretrained tensor is checked the first time it
-        is read only: the file and key that fail first are those of checking it every time."""
-        for key in keys:
-            if self.method.elementwise:
-                yield self._task_vector_of_key(index, key)
-            else:
-                yield next(self.task_vectors(key, self.pretrained_tensor(key), range(index, index + 1)))
-        read_through.add(index)
-
-    def _task_vector_of_key(self, index: int, key: str) -> Tensor:
-        """``transform(theta_t - theta_0)`` of ``key``, computed a slice at a time."""
-        reader = self.finetuned[index]
-        check_pretrained = self.check_inputs and key not in self._pretrained_checked
+    def task_vector(self, index: int, key: str, sliced: bool) -> Tensor:
+        """Task ``index``'s vector of ``key`` whole; ``sliced`` computes it a slice at a time
+        (the same values: for a method that works entry by entry)."""
+        if not sliced:
+            return next(self.of(key, self.pretrained_tensor(key), tasks=[index]))
         shape = self.pretrained.shape(key)
-        vector: Tensor | None = None
-        numel = _numel(shape)
-        for start in range(0, numel, SLICE):
-            stop = min(start + SLICE, numel)
-            pretrained = self._slice(self.pretrained, key, start, stop, pretrained=True, check=check_pretrained)
-            finetuned = self._slice(reader, key, start, stop, pretrained=False)
-            part = self.method.transform(finetuned.to(torch.float32) - pretrained.to(torch.float32), index, key)
-            if vector is None:
-                vector = torch.empty(numel, dtype=part.dtype)
-            vector[start:stop] = part
-        if check_pretrained:
-            self._pretrained_checked.add(key)
-        return vector.view(shape) if vector is not None else torch.empty(shape)
+        vector = torch.empty(_numel(shape), dtype=torch.float32)
+        for start, stop in _regions(vector.numel()):
+            region = (start, stop)
+            vector[start:stop] = next(self.of(key, self.pretrained_tensor(key, region), region, [index]))
+        return vector.view(shape)
 
-    def _slice(
-        self, reader: CheckpointReader, key: str, start: int, stop: int, pretrained: bool, check: bool | None = None
-    ) -> Tensor:
-        """Entries ``start:stop`` of ``key`` in a reused buffer (one for the pretrained model,
-        one for the fine-tuned ones), checked where inputs are."""
+    def _read(self, reader: CheckpointReader, key: str, region: Region, pretrained: bool) -> Tensor:
+        """``key`` (or its ``region``) from ``reader``. Whole fine-tuned tensors share one
+        buffer per dtype; slices have one per thread for the pretrained model and one for the
+        fine-tuned ones; a whole pretrained tensor is a tensor of its own."""
         dtype = reader.dtype(key)
+        if region is None:
+            if pretrained:
+                return reader.read(key)
+            if dtype not in self._scratch:
+                self._scratch[dtype] = torch.empty(self._largest, dtype=dtype)
+            shape = reader.shape(key)
+            return reader.read(key, out=self._scratch[dtype][: _numel(shape)].view(shape))
+        start, stop = region
         buffers = self._local.__dict__.setdefault("slices", {})
         buffer = buffers.get((pretrained, dtype))
         if buffer is None or buffer.numel() < stop - start:
             buffer = buffers[(pretrained, dtype)] = torch.empty(max(SLICE, stop - start), dtype=dtype)
-        out = buffer if buffer.numel() == stop - start else buffer[: stop - start]
-        tensor = reader.read_slice(key, start, stop, out=out)
-        if self.check_inputs if check is None else check:
+        return reader.read_slice(key, start, stop, out=buffer[: stop - start])
+
+    def _check(self, tensor: Tensor, key: str, include_pretrained: bool) -> None:
+        if tensor.is_floating_point() and not _all_finite(tensor):
+            self.locate_non_finite(key, include_pretrained)
+
+    def locate_non_finite(self, key: str, include_pretrained: bool) -> None:
+        """Raise ``CheckpointError`` naming the first checkpoint (pretrained, then the
+        fine-tuned ones in order) whose ``key`` holds a NaN/Inf: the one a check of whole
+        tensors in reading order names, whatever part of the tensor showed it."""
+        for reader in [self.pretrained, *self.finetuned] if include_pretrained else self.finetuned:
+            tensor = reader.read(key)
             if tensor.is_floating_point() and not _all_finite(tensor):
-                self.locate_non_finite(key)  # raises, naming the file a whole-tensor merge names first
-        return tensor
+                raise CheckpointError(f"non-finite values (NaN/Inf) in '{key}' of '{reader.path_of(key)}'")
 
-    def _finetuned_slices(self, key: str, start: int, stop: int) -> Iterator[Tensor]:
-        for reader in self.finetuned:
-            yield self._slice(reader, key, start, stop, pretrained=False)
 
-    def _task_vector_slices(self, key: str, pretrained: Tensor, start: int, stop: int) -> Iterator[Tensor]:
-        for index, reader in enumerate(self.finetuned):
-            finetuned = self._slice(reader, key, start, stop, pretrained=False)
-            yield self.method.transform(finetuned.to(torch.float32) - pretrained, index, key)
+class _Merge:
+    """One method's merge of the pool, key by key, over the pool's ``TaskVectors``."""
+
+    def __init__(self, pool: ModelPool, method: MergeMethod, grams: Mapping[str, Sequence[Tensor]]) -> None:
+        self.method = method
+        self.grams = grams
+        self.inputs = TaskVectors(pool, check=not method.propagates_non_finite, transform=method.transform)
+        self.pretrained = self.inputs.pretrained
+
+    def task_vector(self, index: int, keys: list[str], read_through: set[int]) -> Iterator[Tensor]:
+        """Task ``index``'s whole vector, key by key; ``index`` joins ``read_through`` once
+        every key was read (and checked)."""
+        for key in keys:
+            yield self.inputs.task_vector(index, key, sliced=self.method.elementwise)
+        read_through.add(index)
 
     def merge(self, key: str, statistics: list[float]) -> Tensor:
         """The merged tensor of ``key``, in the pretrained dtype."""
-        method = self.method
+        dtype = self.pretrained.dtype(key)
         if key in self.grams:
             result = self._merge_linear(key)
             self._check_result(key, result)
-            return result.to(self.pretrained.dtype(key))
-        if not method.elementwise:
-            if method.uses_pretrained:
-                pretrained = self.pretrained_tensor(key)
-                result = method.merge(pretrained, self.task_vectors(key, pretrained), statistics)
-            else:
-                result = method.merge(None, self.finetuned_tensors(key), statistics)
+            return result.to(dtype)
+        if not self.method.elementwise:
+            result = self._merge_region(key, None, statistics)
             self._check_result(key, result)
-            return result.to(self.pretrained.dtype(key))
+            return result.to(dtype)
         # Entry by entry, a flat slice at a time: the same values as the whole tensor at once.
-        merged = torch.empty(self.pretrained.shape(key), dtype=self.pretrained.dtype(key))
+        merged = torch.empty(self.pretrained.shape(key), dtype=dtype)
         flat = merged.view(-1)
-        for start in range(0, flat.numel(), SLICE):
-            stop = min(start + SLICE, flat.numel())
-            if method.uses_pretrained:
-                pretrained = self._slice(self.pretrained, key, start, stop, pretrained=True).to(torch.float32)
-                result = method.merge(pretrained, self._task_vector_slices(key, pretrained, start, stop), statistics)
-            else:
-                result = method.merge(None, self._finetuned_slices(key, start, stop), statistics)
+        for start, stop in _regions(flat.numel()):
+            result = self._merge_region(key, (start, stop), statistics)
             self._check_result(key, result)
             flat[start:stop].copy_(result)
         return merged
 
+    def _merge_region(self, key: str, region: Region, statistics: list[float]) -> Tensor:
+        pretrained = self.inputs.pretrained_tensor(key, region) if self.method.uses_pretrained else None
+        return self.method.merge(pretrained, self.inputs.of(key, pretrained, region), statistics)
+
     def _merge_linear(self, key: str) -> Tensor:
         """A Linear weight from the fine-tuned weights and the tasks' Grams (on their device), back on the CPU."""
         try:
-            return self.method.merge_linear(self.finetuned_tensors(key), self.grams[key]).cpu()
+            return self.method.merge_linear(self.inputs.of(key, None), self.grams[key]).cpu()
         except torch.linalg.LinAlgError as error:
             raise MergeError(
                 f"merging '{key}' with {self.method.describe()}: the summed Gram matrix is singular ({error})"
@@ -192,13 +202,8 @@ class _Streams:
 
     def _check_result(self, key: str, result: Tensor) -> None:
         if not _all_finite(result):
-            self.locate_non_finite(key)
+            self.inputs.locate_non_finite(key, include_pretrained=self.method.uses_pretrained)
             raise CheckpointError(f"merging '{key}' gave non-finite values (overflow) with {self.method.describe()}")
-
-    def locate_non_finite(self, key: str) -> None:
-        """Name the checkpoint behind a non-finite merge result."""
-        for reader in [self.pretrained, *self.finetuned] if self.method.uses_pretrained else self.finetuned:
-            _check_finite(reader.read(key), reader, key)
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -222,7 +227,7 @@ def merge_backbone(
     pool.check_backbones()
     keys = pool.backbone_keys
     _check_grams(method, grams, keys, len(pool.task_names))
-    streams = _Streams(pool, method, check_inputs=not method.propagates_non_finite, grams=grams or {})
+    run = _Merge(pool, method, grams or {})
     method.prepare(pool.task_names, keys)
     statistics: list[float] = []
     merged: dict[str, Tensor] = {}
@@ -232,19 +237,19 @@ def merge_backbone(
         if method.needs_task_statistics:
             read_through: set[int] = set()
             for index in range(len(pool.task_names)):
-                statistics.append(method.task_statistic(streams.task_vector(index, keys, read_through)))
+                statistics.append(method.task_statistic(run.task_vector(index, keys, read_through)))
             if len(read_through) == len(pool.task_names):
                 # Every input passed the checks above: the merge reads the same tensors again.
-                streams.check_inputs = False
+                run.inputs.check = False
         if not method.elementwise or workers == 1:
             for key in in_order(keys):
-                merged[key] = streams.merge(key, statistics)
+                merged[key] = run.merge(key, statistics)
             return merged
         # Sliced, a key takes one core: torch's threads become as many merging threads, each
         # on its own keys (the reads and the arithmetic release the GIL). Results are taken in
         # key order, so the first key to fail raises, as in a merge one key after another.
         with ThreadPoolExecutor(workers, thread_name_prefix="merge") as executor:
-            futures = [executor.submit(streams.merge, key, statistics) for key in keys]
+            futures = [executor.submit(run.merge, key, statistics) for key in keys]
             try:
                 for key, future in zip(in_order(keys), futures):
                     merged[key] = future.result()

@@ -31,7 +31,7 @@ from lightning_modules.adamerging import AdaMerging, prediction_entropy
 from merge import main
 from merging.coefficients import LearnedCoefficients, coefficients_heatmap, write_coefficients
 from merging.engine import merge_backbone
-from merging.errors import MergeError
+from merging.errors import CheckpointError
 from merging.methods import TaskArithmetic
 from merging.pool import ModelPool
 
@@ -454,7 +454,7 @@ def test_a_non_finite_task_vector_is_refused_naming_file_and_key(setup, tmp_path
 
     mf.rewrite_tensors(copy, poison)
     model = AdaMerging(list(TASKS), classnames(), {**setup.pool, "dtd": str(copy)})
-    with pytest.raises(MergeError, match="non-finite") as error:
+    with pytest.raises(CheckpointError, match="non-finite") as error:
         model.build()
     assert key in str(error.value) and str(copy / "model.safetensors") in str(error.value)
 
