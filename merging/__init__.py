@@ -6,7 +6,7 @@ merged = merge_backbone(pool, TiesMerging(top_k=0.2, scaling_factor=0.3))
 """
 
 from common.errors import CheckpointError
-from merging.coefficients import LearnedCoefficients
+from merging.coefficients import Coefficients, LearnedCoefficients
 from merging.engine import merge_backbone
 from merging.errors import MergeError
 from merging.methods import (
@@ -31,6 +31,7 @@ __all__ = [
     "DareTies",
     "IsotropicCommon",
     "IsotropicCommonTask",
+    "Coefficients",
     "LearnedCoefficients",
     "METHODS",
     "MergeError",

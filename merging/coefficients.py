@@ -1,12 +1,14 @@
 """Merging coefficients per task (and per parameter tensor): the readable file AdaMerging
-writes, its heat map, and the merge method that applies a learned file."""
+writes and its heat map, the coefficients read back and checked against a pool, and the
+merge method that applies them."""
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -29,6 +31,55 @@ def write_coefficients(path: Path, coefficients: Tensor, tasks: Sequence[str], k
     write_text_atomically(path, json.dumps(content, indent=1))
 
 
+class Coefficients:
+    """Merging coefficients: per task one value (``granularity="task"``) or one value per
+    backbone key (``"layer"``), as ``{task: value}`` or ``{task: {key: value}}``; the
+    numbers themselves, checked against a pool by ``matrix``. ``source`` is how error
+    messages name them (``read`` sets it to the file)."""
+
+    def __init__(
+        self, granularity: Literal["task", "layer"], coefficients: Mapping[str, object], source: str = "coefficients"
+    ) -> None:
+        self.granularity = granularity
+        self.table = coefficients
+        self.source = source
+
+    @classmethod
+    def read(cls, path: str | Path) -> Coefficients:
+        """The content of a file ``write_coefficients`` wrote; ``MergeError`` naming the file
+        where it cannot be read."""
+        try:
+            content = json.loads(Path(path).read_text())
+            return cls(content["granularity"], content["coefficients"], source=f"coefficients file '{path}'")
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise MergeError(f"unreadable coefficients file '{path}': {error}") from error
+
+    def matrix(
+        self,
+        tasks: Sequence[str],
+        keys: Sequence[str],
+        granularity: str | None = None,
+        bounds: tuple[float, float] | None = None,
+    ) -> Tensor:
+        """The ``(tasks, keys)`` (layer-wise) or ``(tasks, 1)`` (task-wise) matrix, checked
+        against the tasks and keys it will be applied to: exactly those tasks and keys, every
+        value a finite number, of ``granularity`` and within ``bounds`` (``(low, high)``) where
+        given. Each failure is a ``MergeError`` naming the source, the task and the key."""
+        source, table = self.source, self.table
+        if granularity is not None and self.granularity != granularity:
+            raise MergeError(f"{source} is {self.granularity}-wise, expected {granularity}-wise")
+        if not isinstance(table, Mapping) or set(table) != set(tasks):
+            found = sorted(table) if isinstance(table, Mapping) else type(table).__name__
+            raise MergeError(f"{source} is for tasks {found}, the model pool has {sorted(tasks)}")
+        if self.granularity == "task":
+            matrix = torch.tensor([[_coefficient(table[task], source, task, "every key (task-wise)")] for task in tasks])
+        else:
+            matrix = torch.tensor([_layer_row(table[task], source, task, keys) for task in tasks])
+        if bounds is not None:
+            _check_bounds(matrix, bounds, source, tasks, keys)
+        return matrix
+
+
 def read_coefficients(
     path: str | Path,
     tasks: Sequence[str],
@@ -36,66 +87,44 @@ def read_coefficients(
     granularity: str | None = None,
     bounds: tuple[float, float] | None = None,
 ) -> Tensor:
-    """The ``(tasks, keys)`` (layer-wise) or ``(tasks, 1)`` (task-wise) coefficient matrix of
-    a file written by ``write_coefficients``, checked against the tasks and keys it will
-    be applied to: exactly those tasks and keys, every value a finite number, and within
-    ``bounds`` (``(low, high)``) where given. Each failure is a ``MergeError`` naming the
-    file, the task and the key."""
-    try:
-        content = json.loads(Path(path).read_text())
-        stored_granularity, table = content["granularity"], content["coefficients"]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise MergeError(f"unreadable coefficients file '{path}': {error}") from error
-    if granularity is not None and stored_granularity != granularity:
-        raise MergeError(f"coefficients file '{path}' is {stored_granularity}-wise, expected {granularity}-wise")
-    if not isinstance(table, dict) or set(table) != set(tasks):
-        found = sorted(table) if isinstance(table, dict) else type(table).__name__
-        raise MergeError(f"coefficients file '{path}' is for tasks {found}, the model pool has {sorted(tasks)}")
-    if stored_granularity == "task":
-        matrix = torch.tensor([[_coefficient(table[task], path, task, "every key (task-wise)")] for task in tasks])
-    else:
-        matrix = torch.tensor([_layer_row(table[task], path, task, keys) for task in tasks])
-    if bounds is not None:
-        _check_bounds(matrix, bounds, path, tasks, keys)
-    return matrix
+    """``Coefficients.read(path).matrix(tasks, keys, granularity, bounds)``: a file's coefficients for a pool."""
+    return Coefficients.read(path).matrix(tasks, keys, granularity, bounds)
 
 
-def _layer_row(row: object, path: str | Path, task: str, keys: Sequence[str]) -> list[float]:
-    if not isinstance(row, dict):
+def _layer_row(row: object, source: str, task: str, keys: Sequence[str]) -> list[float]:
+    if not isinstance(row, Mapping):
         kind = type(row).__name__
-        raise MergeError(f"coefficients file '{path}': the coefficients of {task} are a {kind}, not a key-value table")
+        raise MergeError(f"{source}: the coefficients of {task} are a {kind}, not a key-value table")
     missing = [key for key in keys if key not in row]
     if missing:
-        raise MergeError(f"coefficients file '{path}' has no coefficient for '{missing[0]}' of {task}")
+        raise MergeError(f"{source} has no coefficient for '{missing[0]}' of {task}")
     # A key the pool lacks means the file was learned for other models: applying the rest would be a guess.
     extra = sorted(set(row) - set(keys))
     if extra:
         raise MergeError(
-            f"coefficients file '{path}' has a coefficient for '{extra[0]}' of {task}, which the model pool's "
+            f"{source} has a coefficient for '{extra[0]}' of {task}, which the model pool's "
             f"backbone does not have ({len(extra)} such key(s))"
         )
-    return [_coefficient(row[key], path, task, f"'{key}'") for key in keys]
+    return [_coefficient(row[key], source, task, f"'{key}'") for key in keys]
 
 
-def _coefficient(value: object, path: str | Path, task: str, key: str) -> float:
+def _coefficient(value: object, source: str, task: str, key: str) -> float:
     """A finite number: JSON's NaN/Infinity (which Python reads) would merge into NaN weights."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise MergeError(f"coefficients file '{path}': the coefficient of {task} for {key} is {value!r}, not a number")
+        raise MergeError(f"{source}: the coefficient of {task} for {key} is {value!r}, not a number")
     if not math.isfinite(value):
-        raise MergeError(f"coefficients file '{path}': the coefficient of {task} for {key} is {value}, not finite")
+        raise MergeError(f"{source}: the coefficient of {task} for {key} is {value}, not finite")
     return float(value)
 
 
-def _check_bounds(
-    matrix: Tensor, bounds: tuple[float, float], path: str | Path, tasks: Sequence[str], keys: Sequence[str]
-) -> None:
+def _check_bounds(matrix: Tensor, bounds: tuple[float, float], source: str, tasks: Sequence[str], keys: Sequence[str]) -> None:
     # Compared in float32, the dtype the coefficients are clamped in, so a clamped value passes.
     outside = ((matrix < bounds[0]) | (matrix > bounds[1])).nonzero()
     if len(outside):
         row, column = outside[0].tolist()
         key = f"'{keys[column]}'" if matrix.shape[1] > 1 else "every key (task-wise)"
         raise MergeError(
-            f"coefficients file '{path}': the coefficient of {tasks[row]} for {key} is {matrix[row, column].item():g}, "
+            f"{source}: the coefficient of {tasks[row]} for {key} is {matrix[row, column].item():g}, "
             f"outside the clamp range [{bounds[0]:g}, {bounds[1]:g}] ({len(outside)} such value(s))"
         )
 
@@ -121,27 +150,29 @@ def coefficients_heatmap(
 
 @register_method
 class LearnedCoefficients(MergeMethod):
-    """Task arithmetic with a coefficient per task (and per parameter tensor) from a file
-    AdaMerging wrote: ``theta_k = theta_0,k + sum_t lambda_{t,k} tau_{t,k}``.
+    """Task arithmetic with a coefficient per task (and per parameter tensor), as AdaMerging
+    learns them: ``theta_k = theta_0,k + sum_t lambda_{t,k} tau_{t,k}``.
 
-    The file must name exactly the pool's tasks and backbone keys, with finite numbers; the
-    values are applied as they are (no clamp range is known here, so none is enforced).
+    The coefficients must name exactly the pool's tasks and backbone keys, with finite
+    numbers; they are applied as they are (no clamp range is known here, so none is enforced).
 
     Args:
-        coefficients: path of a ``coefficients.json`` (``merge.py fit`` with AdaMerging).
+        coefficients: the coefficients (``Coefficients``), or the path of a
+            ``coefficients.json`` (``merge.py fit`` with AdaMerging), read here, when the
+            method is built.
         label: name of the row in reports.
     """
 
     name = "adamerging"
     propagates_non_finite = True  # a weighted sum: a NaN input shows in the output
 
-    def __init__(self, coefficients: str, label: str = "adamerging") -> None:
-        self.path = coefficients
+    def __init__(self, coefficients: str | Coefficients, label: str = "adamerging") -> None:
+        self.coefficients = coefficients if isinstance(coefficients, Coefficients) else Coefficients.read(coefficients)
         self.label = label
         self._lambdas: dict[str, Tensor] = {}
 
     def prepare(self, tasks: Sequence[str], keys: Sequence[str]) -> None:
-        matrix = read_coefficients(self.path, tasks, keys).expand(len(tasks), len(keys))
+        matrix = self.coefficients.matrix(tasks, keys).expand(len(tasks), len(keys))
         self._lambdas = {key: matrix[:, index].clone() for index, key in enumerate(keys)}
 
     def transform(self, task_vector: Tensor, task_index: int, key: str) -> Tensor:

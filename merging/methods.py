@@ -7,7 +7,7 @@ Notation: ``theta_0`` the pretrained tensor, ``theta_t`` task ``t``'s fine-tuned
 
 The classes hold the hyper-parameters (their ``__init__`` signatures are the CLI and YAML
 schema: ``--model.method TiesMerging --model.method.top_k 0.2``) and are registered by name
-in ``METHODS``. They never read files: ``merging.engine`` streams the tensors in.
+in ``METHODS``. They never read checkpoints: ``merging.engine`` streams the tensors in.
 """
 
 from __future__ import annotations

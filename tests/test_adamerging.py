@@ -29,7 +29,7 @@ from datamodules.tasks import get_task
 from datamodules.torch_data import ImageClassificationDataset
 from lightning_modules.adamerging import AdaMerging, prediction_entropy
 from merge import main
-from merging.coefficients import LearnedCoefficients, coefficients_heatmap, write_coefficients
+from merging.coefficients import Coefficients, LearnedCoefficients, coefficients_heatmap, write_coefficients
 from merging.engine import merge_backbone
 from merging.errors import CheckpointError
 from merging.methods import TaskArithmetic
@@ -402,12 +402,15 @@ def test_unequal_coefficients_follow_the_formula(setup, tmp_path):
     table = random_coefficients(setup, tmp_path / "coefficients.json")
     expected = reference_backbone(setup, table)
     learned = merge_backbone(ModelPool(setup.pool), LearnedCoefficients(str(tmp_path / "coefficients.json")), progress=False)
+    # The numbers themselves, without a file: the same merge.
+    given = merge_backbone(ModelPool(setup.pool), LearnedCoefficients(Coefficients("layer", table)), progress=False)
     model = AdaMerging(list(TASKS), classnames(), setup.pool, coefficients=str(tmp_path / "coefficients.json"))
     model.build()
     with torch.no_grad():
         merged = model.merged_parameters()
     for key, tensor in expected.items():
         assert torch.allclose(learned[key], tensor, rtol=1e-5, atol=1e-6), key
+        assert torch.equal(given[key], learned[key]), key
         assert torch.allclose(merged[key.removeprefix("convnext.")], tensor, rtol=1e-5, atol=1e-6), key
 
 
