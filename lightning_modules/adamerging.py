@@ -100,6 +100,7 @@ class AdaMerging(MultiTaskEvaluation):
             raise MergeError(f"coefficients file '{coefficients}' does not exist")
         self.output_dir = output_dir
         self.evaluate_individual = evaluate_individual
+        self.row_name = f"adamerging({granularity}-wise)"
         self.merge_tasks = self.pool.task_names
         self.keys = [key for key in self.pool.backbone_keys]
         width = len(self.keys) if granularity == "layer" else 1
@@ -133,7 +134,7 @@ class AdaMerging(MultiTaskEvaluation):
         # task vectors before every forward (its default for buffers).
         self._ddp_params_and_buffers_to_ignore = [f"task_vectors.k{index}" for index in range(len(self.keys))]
         self.set_heads_and_individual(pool, self.evaluate_individual)
-        self.row_names = [f"adamerging({self.granularity}-wise)"]
+        self.rows[self.row_name] = nn.Module()  # the merged backbone comes in on_test_start
 
     def applied_coefficients(self) -> Tensor:
         """The coefficients the merge uses: the stored ones, clamped here with ``clamp_mode forward``."""
@@ -196,11 +197,11 @@ class AdaMerging(MultiTaskEvaluation):
         with torch.no_grad():
             merged = {BACKBONE_PREFIX + name: tensor.detach().clone() for name, tensor in self.merged_parameters().items()}
         self.verify_identical_across_ranks(merged, "merged weights")
-        self.rows["row0"] = backbone_from_state(self.pool.config(PRETRAINED), merged)
+        self.rows[self.row_name] = backbone_from_state(self.pool.config(PRETRAINED), merged)
 
     def report_extra(self) -> dict[str, Any]:
         return {
-            "method": self.row_names[0],
+            "method": self.row_name,
             "models": dict(self.pool.sources),
             # The file evaluated (``--model.coefficients``); only after a fit in this process the output.
             "coefficients": self.coefficient_table()

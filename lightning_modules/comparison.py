@@ -109,9 +109,9 @@ class MethodComparison(MultiTaskEvaluation):
         pool.check_heads(self.classnames)
         for method in self.methods:
             if method.needs_grams:  # merged in merge_with_grams, after the Gram pass
-                self.add_row(method.describe(), nn.Module())
+                self.rows[method.describe()] = nn.Module()
             else:
-                self.add_row(method.describe(), self._merged_backbone(method))
+                self.rows[method.describe()] = self._merged_backbone(method)
         self.set_heads_and_individual(pool, self.evaluate_individual)
         if self.uses_grams:
             self.gram_pass = GramPass(pool, self.tasks)
@@ -120,9 +120,9 @@ class MethodComparison(MultiTaskEvaluation):
         return backbone_from_state(self.pool.config(PRETRAINED), self.merged_state(self.pool, method, grams))
 
     def merge_with_grams(self, grams: dict[str, list[Tensor]]) -> None:
-        for row, method in enumerate(self.methods):
+        for method in self.methods:
             if method.needs_grams:
-                self.rows[f"row{row}"] = self._merged_backbone(method, grams).to(self.device)
+                self.rows[method.describe()] = self._merged_backbone(method, grams).to(self.device)
 
     def selection(self) -> list[dict[str, Any]]:
         """Per method with several grid points: the choice on validation and the best on test."""

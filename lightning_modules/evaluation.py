@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +77,40 @@ def state_digest(state: Mapping[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+class Rows(nn.Module):
+    """The evaluated backbones by row name, in order: a mapping whose names may hold any
+    character (a method's name with its hyper-parameters, ``ties(top_k=0.2)``), which
+    ``nn.ModuleDict``'s keys may not ('.'). The backbones are submodules (``0``, ``1``, ...),
+    so they follow the LightningModule to its device; setting a name again replaces its
+    backbone in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._names: list[str] = []
+
+    def __setitem__(self, name: str, backbone: nn.Module) -> None:
+        if name not in self._names:
+            self._names.append(name)
+        self.add_module(str(self._names.index(name)), backbone)
+
+    def __getitem__(self, name: str) -> nn.Module:
+        if name not in self._names:
+            raise KeyError(name)
+        return self._modules[str(self._names.index(name))]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._names))
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+    def items(self) -> list[tuple[str, nn.Module]]:
+        return [(name, self[name]) for name in self._names]
+
+
 class MultiTaskEvaluation(LightningModule, ABC):
     """Base of the merge-side LightningModules: subclasses fill ``rows`` (name -> backbone),
     ``heads`` and optionally ``individual`` (task -> fine-tuned backbone) in ``build()``.
@@ -113,8 +147,7 @@ class MultiTaskEvaluation(LightningModule, ABC):
         self.results: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
         self.report_dir = report_dir
         self.report_title = report_title
-        self.rows = nn.ModuleDict()
-        self.row_names: list[str] = []
+        self.rows = Rows()
         self.individual = nn.ModuleDict()
         self.heads: SwitchModule | None = None
         self.report: dict[str, Any] | None = None
@@ -127,7 +160,7 @@ class MultiTaskEvaluation(LightningModule, ABC):
 
     @abstractmethod  # abstract: not offered as a ``--model`` choice
     def build(self) -> None:
-        """Fill ``rows``/``row_names``, ``heads`` and (optionally) ``individual``."""
+        """Fill ``rows``, ``heads`` and (optionally) ``individual``."""
 
     def check_test_does_something(self, trainer: Any) -> None:
         """``merge.py test --trainer.limit_test_batches 0`` evaluates nothing: refused, unless the
@@ -143,10 +176,6 @@ class MultiTaskEvaluation(LightningModule, ABC):
         if evaluate_individual:
             for task in self.tasks:
                 self.individual[task] = load_backbone(pool, task)
-
-    def add_row(self, name: str, backbone: nn.Module) -> None:
-        self.rows[f"row{len(self.row_names)}"] = backbone
-        self.row_names.append(name)
 
     def setup(self, stage: str) -> None:
         data_splits = getattr(self.trainer.datamodule, "splits", None) if self.trainer is not None else None
@@ -185,7 +214,7 @@ class MultiTaskEvaluation(LightningModule, ABC):
             self.merge_with_grams(grams)
 
     def _all_rows(self) -> list[str]:
-        return self.row_names + ([INDIVIDUAL] if len(self.individual) else [])
+        return [*self.rows, *([INDIVIDUAL] if len(self.individual) else [])]
 
     def _make_metrics(self) -> None:
         def per_task(factory: Any) -> nn.ModuleList:
@@ -214,12 +243,9 @@ class MultiTaskEvaluation(LightningModule, ABC):
         if len(set(digests)) != 1:
             raise MergeError(f"processes hold different {what}: digests {digests}")
 
-    def _row_logits(self, row: int, images: torch.Tensor, task: str) -> torch.Tensor:
-        if row < len(self.row_names):
-            backbone = self.rows[f"row{row}"]
-        else:
-            backbone = self.individual[task]
-        return self.heads(backbone(pixel_values=images).pooler_output, task)
+    def _backbones(self, task: str) -> list[nn.Module]:
+        """Each row's backbone for ``task``, in the order of ``_all_rows``."""
+        return [backbone for _, backbone in self.rows.items()] + ([self.individual[task]] if len(self.individual) else [])
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor] | torch.Tensor, batch_idx: int, dataloader_idx: int = 0) -> None:
         split, task = self.loaders[dataloader_idx]
@@ -230,8 +256,8 @@ class MultiTaskEvaluation(LightningModule, ABC):
         self._finish_gram_pass()
         images, labels = batch
         key = f"{split}/{task}"
-        for row in range(len(self._all_rows())):
-            logits = self._row_logits(row, images, task)
+        for row, backbone in enumerate(self._backbones(task)):
+            logits = self.heads(backbone(pixel_values=images).pooler_output, task)
             loss = nn.functional.cross_entropy(logits, labels)
             self.accuracy[row][key].update(logits, labels)
             self.mean_loss[row][key].update(loss, weight=labels.numel())
@@ -269,21 +295,23 @@ class MultiTaskEvaluation(LightningModule, ABC):
         return bool(self.trainer.fast_dev_run) or isinstance(limit, int) or limit < 1.0
 
     def _expected_samples(self) -> dict[str, int]:
-        datamodule = self.trainer.datamodule if self.trainer is not None else None
-        datasets = getattr(datamodule, "evaluation_datasets", None)
-        if not datasets or self._partial():
+        """``split/task`` -> the size of the dataset its test loader reads (``Trainer.test``'s
+        own loaders, in ``dataloader_idx`` order, whoever made them); none for a partial run."""
+        loaders = self.trainer.test_dataloaders if self.trainer is not None else None
+        if not loaders or self._partial():
             return {}
-        return {f"{split}/{task}": len(datasets[split][task]) for split, task in self.evaluated}
+        sizes = {f"{split}/{task}": len(loader.dataset) for (split, task), loader in zip(self.loaders, loaders)}
+        return {f"{split}/{task}": sizes[f"{split}/{task}"] for split, task in self.evaluated}
 
     def _log_results(self, results: Mapping[str, Mapping[str, Mapping[str, float]]], split: str = "test") -> None:
         """``<split>/<task>/accuracy|loss`` and ``<split>/average/accuracy`` per row (``<split>/<row>/...``
         where there are several) to every logger. Straight to the loggers, not through ``self.log``:
         the numbers are final and already synced, and Lightning's result collection copies itself
         per logged key, which took minutes for a comparison grid's thousand keys."""
-        single = len(self.row_names) == 1
+        single = len(self.rows) == 1
         metrics: dict[str, float] = {}
         for name, per_task in results.items():
-            prefix = split if single and name == self.row_names[0] else f"{split}/{name}"
+            prefix = split if single and name in self.rows else f"{split}/{name}"
             for task, values in per_task.items():
                 metrics[f"{prefix}/{task}/accuracy"] = values["accuracy"]
                 metrics[f"{prefix}/{task}/loss"] = values["loss"]

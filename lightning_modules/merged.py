@@ -127,7 +127,7 @@ class MergedClassifier(MultiTaskEvaluation):
         pool = self.pool
         pool.check_heads(self.classnames)
         self._backbone_config = pool.config(PRETRAINED)
-        self.add_row(self.method.describe(), nn.Module())  # the merged backbone comes in _install
+        self.rows[self.method.describe()] = nn.Module()  # the merged backbone comes in _install
         if self.uses_grams:  # merged in merge_with_grams, after the Gram pass
             pool.check_backbones()
             self.set_heads_and_individual(pool, self.evaluate_individual)
@@ -146,7 +146,7 @@ class MergedClassifier(MultiTaskEvaluation):
     def _install(self, merged: dict[str, torch.Tensor]) -> None:
         """The merged backbone as the row, on the module's device and in its memory format."""
         backbone = backbone_from_state(self._backbone_config, merged).to(self.device)
-        self.rows["row0"] = backbone.to(memory_format=torch.channels_last) if self.channels_last else backbone
+        self.rows[self.method.describe()] = backbone.to(memory_format=torch.channels_last) if self.channels_last else backbone
 
     def _save(self, merged: dict[str, torch.Tensor]) -> None:
         pool = self.pool
@@ -173,7 +173,7 @@ class MergedClassifier(MultiTaskEvaluation):
                 )
         self._backbone_config = saved.config
         self._saved_info = saved.info
-        self.add_row(saved.info.get("method", "merged"), backbone_from_state(saved.config, saved.backbone))
+        self.rows[saved.info.get("method", "merged")] = backbone_from_state(saved.config, saved.backbone)
         self.heads = heads_from_state({task: saved.heads[task] for task in self.tasks})
 
     def _processor_file(self) -> Path:
@@ -193,12 +193,13 @@ class MergedClassifier(MultiTaskEvaluation):
         """Rank 0 writes every task's classifier (with its accuracy from ``report``, where
         evaluated); the other ranks wait for it."""
         if self.trainer is None or self.trainer.is_global_zero:
-            backbone = {BACKBONE_PREFIX + key: tensor for key, tensor in self.rows["row0"].state_dict().items()}
+            (name, row), *_ = self.rows.items()  # the one row: the merged backbone
+            backbone = {BACKBONE_PREFIX + key: tensor for key, tensor in row.state_dict().items()}
             info = self._saved_info if self.merged_model is not None else self._info()
             for task in self.tasks:
                 evaluation = None
                 if report is not None:
-                    evaluation = {**report["rows"][self.row_names[0]]["tasks"][task], "partial": bool(report.get("partial"))}
+                    evaluation = {**report["rows"][name]["tasks"][task], "partial": bool(report.get("partial"))}
                 self._export_task(task, backbone, self._backbone_config, merged_model_card(task, info, evaluation))
         if self.trainer is not None:
             self.trainer.strategy.barrier("export merged models")

@@ -236,3 +236,33 @@ def test_bad_grid_is_one_error_line(pool, tmp_path, capsys, case, fragments):
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and all(fragment in errors[0] for fragment in fragments), errors
     assert not (tmp_path / "report").exists()
+
+
+def test_the_sample_count_is_checked_on_the_loaders_trainer_test_gets(pool, tmp_path):
+    """No data module: ``Trainer.test`` gets the loaders themselves. The same loaders give
+    the data module's numbers; one that reads a sample twice is refused, naming the task."""
+    config = example_config(pool, tmp_path / "compare")
+    data = MultiTaskDataModule(**{**config["data"], "gram_images": None, "val_fraction": None})
+    models = config["model"]["init_args"]["models"]
+    expected = single_method_report(TaskArithmetic(0.3), data, tmp_path / "with_data", models, individual=False)
+    data.setup("test")
+    loaders = data.test_dataloader()
+    trainer = dict(accelerator="cpu", devices=1, logger=False, use_distributed_sampler=False,
+                   enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)  # fmt: skip
+
+    def model(out: str) -> MergedClassifier:
+        return MergedClassifier(data.task_names, data.classnames, models, TaskArithmetic(0.3), report_dir=str(tmp_path / out))
+
+    same = model("loaders")
+    Trainer(**trainer).test(same, dataloaders=loaders, verbose=False)
+    assert same.report["rows"] == expected["rows"]
+
+    first = loaders[0]
+    repeats = torch.utils.data.DataLoader(
+        first.dataset, batch_size=first.batch_size, sampler=[0, *range(len(first.dataset))], collate_fn=first.collate_fn
+    )
+    with pytest.raises(
+        RuntimeError,
+        match=rf"on {data.task_names[0]}: {len(first.dataset) + 1} samples evaluated, its test split has {len(first.dataset)}",
+    ):
+        Trainer(**trainer).test(model("repeats"), dataloaders=[repeats, *loaders[1:]], verbose=False)
