@@ -33,6 +33,7 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import ConvNextConfig, ConvNextForImageClassification
 
+from benchmarks.recipe import sgd_settings
 from datamodules import ImagePreprocessor
 from lightning_modules.classifier import ImageClassifier
 
@@ -70,9 +71,7 @@ class StepRecorder(Callback):
 
 def run(model_dir: Path, data: TensorDataset, steps: int, compile: bool, args: argparse.Namespace) -> dict:
     seed_everything(0, verbose=False)
-    model = ImageClassifier(
-        NUM_CLASSES, model_name_or_path=str(model_dir), lr=0.01, momentum=0.9, weight_decay=1e-4, compile=compile
-    )
+    model = ImageClassifier(NUM_CLASSES, model_name_or_path=str(model_dir), compile=compile, **sgd_settings())
     loader = DataLoader(data, batch_size=args.batch_size, shuffle=True, drop_last=True, pin_memory=args.device == "cuda",
                         generator=torch.Generator().manual_seed(0))  # fmt: skip
     recorder = StepRecorder(min(args.warmup, steps - 1), synchronize=args.device == "cuda")

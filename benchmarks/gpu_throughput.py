@@ -22,6 +22,7 @@ from lightning.pytorch import Callback, Trainer
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import ConvNextConfig
 
+from benchmarks.recipe import sgd_settings
 from datamodules import ImageClassificationDataModule, ImagePreprocessor, get_task
 from lightning_modules.classifier import ImageClassifier
 
@@ -46,7 +47,9 @@ def model_images_per_second(model_dir: Path, precision: str, channels_last: bool
     images = torch.randn(256, 3, 224, 224)
     labels = torch.randint(0, 47, (256,))
     loader = DataLoader(TensorDataset(images, labels), batch_size=64, shuffle=True, drop_last=True, pin_memory=True)
-    model = ImageClassifier(47, model_name_or_path=str(model_dir), pretrained=False, channels_last=channels_last)
+    model = ImageClassifier(
+        47, model_name_or_path=str(model_dir), pretrained=False, channels_last=channels_last, **sgd_settings()
+    )
     clock = _StepClock(warmup)
     trainer = Trainer(
         accelerator="gpu",

@@ -37,6 +37,8 @@ import yaml
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch.nn import functional as F
 
+from benchmarks.recipe import sgd_settings
+
 # `--trainer.callbacks=[{class_path: benchmarks.train_throughput.StepTimer` imports this module by name: under
 # `python -m` make that name this very module, so the timer writes where main() reads.
 sys.modules.setdefault("benchmarks.train_throughput", sys.modules[__name__])
@@ -113,8 +115,8 @@ def bare_rate(steps: int, warmup: int, preloaded: bool) -> tuple[float, float]:
     from lightning_modules.classifier import ImageClassifier
 
     torch.manual_seed(0)
-    model = ImageClassifier(10, model_name_or_path=str(TINY), pretrained=False).model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    model = ImageClassifier(10, model_name_or_path=str(TINY), pretrained=False, **sgd_settings()).model.train()
+    optimizer = torch.optim.SGD(model.parameters(), **sgd_settings())
     batches = digits_loader(steps)
     if preloaded:
         batches = list(batches)

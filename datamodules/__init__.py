@@ -1,7 +1,7 @@
 """LightningDataModules for the eight benchmark tasks and the offline quickstart tasks.
 
 from datamodules import ImageClassificationDataModule, MultiTaskDataModule, TASKS
-data = ImageClassificationDataModule("dtd", path="/data/dtd", processor="facebook/convnext-base-224")
+data = ImageClassificationDataModule("dtd", path="/data/dtd", processor="facebook/convnext-base-224", batch_size=64)
 data.num_classes, data.classnames[:3]
 """
 

@@ -44,7 +44,8 @@ class ImageClassifier(LightningModule):
         new_head: replace the classifier by a freshly initialised ``Linear`` of the task's
             size (fine-tuning). False keeps the checkpoint's own head, which must be for this
             task (evaluating an exported model).
-        lr: SGD learning rate.
+        lr: SGD learning rate (the recipe's lives in ``configs/train/base.yaml``, as every
+            tuned value: none is repeated here as a default).
         momentum: SGD momentum.
         weight_decay: SGD weight decay (L2), on all parameters.
         scheduler: learning-rate scheduler, stepped every optimizer step; default none (constant).
@@ -62,9 +63,10 @@ class ImageClassifier(LightningModule):
         model_name_or_path: str = "facebook/convnext-base-224",
         pretrained: bool = True,
         new_head: bool = True,
-        lr: float = 0.01,
-        momentum: float = 0.9,
-        weight_decay: float = 1e-4,
+        *,
+        lr: float,
+        momentum: float,
+        weight_decay: float,
         scheduler: LRSchedulerCallable | None = None,
         label_smoothing: float = 0.0,
         channels_last: bool = False,

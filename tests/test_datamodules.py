@@ -353,14 +353,18 @@ def test_unreadable_folder(tmp_path, tiny_processor):
     expect_error(data, "test", "cannot load the dataset")
 
 
-@pytest.mark.parametrize("task_or_path", ["task", "path"])
+@pytest.mark.parametrize("task_or_path", ["task", "path", "recipe"])
 def test_cli_reports_bad_input_in_one_line(task_or_path, tmp_path, tiny_processor, capsys, monkeypatch):
     from train import main
 
     monkeypatch.setattr(sys, "argv", ["train.py"])
     missing = str(tmp_path / "missing")
     data = ["--data.task=nope"] if task_or_path == "task" else ["--data.task=dtd", f"--data.path={missing}"]
-    args = ["fit", *data, f"--data.processor={tiny_processor}", "--trainer.accelerator=cpu", "--trainer.logger=false"]
+    # The recipe's values have no code defaults: without a config they are given here.
+    recipe = ["--model.lr=0.01", "--model.momentum=0.9", "--model.weight_decay=0", "--data.batch_size=8"]
+    if task_or_path == "recipe":
+        recipe = recipe[1:]
+    args = ["fit", *data, *recipe, f"--data.processor={tiny_processor}", "--trainer.accelerator=cpu", "--trainer.logger=false"]
     with pytest.raises(SystemExit) as exit_info:
         main(args)
     assert exit_info.value.code not in (0, None)
@@ -368,7 +372,8 @@ def test_cli_reports_bad_input_in_one_line(task_or_path, tmp_path, tiny_processo
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, err
     assert "Traceback" not in err
-    assert ("unknown task 'nope'" if task_or_path == "task" else f"task 'dtd', path '{missing}'") in errors[0]
+    expected = {"task": "unknown task 'nope'", "path": f"task 'dtd', path '{missing}'", "recipe": "required: fit.model.lr"}
+    assert expected[task_or_path] in errors[0]
 
 
 def test_a_misspelt_class_folder_is_an_error_not_a_wrong_label(tmp_path):

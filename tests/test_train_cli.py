@@ -37,6 +37,8 @@ QUICKSTART_CONFIGS = [
     if "task" in yaml.safe_load(path.read_text()).get("data", {})
 ]
 TINY_32 = REPO / "configs" / "quickstart" / "convnext-tiny-32"
+#: The recipe's SGD settings, from the one file that holds them (the classifier has no defaults).
+RECIPE_SGD = {name: yaml.safe_load(BASE_CONFIG.read_text())["model"][name] for name in ("lr", "momentum", "weight_decay")}
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 RECORD = "--trainer.callbacks+=train_cli_callbacks.Record"
 
@@ -539,7 +541,7 @@ def test_plain_trainer_fit_exports_with_the_callback(tiny_model: Path, mnist_dat
     from lightning_modules.export import HuggingFaceExport
 
     data = ImageClassificationDataModule("mnist", path=str(mnist_data), processor=str(tiny_model), batch_size=8, num_workers=0)
-    model = ImageClassifier(data.num_classes, data.classnames, model_name_or_path=str(tiny_model))
+    model = ImageClassifier(data.num_classes, data.classnames, model_name_or_path=str(tiny_model), **RECIPE_SGD)
     trainer = Trainer(
         accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, use_distributed_sampler=False, default_root_dir=tmp_path,
@@ -560,5 +562,7 @@ def test_plain_trainer_fit_exports_with_the_callback(tiny_model: Path, mnist_dat
     again = Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                     use_distributed_sampler=False, default_root_dir=tmp_path, callbacks=[HuggingFaceExport(str(tmp_path / "exports"))])  # fmt: skip
     with pytest.raises(Exception, match="already exists"):
-        again.fit(ImageClassifier(data.num_classes, data.classnames, model_name_or_path=str(tiny_model)), datamodule=data)
+        again.fit(
+            ImageClassifier(data.num_classes, data.classnames, model_name_or_path=str(tiny_model), **RECIPE_SGD), datamodule=data
+        )
     assert again.global_step == 0
