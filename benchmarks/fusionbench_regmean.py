@@ -50,7 +50,6 @@ import tempfile
 from pathlib import Path
 
 TINY = {"depths": [1, 1, 1, 1], "hidden_sizes": [8, 16, 32, 64], "patch_size": 2, "image_size": 32}
-NOISE = 0.05
 BATCH = 8
 
 
@@ -72,29 +71,14 @@ def ratio_label(ratio: float) -> str:
 def write_pool(root: Path, num_tasks: int, seed: int) -> None:
     import torch
     from safetensors.torch import save_file
-    from transformers import ConvNextConfig, ConvNextForImageClassification
-    from transformers.utils import logging
 
-    logging.disable_progress_bar()
-    torch.manual_seed(seed)
-    pretrained = ConvNextForImageClassification(ConvNextConfig(**TINY, num_labels=10))
-    with torch.no_grad():  # layer scale starts at 1e-6: give it weight, as a trained model has
-        for name, parameter in pretrained.named_parameters():
-            if name.endswith("layer_scale_parameter"):
-                parameter.fill_(0.5)
-    dirs = pool_dirs(root, num_tasks)
-    pretrained.save_pretrained(dirs["_pretrained_"])
-    generator = torch.Generator().manual_seed(seed + 1)
-    for index in range(num_tasks):
-        model = ConvNextForImageClassification(ConvNextConfig(**TINY, num_labels=10))
-        state = {
-            key: tensor + NOISE * torch.randn(tensor.shape, generator=generator)
-            for key, tensor in pretrained.state_dict().items()
-        }
-        model.load_state_dict(state)
-        model.save_pretrained(dirs[f"task{index}"])
+    from benchmarks.tiny_pool import write_tiny_pool
+
+    def write_images(index: int, generator: torch.Generator) -> None:
         images = torch.randn((num_images(index), 3, 32, 32), generator=generator)
         save_file({"images": images}, str(root / f"images_task{index}.safetensors"))
+
+    write_tiny_pool(pool_dirs(root, num_tasks), TINY, seed, after_each=write_images)
 
 
 def merge_ours(root: Path, num_tasks: int, ratios: list[float], out: Path) -> None:
@@ -200,7 +184,11 @@ def main() -> None:
 
 
 def report(workdir: Path, sizes: list[int], ratios: list[float]) -> None:
-    print(f"largest |ours - FusionBench 0.2.33| of the merged backbones (tiny ConvNeXt {TINY['hidden_sizes']}, noise {NOISE})")
+    from benchmarks import tiny_pool
+
+    print(
+        f"largest |ours - FusionBench 0.2.33| of the merged backbones (tiny ConvNeXt {TINY['hidden_sizes']}, noise {tiny_pool.NOISE})"
+    )
     print(
         f"{'T':>3s} {'ratio':>6s} {'FusionBench function':30s} {'precision':>9s} {'pwconv weights':>15s} {'other':>10s} {'max |W*|':>9s}"
     )

@@ -48,7 +48,6 @@ import tempfile
 from pathlib import Path
 
 TINY = {"depths": [1, 1, 1, 1], "hidden_sizes": [8, 16, 32, 64]}
-NOISE = 0.05
 #: (label, our class in merging.spectral, hyper-parameters as ours name them)
 METHODS = [
     ("tsv_m", "TaskSingularVectors", {"scaling_factor": 1.0}),
@@ -68,30 +67,9 @@ def pool_dirs(root: Path, num_tasks: int) -> dict[str, Path]:
 
 
 def write_pool(root: Path, num_tasks: int, seed: int) -> None:
-    import torch
-    from transformers import ConvNextConfig, ConvNextForImageClassification
-    from transformers.utils import logging
+    from benchmarks.tiny_pool import write_tiny_pool
 
-    logging.disable_progress_bar()
-    torch.manual_seed(seed)
-    pretrained = ConvNextForImageClassification(ConvNextConfig(**TINY, num_labels=10))
-    with torch.no_grad():  # layer scale starts at 1e-6: give it weight, as a trained model has
-        for name, parameter in pretrained.named_parameters():
-            if name.endswith("layer_scale_parameter"):
-                parameter.fill_(0.5)
-    dirs = pool_dirs(root, num_tasks)
-    pretrained.save_pretrained(dirs["_pretrained_"])
-    generator = torch.Generator().manual_seed(seed + 1)
-    for name, directory in dirs.items():
-        if name == "_pretrained_":
-            continue
-        model = ConvNextForImageClassification(ConvNextConfig(**TINY, num_labels=10))
-        state = {
-            key: tensor + NOISE * torch.randn(tensor.shape, generator=generator)
-            for key, tensor in pretrained.state_dict().items()
-        }
-        model.load_state_dict(state)
-        model.save_pretrained(directory)
+    write_tiny_pool(pool_dirs(root, num_tasks), TINY, seed)
 
 
 def merge_ours(root: Path, num_tasks: int, out: Path) -> None:
@@ -175,7 +153,11 @@ def main() -> None:
 
 
 def report(workdir: Path, sizes: list[int]) -> None:
-    print(f"largest |ours - FusionBench 0.2.33| of the merged backbones (tiny ConvNeXt {TINY['hidden_sizes']}, noise {NOISE})")
+    from benchmarks import tiny_pool
+
+    print(
+        f"largest |ours - FusionBench 0.2.33| of the merged backbones (tiny ConvNeXt {TINY['hidden_sizes']}, noise {tiny_pool.NOISE})"
+    )
     print(f"{'':22s} {'FusionBench as it runs':>23s}  {'FusionBench on float64':>23s}")
     print(
         f"{'method':18s} {'T':>3s} {'matrices':>11s} {'other':>11s}  {'matrices':>11s} {'other':>11s}  {'max |theta - theta_0|':>22s}"
