@@ -103,7 +103,6 @@ def merge_time(cache: Path, device: torch.device) -> None:
         merge_backbone(pool, method, progress=False, **extra)
         synchronize(device)
         print(f"  {label:14s} {time.perf_counter() - start:7.2f} s")
-    pool.close()
     print(
         f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB (Grams of one model held once: see above)"
     )

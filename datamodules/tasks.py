@@ -51,10 +51,6 @@ class TaskInfo:
         """The task as spelled in the public checkpoint ids (``stanford-cars``)."""
         return self.name.replace("_", "-")
 
-    @property
-    def is_builtin(self) -> bool:
-        return self.hub_dataset is None
-
 
 def _load_benchmark_task(name: str) -> TaskInfo:
     entry = json.loads((_CLASSNAMES_DIR / f"{name}.json").read_text())

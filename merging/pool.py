@@ -170,8 +170,3 @@ class ModelPool:
                     f"but task '{task}' has {len(names)} classes"
                 )
             check_head_labels(self.config(task), names, self.sources[task])
-
-    def close(self) -> None:
-        for reader in self._readers.values():
-            reader.close()
-        self._readers.clear()

@@ -16,9 +16,21 @@ import pytest
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
 from PIL import Image as PILImage
+from transformers import ConvNextConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = REPO_ROOT.parent / "shared"
+
+
+def tiny_config(classnames: Sequence[str] | None = None, **overrides) -> ConvNextConfig:
+    """The tests' one tiny ConvNeXt: one block per stage, 8-64 channels; ``overrides`` set any
+    other field (``image_size=32``, ``depths=[...]``), ``classnames`` the head's labels."""
+    labels = {}
+    if classnames is not None:
+        names = {i: str(name) for i, name in enumerate(classnames)}
+        labels = {"num_labels": len(names), "id2label": names, "label2id": {name: i for i, name in names.items()}}
+    return ConvNextConfig(**{"depths": [1, 1, 1, 1], "hidden_sizes": [8, 16, 32, 64], **overrides, **labels})
+
 
 # The processor of facebook/convnext-base-224, exactly as it is on the hub.
 CONVNEXT_BASE_PREPROCESSOR = {

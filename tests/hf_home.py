@@ -31,12 +31,11 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, load_dat
 from PIL import Image as PILImage
 from transformers import ConvNextConfig, ConvNextForImageClassification
 
-from conftest import CONVNEXT_BASE_PREPROCESSOR, REPO_ROOT
+from conftest import CONVNEXT_BASE_PREPROCESSOR, REPO_ROOT, tiny_config
 from datamodules.tasks import BENCHMARK_TASKS, get_task
 
 PRETRAINED_ID = "facebook/convnext-base-224"
 REVISION = "0" * 40
-TINY = {"depths": [1, 1, 1, 1], "hidden_sizes": [8, 16, 32, 64]}
 
 
 def finetuned_id(task: str) -> str:
@@ -45,8 +44,7 @@ def finetuned_id(task: str) -> str:
 
 
 def _config(classnames: list[str]) -> ConvNextConfig:
-    labels = dict(enumerate(classnames))
-    return ConvNextConfig(**TINY, num_labels=len(labels), id2label=labels, label2id={v: k for k, v in labels.items()})
+    return tiny_config(classnames)
 
 
 def _save_model(home: Path, repo_id: str, model: ConvNextForImageClassification) -> Path:

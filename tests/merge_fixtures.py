@@ -28,12 +28,14 @@ from PIL import Image as PILImage
 from safetensors.torch import load_file
 from transformers import ConvNextConfig, ConvNextForImageClassification
 
+import conftest
 from conftest import REPO_ROOT
 from datamodules.preprocessing import ImagePreprocessor
 from datamodules.tasks import get_task
 
 PROCESSOR_FILE = REPO_ROOT / "configs" / "quickstart" / "convnext-tiny-32" / "preprocessor_config.json"
-TINY = dict(depths=[1, 1, 1, 1], hidden_sizes=[8, 16, 32, 64], image_size=32, patch_size=2)
+#: The pools' models: the tests' tiny ConvNeXt (``conftest.tiny_config``) on 32-pixel images, patch 2.
+TINY = dict(image_size=32, patch_size=2)
 PRETRAINED = "_pretrained_"
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 
@@ -70,14 +72,9 @@ def assert_row_matches(row: dict, expected: Mapping[str, Mapping[str, float]], s
     assert row["average_accuracy"] == pytest.approx(sum(accuracies) / len(accuracies), abs=1e-12)
 
 
-def tiny_config(classnames: Sequence[str], **overrides) -> ConvNextConfig:
-    labels = {i: str(name) for i, name in enumerate(classnames)}
-    return ConvNextConfig(
-        **{**TINY, **overrides},
-        num_labels=len(labels),
-        id2label=labels,
-        label2id={name: i for i, name in labels.items()},
-    )
+def tiny_config(classnames: Sequence[str] | None = None, **overrides) -> ConvNextConfig:
+    """``conftest.tiny_config`` with the pools' ``TINY`` settings."""
+    return conftest.tiny_config(classnames, **{**TINY, **overrides})
 
 
 def save_checkpoint(model: ConvNextForImageClassification, directory: Path) -> Path:

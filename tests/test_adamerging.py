@@ -21,7 +21,7 @@ import datasets
 import pytest
 import torch
 from ddp_scripts.adamerging_steps import StopAfter, read_steps
-from transformers import ConvNextConfig, ConvNextModel
+from transformers import ConvNextModel
 
 import merge_fixtures as mf
 from datamodules.preprocessing import ImagePreprocessor
@@ -470,7 +470,7 @@ def test_network_keys_follow_the_network_not_the_alphabet(tmp_path):
     pretrained = mf.make_pretrained(tmp_path / "deep", depths=[1, 1, 12, 1])
     pool = ModelPool({mf.PRETRAINED: str(pretrained), "dtd": str(pretrained)})
     with torch.device("meta"):
-        model = ConvNextModel(ConvNextConfig(**{**mf.TINY, "depths": [1, 1, 12, 1]}))
+        model = ConvNextModel(mf.tiny_config(depths=[1, 1, 12, 1]))
     network = ["convnext." + key for key in model.state_dict()]
     assert pool.backbone_keys == sorted(network)  # the safetensors header: alphabetical
     assert pool.network_keys == network

@@ -375,7 +375,6 @@ def test_coefficients_outside_the_clamp_range_apply_where_no_range_is_enforced(p
     model_pool = ModelPool(pool.models)
     expected = merge_backbone(model_pool, TaskArithmetic(1.5), progress=False)
     learned = merge_backbone(model_pool, LearnedCoefficients(str(path)), progress=False)
-    model_pool.close()
     for key, tensor in expected.items():
         assert torch.allclose(learned[key], tensor, rtol=1e-6, atol=1e-6), key
     classnames = {task: list(get_task(task).classnames) for task in MERGE_TASKS}

@@ -267,11 +267,7 @@ def states(pool_dirs):
 
 
 def run_engine(pool_dirs: dict[str, str], method) -> dict[str, torch.Tensor]:
-    pool = ModelPool(pool_dirs)
-    try:
-        return merge_backbone(pool, method, progress=False)
-    finally:
-        pool.close()
+    return merge_backbone(ModelPool(pool_dirs), method, progress=False)
 
 
 METHOD_CASES = [

@@ -40,11 +40,7 @@ def damaged(pool_dirs, tmp_path):
 
 
 def merge(models, method=None):
-    pool = ModelPool(models)
-    try:
-        return merge_backbone(pool, method or SimpleAverage(), progress=False)
-    finally:
-        pool.close()
+    return merge_backbone(ModelPool(models), method or SimpleAverage(), progress=False)
 
 
 # --- CheckpointReader -----------------------------------------------------------------------

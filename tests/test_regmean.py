@@ -10,10 +10,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import ConvNextConfig, ConvNextModel
+from transformers import ConvNextModel
 
 import merge_fixtures as mf
-from conftest import index_dataset, write_dataset
+from conftest import index_dataset, tiny_config, write_dataset
 from datamodules import DataError, MultiTaskDataModule, split_train_val
 from datamodules.tasks import TASKS
 from merging import METHODS, RegMean, SimpleAverage
@@ -123,11 +123,11 @@ def test_regmean_is_registered_and_described():
 
 def tiny_backbone(seed: int = 0) -> ConvNextModel:
     torch.manual_seed(seed)
-    return ConvNextModel(ConvNextConfig(**mf.TINY)).eval()
+    return ConvNextModel(mf.tiny_config()).eval()
 
 
 def test_the_hooked_layers_are_every_blocks_pwconvs():
-    backbone = ConvNextModel(ConvNextConfig(depths=[1, 2, 1, 1], hidden_sizes=[8, 16, 32, 64]))
+    backbone = ConvNextModel(tiny_config(depths=[1, 2, 1, 1]))
     expected = [
         f"convnext.encoder.stages.{stage}.layers.{layer}.{name}.weight"
         for stage, depth in enumerate([1, 2, 1, 1])

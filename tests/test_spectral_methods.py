@@ -400,11 +400,7 @@ def pool_dirs(tmp_path_factory) -> dict[str, str]:
 def test_engine_equals_the_formula_on_loaded_state_dicts(pool_dirs, cls, params):
     pretrained = mf.backbone(mf.load_state(pool_dirs[mf.PRETRAINED]))
     finetuned = [mf.backbone(mf.load_state(pool_dirs[task])) for task in TASKS]
-    pool = ModelPool(pool_dirs)
-    try:
-        merged = merge_backbone(pool, cls(**params), progress=False)
-    finally:
-        pool.close()
+    merged = merge_backbone(ModelPool(pool_dirs), cls(**params), progress=False)
     expected = reference(cls.name, params, pretrained, finetuned)
     assert list(merged) == list(pretrained)
     matrices = [key for key, tensor in pretrained.items() if tensor.ndim == 2]

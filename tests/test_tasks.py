@@ -27,7 +27,7 @@ def test_eight_benchmark_tasks_with_their_class_counts():
         task = get_task(name)
         assert task.num_classes == count, name
         assert len(set(task.classnames)) == count, f"{name}: duplicate class names"
-        assert task.hub_dataset and not task.is_builtin
+        assert task.hub_dataset
 
 
 @pytest.mark.parametrize("name", BENCHMARK_TASKS)
@@ -54,7 +54,7 @@ def test_task_spellings(spelling):
 def test_quickstart_tasks_are_builtin():
     for name in QUICKSTART_TASKS:
         task = get_task(name)
-        assert task.is_builtin and task.hub_dataset is None
+        assert task.hub_dataset is None
     for name in ("digits", "mnist5k"):
         assert get_task(name).classnames == tuple(str(i) for i in range(10))
     assert get_task("shapes").num_classes == 10 and len(set(get_task("shapes").classnames)) == 10

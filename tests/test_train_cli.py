@@ -19,11 +19,11 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from transformers import ConvNextConfig, ConvNextForImageClassification
+from transformers import ConvNextForImageClassification
 
 import train_cli_callbacks
 from conftest import REPO_ROOT as REPO
-from conftest import index_dataset, write_dataset
+from conftest import index_dataset, tiny_config, write_dataset
 from datamodules import BENCHMARK_TASKS, get_task
 from train import main
 
@@ -54,7 +54,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A pretrained-style checkpoint directory: ConvNeXt with 8-64 channels, 32x32 inputs."""
     directory = tmp_path_factory.mktemp("models") / "tiny"
     torch.manual_seed(0)
-    config = ConvNextConfig(depths=[1, 1, 1, 1], hidden_sizes=[8, 16, 32, 64], image_size=32, num_labels=10)
+    config = tiny_config(image_size=32, num_labels=10)
     ConvNextForImageClassification(config).save_pretrained(directory)
     (directory / "preprocessor_config.json").write_text((TINY_32 / "preprocessor_config.json").read_text())
     return directory
@@ -248,7 +248,7 @@ def test_other_validation_splits(val_split: str, tiny_model: Path, tmp_path: Pat
 def test_train_mode_in_training_eval_mode_in_validation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With stochastic depth, two training forwards of one batch differ; two eval forwards do not."""
     model_dir = tmp_path / "drop-path"
-    config = ConvNextConfig(depths=[1, 1, 1, 1], hidden_sizes=[8, 16, 32, 64], image_size=32, drop_path_rate=0.1)
+    config = tiny_config(image_size=32, drop_path_rate=0.1)
     ConvNextForImageClassification(config).save_pretrained(model_dir)
     (model_dir / "preprocessor_config.json").write_text((TINY_32 / "preprocessor_config.json").read_text())
     data = make_dataset(tmp_path / "data", "mnist", num_train=16, num_test=8)
