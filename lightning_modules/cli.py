@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import os
 import sys
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,29 @@ from merging.errors import MergeError
 
 #: Errors that mean bad input: reported as one line, without a traceback.
 INPUT_ERRORS = (DataError, CheckpointError, MergeError, TrainingError)
+
+#: Trainer options where an int counts (batches, steps) and a float is a fraction.
+COUNT_OR_FRACTION = (
+    "limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches",
+    "val_check_interval", "overfit_batches",
+)  # fmt: skip
+
+
+def read_integers_as_counts(parser: Any) -> None:
+    """``--trainer.limit_test_batches 1`` is one batch and ``1.0`` all of them, whatever else
+    was imported. Lightning types these options ``Optional[Union[int, float]]``, but typing
+    caches unions by equality (``Union[int, float] == Union[float, int]``), so the union
+    jsonargparse ends up with can be float first, depending on which libraries built which
+    union first (Lightning itself annotates ``Union[float, int]``): ``1`` then reads as ``1.0``,
+    every batch. Seen once one more merge method and the test fixtures' libraries were imported
+    before parsing (``tests/test_merge_cli.py`` runs that case). Each option gets an int-first
+    union built outside the cache: jsonargparse tries a union's types in order. (Private
+    attributes of jsonargparse and typing, pinned by that test.)"""
+    for action in parser._actions:
+        typehint = getattr(action, "_typehint", None)
+        if action.dest.removeprefix("trainer.") in COUNT_OR_FRACTION and typing.get_origin(typehint) is typing.Union:
+            members = tuple(sorted(typehint.__args__, key=lambda member: member is not int))
+            action._typehint = typing._UnionGenericAlias(typing.Union, members)
 
 
 def _input_error(error: BaseException | None) -> BaseException | None:
@@ -71,6 +95,9 @@ class ProjectCLI(LightningCLI):
                 torch.distributed.destroy_process_group()
             if self._froze_startup_objects:  # collectable again for whoever called main() in-process
                 gc.unfreeze()
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        read_integers_as_counts(parser)
 
     def subcommand_config(self) -> Any:
         return self.config.get(str(self.subcommand), self.config)
@@ -143,6 +170,7 @@ class TrainCLI(ProjectCLI):
     """``train.py``: the DataModule tells the model its classes; ``fit`` ends with a Hugging Face export."""
 
     def add_arguments_to_parser(self, parser: Any) -> None:
+        super().add_arguments_to_parser(parser)
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.classnames", "model.classnames", apply_on="instantiate")
         parser.add_argument(
@@ -185,6 +213,7 @@ class MergeCLI(ProjectCLI):
     """``merge.py``: the DataModule tells the model which tasks, in which order, with which labels."""
 
     def add_arguments_to_parser(self, parser: Any) -> None:
+        super().add_arguments_to_parser(parser)
         parser.link_arguments("data.task_names", "model.init_args.tasks", apply_on="instantiate")
         parser.link_arguments("data.classnames", "model.init_args.classnames", apply_on="instantiate")
         parser.link_arguments("data.splits", "model.init_args.splits", apply_on="instantiate")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import merge_fixtures as mf
 import train_cli_callbacks
@@ -457,6 +458,41 @@ def test_a_limited_test_run_is_reported_as_partial(setup, tmp_path):
     assert report["partial"] is True and "PARTIAL" in report["title"]
     counts = [values["num_samples"] for values in next(iter(report["rows"].values()))["tasks"].values()]
     assert counts == [min(BATCH_SIZE, SIZES[task]) for task in TASKS]
+
+
+#: The imports of this suite when the misreading was seen (one more merge method defined, the
+#: fixtures' libraries), then merge.py's parse of each option and value: what it printed.
+COUNT_PARSE = """
+import contextlib, io, json, sys
+
+import example_methods
+import merge_fixtures
+from merge import main
+
+printed = {}
+for option, value in json.loads(sys.argv[2]):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+        main(["test", "--config", sys.argv[1], f"--trainer.{option}", value, "--print_config"])
+    printed[f"{option}={value}"] = out.getvalue()
+print(json.dumps(printed))
+"""
+
+
+def test_an_integer_is_a_count_whatever_was_imported_before(tmp_path):
+    """``--trainer.limit_test_batches 1`` is one batch, ``1.0`` all of them. typing caches
+    unions by equality (``Union[int, float] == Union[float, int]``), so which order jsonargparse
+    tries Lightning's ``Optional[Union[int, float]]`` in depended on what was imported first:
+    after these imports it read ``1`` as ``1.0``, every batch."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(mf.REPO_ROOT), str(mf.REPO_ROOT / "tests")])}
+    config = str(mf.REPO_ROOT / "configs" / "quickstart" / "merge.yaml")
+    cases = [(option, value) for option in ("limit_test_batches", "val_check_interval") for value in ("1", "1.0", "0.25")]
+    done = subprocess.run([sys.executable, "-c", COUNT_PARSE, config, json.dumps(cases)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    printed = json.loads(done.stdout.splitlines()[-1])
+    for option, value in cases:
+        assert str(yaml.safe_load(printed[f"{option}={value}"])["trainer"][option]) == value, (option, value)
 
 
 def test_the_startup_objects_are_frozen_for_the_test_loop_and_released_after(setup, tmp_path):
