@@ -60,8 +60,9 @@ def _regions(numel: int) -> Iterator[tuple[int, int]]:
 
 
 class TaskVectors:
-    """The tensors of one key in the pool's checkpoints, read when asked, each into a reused
-    buffer: the pretrained one and, through ``of``, the fine-tuned ones or their task vectors.
+    """The pool's tensors, read key by key when asked, each into a reused buffer: the
+    pretrained one (``pretrained_tensor``) and, through ``of``, the fine-tuned ones or their
+    task vectors, whole or a flat slice at a time (``Region``).
 
     With ``check`` on, every tensor read is checked for NaN/Inf (each pretrained key once) and
     a bad one raises ``CheckpointError`` naming its file and key. ``transform`` maps each task

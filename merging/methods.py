@@ -325,7 +325,7 @@ class TaskArithmetic(MergeMethod):
     propagates_non_finite = True
     elementwise = True
 
-    def __init__(self, scaling_factor: float = 0.3) -> None:
+    def __init__(self, scaling_factor: float) -> None:
         self.scaling_factor = scaling_factor
 
     def hyperparameters(self) -> dict[str, float | int | bool]:
@@ -349,7 +349,7 @@ class TiesMerging(MergeMethod):
     needs_task_statistics = True
     elementwise = True
 
-    def __init__(self, top_k: float = 0.2, scaling_factor: float = 0.3) -> None:
+    def __init__(self, top_k: float, scaling_factor: float) -> None:
         if not 0 < top_k <= 1:
             raise MergeError(f"top_k must be in (0, 1], got {top_k}")
         self.top_k = top_k
@@ -399,7 +399,7 @@ class DareTaskArithmetic(_Dare, TaskArithmetic):
 
     name = "dare_task_arithmetic"
 
-    def __init__(self, drop_rate: float = 0.9, rescale: bool = True, seed: int = 0, scaling_factor: float = 0.3) -> None:
+    def __init__(self, drop_rate: float, *, rescale: bool = True, seed: int = 0, scaling_factor: float) -> None:
         TaskArithmetic.__init__(self, scaling_factor)
         self._init_dare(drop_rate, rescale, seed)
 
@@ -421,9 +421,7 @@ class DareTies(_Dare, TiesMerging):
 
     name = "dare_ties"
 
-    def __init__(
-        self, drop_rate: float = 0.9, rescale: bool = True, seed: int = 0, top_k: float = 0.2, scaling_factor: float = 0.3
-    ) -> None:
+    def __init__(self, drop_rate: float, *, rescale: bool = True, seed: int = 0, top_k: float, scaling_factor: float) -> None:
         TiesMerging.__init__(self, top_k, scaling_factor)
         self._init_dare(drop_rate, rescale, seed)
 

@@ -398,7 +398,8 @@ def bad_pool(setup: Setup, tmp_path: Path, case: str) -> tuple[dict, list[str], 
         return pool, [], [key, "[32, 100]", "[32, 128]", file]
     value, method = case.split(" with ")
     mf.rewrite_tensors(copy, poisoned(float(value)))
-    return pool, ["--model.method", method], ["non-finite", key, file]
+    settings = {"TiesMerging": ["--model.method.top_k", "0.2", "--model.method.scaling_factor", "0.3"]}.get(method, [])
+    return pool, ["--model.method", method, *settings], ["non-finite", key, file]
 
 
 BAD_CASES = [

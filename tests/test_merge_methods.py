@@ -202,13 +202,13 @@ def test_dare_rejects_drop_rates_outside_0_1(bad):
     with pytest.raises(MergeError, match="drop_rate"):
         dare(torch.ones(3), bad, True, dare_generator(0, 0, "k"))
     with pytest.raises(MergeError, match="drop_rate"):
-        DareTies(drop_rate=bad)
+        DareTies(drop_rate=bad, top_k=0.2, scaling_factor=0.3)
 
 
 @pytest.mark.parametrize("bad", [0.0, -0.5, 1.01])
 def test_ties_rejects_top_k_outside_0_1(bad):
     with pytest.raises(MergeError, match="top_k"):
-        TiesMerging(top_k=bad)
+        TiesMerging(top_k=bad, scaling_factor=0.3)
     with pytest.raises(MergeError, match="top_k"):
         magnitude_threshold(iter([torch.ones(3)]), bad)
 
@@ -219,7 +219,7 @@ def test_methods_are_registered_by_name():
     assert [cls.name for cls in classes] == names
     assert all(METHODS[name] is cls for name, cls in zip(names, classes))
     assert (
-        DareTies(drop_rate=0.5, top_k=0.2).describe()
+        DareTies(drop_rate=0.5, top_k=0.2, scaling_factor=0.3).describe()
         == "dare_ties(drop_rate=0.5, rescale=True, seed=0, top_k=0.2, scaling_factor=0.3)"
     )
 

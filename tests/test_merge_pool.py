@@ -234,7 +234,7 @@ def test_backbone_with_a_missing_key_is_named(damaged):
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
-@pytest.mark.parametrize("method", [SimpleAverage(), TiesMerging(top_k=0.2)], ids=["simple_average", "ties"])
+@pytest.mark.parametrize("method", [SimpleAverage(), TiesMerging(top_k=0.2, scaling_factor=0.3)], ids=["simple_average", "ties"])
 def test_non_finite_values_name_the_file_and_key(damaged, value, method):
     directory, models = damaged
 

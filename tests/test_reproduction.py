@@ -170,7 +170,7 @@ def test_merge_and_save_needs_no_data(home: Path, models_only_home: Path, tmp_pa
     saved = tmp_path / "merged" / "ta"
     run(
         [MERGE, "test", "--config", config, f"--model.save_dir={saved}", "--model.method=TaskArithmetic",
-         "--trainer.limit_test_batches=0", "--trainer.accelerator=cpu"],
+         "--model.method.scaling_factor=0.3", "--trainer.limit_test_batches=0", "--trainer.accelerator=cpu"],
         models_only_home, tmp_path,
     )  # fmt: skip
     assert (saved / "model.safetensors").is_file() and json.loads((saved / "merge.json").read_text())[
