@@ -238,8 +238,9 @@ def merge_function(
 
     The function takes the pretrained tensor and the stream of task vectors (or of fine-tuned
     tensors, with ``uses_pretrained=False``; the pretrained one is then ``None``) and returns the
-    merged tensor; its keyword-only arguments, each with a type and a default, are the
-    hyper-parameters, and so the CLI and YAML options. Its docstring (with an ``Args:`` section)
+    merged tensor; its keyword-only arguments, each with a type, are the hyper-parameters, and
+    so the CLI and YAML options (one without a default must be given: a value a benchmark
+    tunes belongs in its config). Its docstring (with an ``Args:`` section)
     is the method's help. For instance, in any module imported before the CLI parses::
 
         @merge_function(elementwise=True)
@@ -265,8 +266,8 @@ def merge_function(
         if len(positional) != 2 or len(options) != len(parameters) - 2:
             raise TypeError(f"{where}: takes (pretrained, tensors, *, <hyper-parameters>)")
         for option in options:
-            if option.annotation is option.empty or option.default is option.empty:
-                raise TypeError(f"{where}: hyper-parameter '{option.name}' needs a type and a default (it is a CLI option)")
+            if option.annotation is option.empty:
+                raise TypeError(f"{where}: hyper-parameter '{option.name}' needs a type (it is a CLI option)")
         schema = inspect.Signature(options)
 
         def __init__(self: MergeMethod, **values: Any) -> None:

@@ -235,6 +235,21 @@ from merging import METHODS
 method = example_methods.task_median.method
 assert method.__name__ == "TaskMedian" and METHODS["task_median"] is method
 assert method(scaling_factor=0.5).describe() == "task_median(scaling_factor=0.5)"
+
+# An option without a default must be given.
+from merging import merge_function
+
+@merge_function
+def shifted(pretrained, task_vectors, *, shift: float):
+    return pretrained + shift
+
+assert shifted.method(shift=2.0).hyperparameters() == {"shift": 2.0}
+try:
+    shifted.method()
+except TypeError as error:
+    assert "shift" in str(error), error
+else:
+    raise AssertionError("shifted.method() without its shift was accepted")
 from merge import main
 
 main(sys.argv[1:])
@@ -265,10 +280,10 @@ def test_a_method_written_as_one_function_runs_through_merge_py(setup, tmp_path)
     assert "did you mean 'scaling_factor'" in typo.stderr.strip().splitlines()[-1]
 
 
-def test_a_merge_function_needs_typed_options_with_defaults():
+def test_a_merge_function_needs_typed_options():
     from merging import merge_function
 
-    with pytest.raises(TypeError, match="'scale' needs a type and a default"):
+    with pytest.raises(TypeError, match="'scale' needs a type"):
 
         @merge_function
         def untyped(pretrained, task_vectors, *, scale=1.0):
