@@ -16,9 +16,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch import LightningModule, Trainer
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from datamodules import MultiTaskDataModule  # noqa: E402
+from datamodules import MultiTaskDataModule  # the repository is on PYTHONPATH (the test sets it)
 
 
 class IndexRecorder(LightningModule):
