@@ -106,10 +106,7 @@ def merge_ours(root: Path, num_tasks: int, ratios: list[float], out: Path) -> No
             grams.setdefault(key, []).append(gram)
     for ratio in ratios:
         pool = ModelPool({name: str(path) for name, path in dirs.items()})
-        try:
-            merged = merge_backbone(pool, RegMean(ratio), progress=False, grams=grams)
-        finally:
-            pool.close()
+        merged = merge_backbone(pool, RegMean(ratio), progress=False, grams=grams)
         save_file(
             {key: tensor.contiguous() for key, tensor in merged.items()}, str(out / f"ours_{ratio_label(ratio)}.safetensors")
         )

@@ -81,10 +81,7 @@ def merge_ours(root: Path, num_tasks: int, out: Path) -> None:
 
     for label, cls, params in METHODS:
         pool = ModelPool({name: str(path) for name, path in pool_dirs(root, num_tasks).items()})
-        try:
-            merged = merge_backbone(pool, getattr(spectral, cls)(**params), progress=False)
-        finally:
-            pool.close()
+        merged = merge_backbone(pool, getattr(spectral, cls)(**params), progress=False)
         save_file({key: tensor.contiguous() for key, tensor in merged.items()}, str(out / f"ours_{label}.safetensors"))
 
 

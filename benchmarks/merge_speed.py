@@ -173,7 +173,6 @@ def _child_project(flow: str, cache: Path, out: Path) -> dict[str, float]:
     merged = merge_backbone(pool, method, progress=False)
     heads = {task: pool.head(task) for task in pool.task_names}
     save_merged(out, merged, heads, config, pool.directory(PRETRAINED), info, overwrite=True)
-    pool.close()
     return {"seconds": time.perf_counter() - start, "import_floor_mib": floor}
 
 
