@@ -103,9 +103,10 @@ class TaskVectors:
                 self._check(finetuned, key, include_pretrained=pretrained is not None)
             if pretrained is None:
                 yield finetuned
-                continue
-            vector = finetuned.to(torch.float32) - pretrained
-            yield self.transform(vector, index, key) if self.transform is not None else vector
+            elif self.transform is None:
+                yield finetuned.to(torch.float32) - pretrained
+            else:  # no name holds the untransformed vector while the consumer works (DARE's is whole-tensor)
+                yield self.transform(finetuned.to(torch.float32) - pretrained, index, key)
 
     def task_vector(self, index: int, key: str, sliced: bool) -> Tensor:
         """Task ``index``'s vector of ``key`` whole; ``sliced`` computes it a slice at a time
