@@ -40,6 +40,8 @@ class Coefficients:
     def __init__(
         self, granularity: Literal["task", "layer"], coefficients: Mapping[str, object], source: str = "coefficients"
     ) -> None:
+        if granularity not in ("task", "layer"):
+            raise MergeError(f"{source}: granularity must be task or layer, got {granularity!r}")
         self.granularity = granularity
         self.table = coefficients
         self.source = source

@@ -31,7 +31,7 @@ from lightning_modules.adamerging import AdaMerging, prediction_entropy
 from merge import main
 from merging.coefficients import Coefficients, LearnedCoefficients, coefficients_heatmap, write_coefficients
 from merging.engine import merge_backbone
-from merging.errors import CheckpointError
+from merging.errors import CheckpointError, MergeError
 from merging.methods import TaskArithmetic
 from merging.pool import ModelPool
 
@@ -404,6 +404,8 @@ def test_unequal_coefficients_follow_the_formula(setup, tmp_path):
     learned = merge_backbone(ModelPool(setup.pool), LearnedCoefficients(str(tmp_path / "coefficients.json")), progress=False)
     # The numbers themselves, without a file: the same merge.
     given = merge_backbone(ModelPool(setup.pool), LearnedCoefficients(Coefficients("layer", table)), progress=False)
+    with pytest.raises(MergeError, match="coefficients: granularity must be task or layer, got 'tensor'"):
+        Coefficients("tensor", table)
     model = AdaMerging(list(TASKS), classnames(), setup.pool, coefficients=str(tmp_path / "coefficients.json"))
     model.build()
     with torch.no_grad():
