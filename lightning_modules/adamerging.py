@@ -24,7 +24,7 @@ from common.files import check_output_location
 from datamodules.errors import check_setting
 from lightning_modules.evaluation import ModelPoolSpec, MultiTaskEvaluation, backbone_from_state
 from lightning_modules.wandb_logger import wandb_loggers
-from merging.coefficients import coefficients_heatmap, read_coefficients, write_coefficients
+from merging.coefficients import Coefficients, coefficients_heatmap, write_coefficients
 from merging.engine import TaskVectors
 from merging.errors import MergeError
 from merging.pool import BACKBONE_PREFIX, PRETRAINED, ModelPool
@@ -107,14 +107,13 @@ class AdaMerging(MultiTaskEvaluation):
         self.coefficients = nn.Parameter(torch.full((len(self.merge_tasks), width), float(init_value)))
         if coefficients is not None:
             with torch.no_grad():
-                self.coefficients.copy_(self._read_coefficients(coefficients))
+                # Values training could never reach (outside the clamp range) mean another run's
+                # settings or a hand edit.
+                bounds = self.clamp_range if clamp else None
+                matrix = Coefficients.read(coefficients).matrix(self.merge_tasks, self.keys, granularity, bounds)
+                self.coefficients.copy_(matrix)
         self.backbone: nn.Module | None = None
         self.task_vectors = nn.Module()
-
-    def _read_coefficients(self, path: str) -> Tensor:
-        # Values training could never reach (outside the clamp range) mean another run's settings or a hand edit.
-        bounds = self.clamp_range if self.clamp else None
-        return read_coefficients(path, self.merge_tasks, self.keys, self.granularity, bounds)
 
     def build(self) -> None:
         pool = self.pool

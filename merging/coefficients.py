@@ -82,17 +82,6 @@ class Coefficients:
         return matrix
 
 
-def read_coefficients(
-    path: str | Path,
-    tasks: Sequence[str],
-    keys: Sequence[str],
-    granularity: str | None = None,
-    bounds: tuple[float, float] | None = None,
-) -> Tensor:
-    """``Coefficients.read(path).matrix(tasks, keys, granularity, bounds)``: a file's coefficients for a pool."""
-    return Coefficients.read(path).matrix(tasks, keys, granularity, bounds)
-
-
 def _layer_row(row: object, source: str, task: str, keys: Sequence[str]) -> list[float]:
     if not isinstance(row, Mapping):
         kind = type(row).__name__
