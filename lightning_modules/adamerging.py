@@ -31,8 +31,9 @@ from merging.pool import BACKBONE_PREFIX, PRETRAINED, ModelPool
 
 
 def prediction_entropy(logits: Tensor) -> Tensor:
-    """Mean Shannon entropy (nats) of the softmax predictions: ``-sum_c p_c log p_c``."""
-    log_probabilities = torch.log_softmax(logits.float(), dim=-1)
+    """Mean Shannon entropy (nats) of the softmax predictions: ``-sum_c p_c log p_c``, in float32
+    or, for float64 logits (``--trainer.precision 64-true``), in float64."""
+    log_probabilities = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
     return -(log_probabilities.exp() * log_probabilities).sum(dim=-1).mean()
 
 
