@@ -345,7 +345,8 @@ def test_two_processes_follow_the_one_process_trajectory(setup, tmp_path, protoc
             assert abs(both - reference["image_sums"][task]) <= 2 * gamma(pixels, U64) * pixels * 2.7
     assert torch.tensor(single[-1]["coefficients"]).sub(0.3).abs().max() > 0.02
     files = tmp_path / "ddp" / "coefficients"
-    applied = torch.tensor(per_rank[0][-1]["coefficients"], dtype=torch.float64).clamp(0, 1).tolist()  # stored values, clamped in the forward pass
+    stored = torch.tensor(per_rank[0][-1]["coefficients"], dtype=torch.float64)
+    applied = stored.clamp(0, 1).tolist()  # the stored values, clamped in the forward pass
     assert table_of(read_json(files / "coefficients.json")) == recorded_table(setup, applied)
 
 
