@@ -18,6 +18,7 @@ import os
 import shutil
 import socket
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ from safetensors.torch import load_file
 from transformers import ConvNextConfig, ConvNextForImageClassification
 
 import conftest
+import tolerances
 from conftest import REPO_ROOT
 from datamodules.preprocessing import ImagePreprocessor
 from datamodules.tasks import get_task
@@ -137,6 +139,16 @@ def noise_images(count: int, seed: int, size: int = 20) -> list[PILImage.Image]:
     return [PILImage.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(count)]
 
 
+def load_classifier(model_dir: str | Path, backbone_state: Mapping[str, torch.Tensor] | None = None):
+    """A checkpoint as a plain ``ConvNextForImageClassification`` in eval mode, optionally with another backbone."""
+    state = load_state(model_dir)
+    if backbone_state is not None:
+        state = {**state, **backbone_state}
+    model = ConvNextForImageClassification(ConvNextConfig.from_pretrained(model_dir))
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
 def classify(
     model_dir: str | Path,
     images: Sequence[PILImage.Image],
@@ -145,13 +157,7 @@ def classify(
 ) -> torch.Tensor:
     """Logits of a checkpoint (optionally with another backbone) in plain PyTorch and the
     project's preprocessing, independently of the Lightning modules under test."""
-    state = load_state(model_dir)
-    if backbone_state is not None:
-        state = {**state, **backbone_state}
-    config = ConvNextConfig.from_pretrained(model_dir)
-    model = ConvNextForImageClassification(config)
-    model.load_state_dict(state, strict=True)
-    model.eval()
+    model = load_classifier(model_dir, backbone_state)
     preprocess = ImagePreprocessor.from_pretrained(str(model_dir))
     logits = []
     with torch.no_grad():
@@ -186,6 +192,76 @@ def evaluate(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         "loss": torch.nn.functional.cross_entropy(logits.double(), labels).item(),
         "num_samples": len(labels),
     }
+
+
+@dataclass
+class Scores:
+    """An independent evaluation of one model on one task, in float64: its logits, an entrywise
+    bound on how far the project's forward of the same weights may put them (``tolerances.logit_bound``,
+    for the project's precision ``u``), and the labels; with its accuracy, loss and sample count."""
+
+    logits: torch.Tensor
+    error: torch.Tensor
+    labels: torch.Tensor
+    u: float
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.labels)
+
+    @property
+    def correct(self) -> int:
+        return int((self.logits.argmax(dim=1) == self.labels).sum())
+
+    @property
+    def loss(self) -> float:
+        return float(torch.nn.functional.cross_entropy(self.logits, self.labels))
+
+    def values(self) -> dict[str, float]:
+        return {"accuracy": self.correct / self.num_samples, "loss": self.loss, "num_samples": self.num_samples}
+
+
+#: ``--trainer.precision`` of the project's runs that a test compares with ``score``'s float64
+#: reference: in float64 too, every rounding error of the forward is 2**29 times smaller than in
+#: float32, so the comparison is as sharp as the metrics' own float32 sums allow.
+FLOAT64 = ("--trainer.precision", "64-true")
+
+
+def score(
+    model_dir: str | Path, images, labels: torch.Tensor, backbone_state=None, batch_size: int = 64, u: float = tolerances.U64
+) -> Scores:
+    """The checkpoint (optionally with another backbone) on ``images`` in float64, with the bound of
+    ``tolerances.logit_bound`` from the head's scale ``|W| |f| + |b|`` on the pooled features ``f``,
+    for a project forward with unit roundoff ``u`` (``U64``: run with ``FLOAT64``; ``U32``: in float32)."""
+    model = load_classifier(model_dir, backbone_state).double()
+    preprocess = ImagePreprocessor.from_pretrained(str(model_dir))
+    logits, scales = [], []
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            pixels = torch.stack([preprocess(image) for image in images[start : start + batch_size]]).double()
+            features = model.convnext(pixel_values=pixels).pooler_output
+            logits.append(model.classifier(features))
+            scales.append(features.abs() @ model.classifier.weight.abs().T + model.classifier.bias.abs())
+    logits = torch.cat(logits)
+    return Scores(logits, tolerances.logit_bound(model.config, torch.cat(scales), u), labels, u)
+
+
+def assert_scores(got: Mapping[str, float], expected: Scores, batch_size: int, what: str = "") -> None:
+    """A report's numbers for one model and task (``accuracy``, ``loss``, ``num_samples``) against
+    an independent evaluation of the same weights: every sample counted once; the same number of
+    correct answers, give or take the samples whose two largest logits are within rounding of each
+    other (``tolerances.ambiguous_predictions``; the same float32 quotient where there are none:
+    torchmetrics divides in float32); the mean loss within ``tolerances.loss_bound``."""
+    n = expected.num_samples
+    assert got["num_samples"] == n, what
+    ambiguous = tolerances.ambiguous_predictions(expected.logits, expected.error)
+    if ambiguous == 0:
+        assert got["accuracy"] == float(torch.tensor(expected.correct, dtype=torch.float32) / n), what
+    else:
+        assert abs(round(got["accuracy"] * n) - expected.correct) <= ambiguous, what
+    batches = -(-n // batch_size)
+    bound = tolerances.loss_bound(expected.logits, expected.error, expected.labels, batches, expected.u)
+    assert abs(got["loss"] - expected.loss) <= bound, (what, got["loss"], expected.loss, bound)
 
 
 def free_port() -> int:
@@ -279,6 +355,52 @@ def reference_merge(method: str, params: Mapping[str, float], pretrained, finetu
     if method == "ties":
         return reference_ties(pretrained, vectors, params["top_k"], params["scaling_factor"])
     raise ValueError(method)
+
+
+def merge_bound(method: str, params: Mapping[str, float], pretrained, finetuned) -> dict[str, torch.Tensor]:
+    """Per key, the entrywise bound on the difference between the project's merge and
+    ``reference_merge`` (two float32 evaluations of the same formula in other orders; see
+    ``tolerances``). The discrete steps (DARE's draws, TIES' thresholds on the same float32 task
+    vectors) are exact on both sides; TIES' sign election is too where no entry's trimmed sum lies
+    within rounding of zero, which is checked here, so that a near-tie cannot flip on another CPU."""
+    if method == "simple_average":  # summed in float64 on both sides, rounded to float32 once each
+        total = {key: tolerances.sum_of_magnitudes(model[key] for model in finetuned) / len(finetuned) for key in finetuned[0]}
+        return {
+            key: 2 * tolerances.gamma(len(finetuned), tolerances.U64) * m + 2 * tolerances.U32 * m for key, m in total.items()
+        }
+    vectors, roundings = task_vectors(pretrained, finetuned), 3
+    if method.startswith("dare_"):
+        vectors = reference_dare(vectors, params["drop_rate"], params.get("seed", 0))
+        method, roundings = method.removeprefix("dare_"), 4
+    if method == "ties":
+        check_ties_signs_are_determined(vectors, params["top_k"])
+    elif method != "task_arithmetic":
+        raise ValueError(method)
+    return {
+        key: tolerances.linear_merge_bound(pretrained[key], [tau[key] for tau in vectors], params["scaling_factor"], roundings)
+        for key in pretrained
+    }
+
+
+def check_ties_signs_are_determined(vectors, top_k: float) -> None:
+    """Every entry's elected sign (of the trimmed values' sum) is the same in any float32 order:
+    the sum is 0 (nothing kept) or further from 0 than ``2 gamma_T`` of the kept magnitudes."""
+    thresholds = reference_thresholds(vectors, top_k)
+    for key in vectors[0]:
+        trimmed = [torch.where(tau[key].abs() >= t, tau[key], 0.0).double() for tau, t in zip(vectors, thresholds)]
+        total, magnitude = sum(trimmed), tolerances.sum_of_magnitudes(trimmed)
+        near = (magnitude > 0) & (total.abs() <= 2 * tolerances.gamma(len(vectors)) * magnitude)
+        assert not bool(near.any()), f"{key}: {int(near.sum())} TIES sign(s) within rounding of a tie"
+
+
+def assert_merge_matches(merged: Mapping[str, torch.Tensor], method: str, params: Mapping[str, float], pretrained, finetuned):
+    """The project's merged backbone against ``reference_merge``, within ``merge_bound``, key by key."""
+    expected = reference_merge(method, params, pretrained, finetuned)
+    bounds = merge_bound(method, params, pretrained, finetuned)
+    assert sorted(merged) == sorted(expected)
+    for key, tensor in expected.items():
+        assert merged[key].dtype == tensor.dtype and merged[key].shape == tensor.shape, key
+        tolerances.assert_within(merged[key], tensor, bounds[key], key)
 
 
 # --- Damaged checkpoints ----------------------------------------------------------------------

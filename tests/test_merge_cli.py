@@ -25,6 +25,9 @@ import yaml
 import merge_fixtures as mf
 import train_cli_callbacks
 from merge import main
+from merging import METHODS as METHOD_CLASSES
+from merging.engine import merge_backbone
+from merging.pool import ModelPool
 from merging.saved import load_merged
 
 TASKS = ("eurosat", "dtd")
@@ -61,7 +64,9 @@ pytestmark = pytest.mark.usefixtures("quiet_cli")
 
 
 def cli(setup: Setup, out: Path, *extra: str, models: dict | None = None, tasks=TASKS, model: bool = True) -> list[str]:
+    """``merge.py test`` in float64 (``mf.FLOAT64``), which the reports are compared in."""
     args = mf.merge_test_args(out, {task: setup.data[task] for task in tasks}, setup.pool[mf.PRETRAINED], BATCH_SIZE)
+    args += mf.FLOAT64
     if model:
         args += ["--model", "lightning_modules.merged.MergedClassifier", "--model.report_dir", str(out / "report")]
         if models is not False:
@@ -80,24 +85,32 @@ def read_report(out: Path) -> dict:
     return json.loads((out / "report" / "report.json").read_text())
 
 
-def independent_results(setup: Setup, backbone_for_task) -> dict[str, dict[str, float]]:
-    """Per task: accuracy and mean loss of ``backbone_for_task(task)`` with the task's head."""
+def independent_results(setup: Setup, backbone_for_task) -> dict[str, mf.Scores]:
+    """Per task: ``backbone_for_task(task)`` with the task's head, evaluated independently."""
     results = {}
     for task in TASKS:
         images, labels = mf.read_test_set(setup.data[task])
-        logits = mf.classify(setup.pool[task], images, backbone_state=backbone_for_task(task))
-        results[task] = mf.evaluate(logits, labels)
+        results[task] = mf.score(setup.pool[task], images, labels, backbone_state=backbone_for_task(task))
     return results
 
 
-def reference_backbone(setup: Setup, method: str, params: dict) -> dict[str, torch.Tensor]:
-    pretrained = mf.backbone(mf.load_state(setup.pool[mf.PRETRAINED]))
-    finetuned = [mf.backbone(mf.load_state(setup.pool[task])) for task in TASKS]
-    return mf.reference_merge(method, params, pretrained, finetuned)
+def pretrained_and_finetuned(setup: Setup) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+    return mf.backbone(mf.load_state(setup.pool[mf.PRETRAINED])), [mf.backbone(mf.load_state(setup.pool[t])) for t in TASKS]
 
 
-def assert_matches(row: dict, expected: dict[str, dict[str, float]]) -> None:
-    mf.assert_row_matches(row, expected, SIZES, rel=1e-6)
+def merged_backbone(setup: Setup, method: str, params: dict) -> dict[str, torch.Tensor]:
+    """The project's merge, the weights ``merge.py`` evaluates (the same code on the same machine:
+    the same bits), checked against the formula within the arithmetic's bound."""
+    merged = merge_backbone(ModelPool(setup.pool), METHOD_CLASSES[method](**params), progress=False)
+    mf.assert_merge_matches(merged, method, params, *pretrained_and_finetuned(setup))
+    return merged
+
+
+def assert_matches(row: dict, expected: dict[str, mf.Scores]) -> None:
+    for task, scores in expected.items():
+        mf.assert_scores(row["tasks"][task], scores, BATCH_SIZE, task)
+    accuracies = [row["tasks"][task]["accuracy"] for task in expected]
+    assert row["average_accuracy"] == pytest.approx(sum(accuracies) / len(accuracies), abs=1e-12)
 
 
 # --- The report against an independent evaluation -------------------------------------------
@@ -121,11 +134,11 @@ def test_report_equals_an_independent_evaluation(setup, individual, tmp_path, cl
     assert report["models"] == setup.pool
     ((row_name, row),) = report["rows"].items()  # one row: no individual models asked for
     assert row_name == report["method"] and row_name.startswith(name)
-    merged = reference_backbone(setup, name, params)
+    merged = merged_backbone(setup, name, params)
     expected = independent_results(setup, lambda task: merged)
     assert_matches(row, expected)
     # The merged model is not any single fine-tuned model.
-    assert any(row["tasks"][task]["loss"] != pytest.approx(individual[task]["loss"]) for task in TASKS)
+    assert any(row["tasks"][task]["loss"] != pytest.approx(individual[task].loss) for task in TASKS)
     # The Markdown and CSV tables carry the same numbers, in percent.
     lines = list(csv.reader((tmp_path / "report" / "report.csv").read_text().splitlines()))
     assert lines[0] == ["model", *TASKS, "average"]
@@ -145,10 +158,10 @@ def test_evaluate_individual_adds_the_individual_row_and_normalized_accuracy(set
     report = read_report(tmp_path)
     assert list(report["rows"]) == ["task_arithmetic(scaling_factor=0.4)", "individual"]
     merged_row, individual_row = report["rows"].values()
-    merged = reference_backbone(setup, "task_arithmetic", params)
+    merged = merged_backbone(setup, "task_arithmetic", params)
     assert_matches(merged_row, independent_results(setup, lambda task: merged))
     assert_matches(individual_row, individual)
-    assert all(values["accuracy"] > 0 for values in individual.values())  # the fixture's labels see to it
+    assert all(scores.correct > 0 for scores in individual.values())  # the fixture's labels see to it
     for task in TASKS:
         ratio = merged_row["tasks"][task]["accuracy"] / individual_row["tasks"][task]["accuracy"]
         assert merged_row["tasks"][task]["normalized_accuracy"] == pytest.approx(ratio, rel=1e-12)
@@ -182,7 +195,7 @@ def test_a_pool_given_as_a_fusionbench_yaml_file(setup, tmp_path):
     )
     main(cli(setup, tmp_path, "--config", str(config), model=False))
     (row,) = read_report(tmp_path)["rows"].values()
-    merged = reference_backbone(setup, "task_arithmetic", {"scaling_factor": 0.4})
+    merged = merged_backbone(setup, "task_arithmetic", {"scaling_factor": 0.4})
     assert_matches(row, independent_results(setup, lambda task: merged))
 
 
@@ -201,7 +214,7 @@ def test_a_merge_config_reads_its_pool_file_from_its_own_folder(setup, tmp_path,
     monkeypatch.chdir(tmp_path / "elsewhere")
     main(cli(setup, tmp_path, "--config", str(config), model=False))
     (row,) = read_report(tmp_path)["rows"].values()
-    merged = reference_backbone(setup, "task_arithmetic", {"scaling_factor": 0.4})
+    merged = merged_backbone(setup, "task_arithmetic", {"scaling_factor": 0.4})
     assert_matches(row, independent_results(setup, lambda task: merged))
     assert read_report(tmp_path)["models"] == setup.pool
 
@@ -269,6 +282,8 @@ def test_a_method_written_as_one_function_runs_through_merge_py(setup, tmp_path)
     assert label == "task_median(scaling_factor=0.5)"
     pretrained = mf.backbone(mf.load_state(setup.pool[mf.PRETRAINED]))
     finetuned = [mf.backbone(mf.load_state(setup.pool[task])) for task in TASKS]
+    # The same float32 operations as task_median's (a subtraction, an exact median and halving, an
+    # addition), each correctly rounded: the bits merge.py evaluated, on any CPU.
     merged = {
         key: value + 0.5 * torch.stack([state[key] - value for state in finetuned]).median(0).values
         for key, value in pretrained.items()
@@ -305,10 +320,7 @@ def test_save_then_evaluate_the_saved_model_again(setup, tmp_path):
     main(cli(setup, tmp_path / "first", *method_args("TiesMerging", params), "--model.save_dir", str(saved)))
     first = read_report(tmp_path / "first")
     model = load_merged(saved)
-    expected = reference_backbone(setup, "ties", params)
-    assert sorted(model.backbone) == sorted(expected)
-    for key, tensor in expected.items():
-        torch.testing.assert_close(model.backbone[key], tensor, rtol=1e-6, atol=1e-7, msg=key)
+    mf.assert_merge_matches(model.backbone, "ties", params, *pretrained_and_finetuned(setup))
     for task in TASKS:
         state = mf.load_state(setup.pool[task])
         assert torch.equal(model.heads[task]["weight"], state["classifier.weight"])
@@ -327,7 +339,9 @@ def test_merge_and_save_without_evaluating(setup, tmp_path):
     main(cli(setup, tmp_path, "--model.save_dir", str(saved), "--trainer.limit_test_batches", "0"))
     assert not (tmp_path / "report").exists()
     model = load_merged(saved)
-    expected = reference_backbone(setup, "simple_average", {})
+    # Both sum the models in the same order in float64 and divide: each operation correctly
+    # rounded, elementwise, so the same bits on any CPU.
+    expected = mf.reference_merge("simple_average", {}, *pretrained_and_finetuned(setup))
     assert all(torch.equal(model.backbone[key], tensor) for key, tensor in expected.items())
     assert sorted(model.heads) == sorted(TASKS)
 

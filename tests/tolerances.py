@@ -106,28 +106,33 @@ def convnext_roundings(config: ConvNextConfig) -> int:
     return count + max(side, 1) ** 2 + 2 * previous  # the pooling and the final norm
 
 
-def logit_bound(config: ConvNextConfig, head_scale: torch.Tensor) -> torch.Tensor:
-    """Entrywise bound on the difference between two float32 forwards of the same ConvNeXt
-    classifier on the same images (other kernels, batches or processes): the features err by
-    ``gamma_K |f|`` (``convnext_roundings``) and the head's dot products of length ``C`` add
-    ``gamma_C``, both relative to ``head_scale = |W| |f| + |b|``; twice that for two forwards."""
-    return 2 * gamma(convnext_roundings(config) + config.hidden_sizes[-1] + 1) * head_scale.to(torch.float64)
+def logit_bound(config: ConvNextConfig, head_scale: torch.Tensor, u: float = U32) -> torch.Tensor:
+    """Entrywise bound on the difference between a forward of a ConvNeXt classifier with unit
+    roundoff ``u`` (the project's evaluation: any kernels, batches, processes) and a float64 one of
+    the same weights on the same images (the tests' reference): the features err by ``gamma_K |f|``
+    (``convnext_roundings``) and the head's dot products of length ``C`` add ``gamma_C``, both
+    relative to ``head_scale = |W| |f| + |b|``; the reference's own error is the same in float64."""
+    roundings = convnext_roundings(config) + config.hidden_sizes[-1] + 1
+    return (gamma(roundings, u) + gamma(roundings, U64)) * head_scale.to(torch.float64)
 
 
-def loss_bound(logits: torch.Tensor, logit_error: torch.Tensor, batches: int) -> float:
-    """Bound on the difference of two mean cross-entropies over the same ``N`` samples, from logits
-    that differ entrywise by at most ``logit_error``: cross-entropy ``logsumexp(z) - z_y`` moves by
-    at most ``2 max_j |dz_j|`` (its gradient ``softmax - onehot`` has 1-norm <= 2); evaluating it in
-    float32 adds ``gamma_{C + 3} (max |z| + log C)`` per sample; the mean, summed in float32 in up
-    to ``N`` parts (one per sample, or per batch as ``MeanMetric`` adds ``batch mean x size``),
-    adds ``gamma_{N + batches + 1}`` of the mean loss (positive terms)."""
-    logits = logits.detach().to(torch.float64)
+def loss_bound(logits: torch.Tensor, logit_error: torch.Tensor, labels: torch.Tensor, batches: int, u: float = U32) -> float:
+    """Bound on the difference between the project's mean cross-entropy over ``N`` samples, from
+    logits within ``logit_error`` of ``logits`` and computed with unit roundoff ``u``, and the
+    float64 cross-entropy of ``logits``. Cross-entropy ``logsumexp(z) - z_y`` has the gradient
+    ``p - y`` (softmax minus one-hot), so to first order it moves by at most ``sum_j |p_j - y_j|
+    e_j``, plus at most ``max_j e_j ** 2`` (its Hessian ``diag(p) - p p^T`` has norm <= 1);
+    evaluating it adds ``gamma_{C + 3} (max |z| + log C)`` per sample; the mean, accumulated by
+    ``MeanMetric`` in float32 (its state stays float32 in any precision) in ``N + batches`` parts
+    (each batch's mean times its size), adds ``gamma_{N + batches + 1}`` of the mean loss
+    (positive terms), the reference's float64 mean ``gamma_N(U64)``."""
+    logits, error = logits.detach().to(torch.float64), logit_error.detach().to(torch.float64)
     samples, classes = logits.shape
-    per_sample = 2 * logit_error.to(torch.float64).amax(dim=1) + gamma(classes + 3) * (
-        logits.abs().amax(dim=1) + math.log(classes)
-    )
+    gradient = torch.softmax(logits, dim=1) - torch.nn.functional.one_hot(labels, classes)
+    first_order = (gradient.abs() * error).sum(dim=1)
+    per_sample = first_order + error.amax(dim=1) ** 2 + gamma(classes + 3, u) * (logits.abs().amax(dim=1) + math.log(classes))
     mean_loss = float(torch.logsumexp(logits, dim=1).sub(logits.amin(dim=1)).mean())  # >= every CE: a safe scale
-    return float(per_sample.mean()) + 2 * gamma(samples + batches + 1) * mean_loss
+    return float(per_sample.mean()) + (gamma(samples + batches + 1) + gamma(samples, U64)) * mean_loss
 
 
 def ambiguous_predictions(logits: torch.Tensor, logit_error: torch.Tensor) -> int:
