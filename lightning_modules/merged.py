@@ -144,8 +144,10 @@ class MergedClassifier(MultiTaskEvaluation):
         self._save(merged)
 
     def _install(self, merged: dict[str, torch.Tensor]) -> None:
-        """The merged backbone as the row, on the module's device and in its memory format."""
-        backbone = backbone_from_state(self._backbone_config, merged).to(self.device)
+        """The merged backbone as the row, on the module's device, in its dtype (float64 with
+        ``--trainer.precision 64-true``, which converted the module before a Gram pass merged) and
+        memory format."""
+        backbone = backbone_from_state(self._backbone_config, merged).to(self.device, self.dtype)
         self.rows[self.method.describe()] = backbone.to(memory_format=torch.channels_last) if self.channels_last else backbone
 
     def _save(self, merged: dict[str, torch.Tensor]) -> None:

@@ -3,7 +3,8 @@
 A forward pre-hook on every ``nn.Linear`` flattens the layer's input over every dimension but
 the last (batch and spatial positions: ConvNeXt's ``pwconv1``/``pwconv2`` get
 ``(batch, height, width, channels)``), one row per input vector ``x``, and adds ``X^T X`` and
-the number of rows to that layer's running sums, in float32 on the input's device. Sums, not
+the number of rows to that layer's running sums, on the input's device, in float32 (float64
+where the backbone runs in float64, ``--trainer.precision 64-true``). Sums, not
 means, so that they add up over batches and, with ``all_reduce_sum``, over processes: N
 processes that each see a disjoint part of the images hold, once reduced, the sums of one
 process that saw them all. ``mean_grams`` divides by the row counts at the end.
@@ -49,11 +50,15 @@ class GramAccumulator(nn.Module):
         for index, layer in enumerate(layers.values()):
             layer.register_forward_pre_hook(partial(self._record, index))
 
+    def dtype(self) -> torch.dtype:
+        """Of the sums: the backbone's, at least float32."""
+        return torch.promote_types(next(self.backbone.parameters()).dtype, torch.float32)
+
     def _record(self, index: int, module: nn.Module, args: tuple[Tensor, ...]) -> None:
         inputs = args[0].detach()
-        rows = inputs.reshape(-1, inputs.shape[-1]).to(torch.float32)
+        rows = inputs.reshape(-1, inputs.shape[-1]).to(self.dtype())
         if self.sums[index] is None:
-            self.sums[index] = torch.zeros(self.dims[index], self.dims[index], device=rows.device)
+            self.sums[index] = torch.zeros(self.dims[index], self.dims[index], dtype=rows.dtype, device=rows.device)
         self.sums[index].addmm_(rows.T, rows)
         self.rows[index] += rows.shape[0]
 
@@ -63,7 +68,8 @@ class GramAccumulator(nn.Module):
 
     def reduced_sums(self, device: torch.device) -> tuple[list[Tensor], list[int], int]:
         """``(sums, rows, images)`` over every process (zeros where this one saw no image)."""
-        sums = [s if s is not None else torch.zeros(d, d, device=device) for s, d in zip(self.sums, self.dims)]
+        dtype = self.dtype()
+        sums = [s if s is not None else torch.zeros(d, d, dtype=dtype, device=device) for s, d in zip(self.sums, self.dims)]
         for total in sums:
             all_reduce_sum(total)
         counts = torch.tensor([*self.rows, self.images], dtype=torch.int64, device=device)

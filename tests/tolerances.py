@@ -37,6 +37,14 @@ U32 = 2.0**-24
 U64 = 2.0**-53
 
 
+#: Relative bound (normwise) on the difference of two float64 evaluations of the same quantity,
+#: in any order and with any kernels. To first order each errs by ``K U64``, ``K`` the amplification
+#: of the computation (its condition, the number of its roundings), the same ``K`` as in float32;
+#: and ``K U32 < 1`` wherever the float32 evaluation keeps a correct leading digit, which the
+#: project's float32 runs presume. So each errs by less than ``U64 / U32 = 2**-29``: two by twice that.
+FLOAT64_RTOL = 2 * U64 / U32
+
+
 def gamma(n: int, u: float = U32) -> float:
     """``gamma_n = n u / (1 - n u)``: the relative error bound of ``n`` accumulated roundings."""
     if n * u >= 1:
@@ -85,6 +93,14 @@ def rounded_once(expected: torch.Tensor) -> torch.Tensor:
     """The error of rounding a float64 result to float32 once: ``u |x|`` (plus the smallest
     subnormal's half-spacing, where ``x`` underflows)."""
     return U32 * expected.detach().to(torch.float64).abs() + 2.0**-150
+
+
+def float64_results_bound(expected: torch.Tensor) -> torch.Tensor:
+    """Entrywise bound on the difference of two float64 computations of the same tensor, each
+    rounded to float32 once: ``FLOAT64_RTOL ||x||_F`` (an entry is at most the norm) and the two
+    roundings, ``2 u |x|``."""
+    expected = expected.detach().to(torch.float64)
+    return FLOAT64_RTOL * torch.linalg.vector_norm(expected) + 2 * rounded_once(expected)
 
 
 def convnext_roundings(config: ConvNextConfig) -> int:
