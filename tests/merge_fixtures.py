@@ -139,12 +139,15 @@ def noise_images(count: int, seed: int, size: int = 20) -> list[PILImage.Image]:
     return [PILImage.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(count)]
 
 
-def load_classifier(model_dir: str | Path, backbone_state: Mapping[str, torch.Tensor] | None = None):
-    """A checkpoint as a plain ``ConvNextForImageClassification`` in eval mode, optionally with another backbone."""
+def load_classifier(
+    model_dir: str | Path, backbone_state: Mapping[str, torch.Tensor] | None = None, dtype: torch.dtype = torch.float32
+):
+    """A checkpoint as a plain ``ConvNextForImageClassification`` in eval mode and ``dtype``,
+    optionally with another backbone (whose values are copied into ``dtype``)."""
     state = load_state(model_dir)
     if backbone_state is not None:
         state = {**state, **backbone_state}
-    model = ConvNextForImageClassification(ConvNextConfig.from_pretrained(model_dir))
+    model = ConvNextForImageClassification(ConvNextConfig.from_pretrained(model_dir)).to(dtype)
     model.load_state_dict(state, strict=True)
     return model.eval()
 
@@ -233,7 +236,7 @@ def score(
     """The checkpoint (optionally with another backbone) on ``images`` in float64, with the bound of
     ``tolerances.logit_bound`` from the head's scale ``|W| |f| + |b|`` on the pooled features ``f``,
     for a project forward with unit roundoff ``u`` (``U64``: run with ``FLOAT64``; ``U32``: in float32)."""
-    model = load_classifier(model_dir, backbone_state).double()
+    model = load_classifier(model_dir, backbone_state, torch.float64)
     preprocess = ImagePreprocessor.from_pretrained(str(model_dir))
     logits, scales = [], []
     with torch.no_grad():
