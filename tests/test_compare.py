@@ -26,9 +26,11 @@ from lightning_modules.comparison import MethodComparison, expand_grid
 from lightning_modules.merged import MergedClassifier
 from merge import main
 from merging.coefficients import write_coefficients
+from merging.engine import merge_backbone
 from merging.errors import MergeError
-from merging.methods import TaskArithmetic
-from merging.pool import read_pool_file
+from merging.methods import SimpleAverage, TaskArithmetic
+from merging.pool import ModelPool, read_pool_file
+from tolerances import assert_within, linear_merge_bound, rounded_once
 
 pytestmark = pytest.mark.usefixtures("quiet_cli", "one_thread")
 
@@ -125,11 +127,21 @@ def test_the_quickstart_comparison_equals_separate_runs(pool, tmp_path):
         for task in TASKS:
             got = report["rows"][label]["tasks"][task]
             assert got["normalized_accuracy"] == pytest.approx(got["accuracy"] / individual["tasks"][task]["accuracy"])
-    # Distinct models, except that with two tasks the simple average is task arithmetic at 0.5.
+    # Distinct models, except that with two tasks the simple average is task arithmetic at 0.5:
+    # an identity of the weights, checked there (the two merges are float32 evaluations of one
+    # formula, within the linear-merge bound; their rows are forwards of weights that differ by
+    # that rounding, which the network may amplify by an amount no bound here knows).
     # (Per task: a grid along one factor can meet the same average loss on both sides of its best.)
+    model_pool = ModelPool(config["model"]["init_args"]["models"])
+    average = merge_backbone(model_pool, SimpleAverage(), progress=False)
+    half = merge_backbone(model_pool, TaskArithmetic(0.5), progress=False)
+    pretrained = mf.backbone(mf.load_state(pool[mf.PRETRAINED]))
+    finetuned = [mf.backbone(mf.load_state(pool[task])) for task in TASKS]
+    for key, theta0 in pretrained.items():
+        bound = linear_merge_bound(theta0, [model[key] - theta0 for model in finetuned], 0.5) + rounded_once(average[key])
+        assert_within(average[key], half[key], bound, key)
     losses = {label: [report["rows"][label]["tasks"][task]["loss"] for task in TASKS] for label in labels}
-    simple_average, half = losses.pop("simple_average"), losses["task_arithmetic(scaling_factor=0.5)"]
-    assert simple_average == pytest.approx(half, rel=1e-5)
+    del losses["simple_average"]
     values = list(losses.values())
     assert all(max(abs(x - y) for x, y in zip(a, b)) > 1e-3 for i, a in enumerate(values) for b in values[i + 1 :])
 
@@ -157,8 +169,9 @@ def test_the_quickstart_comparison_equals_separate_runs(pool, tmp_path):
                     got, expected = got_rows[name]["tasks"][task], expected_rows[name]["tasks"][task]
                     count = len(data.evaluation_datasets[split][task])
                     assert got["num_samples"] == expected["num_samples"] == count, (split, name, task)
+                    # The same weights (one merge code), batches and kernels: the same bits, on any CPU.
                     assert got["accuracy"] == expected["accuracy"], (split, name, task)
-                    assert got["loss"] == pytest.approx(expected["loss"], rel=1e-6, abs=1e-7), (split, name, task)
+                    assert got["loss"] == expected["loss"], (split, name, task)
 
     # Each method's grid point chosen on the validation averages, beside the best on test.
     def average(rows: dict, label: str) -> float:
