@@ -36,6 +36,7 @@ from merging.engine import merge_backbone
 from merging.methods import TaskArithmetic
 from merging.pool import ModelPool
 from merging.saved import save_merged
+from tolerances import assert_within, linear_merge_bound
 from train import main as train_main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -378,8 +379,12 @@ def test_coefficients_outside_the_clamp_range_apply_where_no_range_is_enforced(p
     model_pool = ModelPool(pool.models)
     expected = merge_backbone(model_pool, TaskArithmetic(1.5), progress=False)
     learned = merge_backbone(model_pool, LearnedCoefficients(str(path)), progress=False)
+    # theta_0 + 1.5 sum_t tau_t and theta_0 + sum_t 1.5 tau_t: two float32 evaluations of one formula.
+    pretrained = mf.backbone(mf.load_state(pool.models[mf.PRETRAINED]))
+    finetuned = [mf.backbone(mf.load_state(pool.models[task])) for task in MERGE_TASKS]
     for key, tensor in expected.items():
-        assert torch.allclose(learned[key], tensor, rtol=1e-6, atol=1e-6), key
+        bound = linear_merge_bound(pretrained[key], [model[key] - pretrained[key] for model in finetuned], 1.5)
+        assert_within(learned[key], tensor, bound, key)
     classnames = {task: list(get_task(task).classnames) for task in MERGE_TASKS}
     unclamped = AdaMerging(list(MERGE_TASKS), classnames, pool.models, granularity="task", clamp=False, coefficients=str(path))
     assert torch.equal(unclamped.coefficients.detach(), torch.full((2, 1), 1.5))

@@ -25,6 +25,7 @@ import train_cli_callbacks
 from conftest import REPO_ROOT as REPO
 from conftest import index_dataset, tiny_config, write_dataset
 from datamodules import BENCHMARK_TASKS, get_task
+from tolerances import assert_within, logit_bound
 from train import main
 
 TESTS = Path(__file__).resolve().parent
@@ -298,7 +299,12 @@ def test_compile_trains_and_exports_the_same_weights_under_their_own_names(
         compiled_logits = module(images)
         module.model._compiled_call_impl = None  # the same module, eager
         eager_logits = module(images)
-    torch.testing.assert_close(compiled_logits, eager_logits, rtol=1e-5, atol=1e-5)
+        features = module.model.convnext(pixel_values=images).pooler_output
+        classifier = module.model.classifier
+        head_scale = features.abs() @ classifier.weight.abs().T + classifier.bias.abs()
+    # Two float32 forwards of the same weights with other kernels: each within logit_bound of the
+    # exact logits, so within twice that of each other.
+    assert_within(compiled_logits, eager_logits, 2 * logit_bound(module.model.config, head_scale), "compiled logits")
     for key, tensor in module.model.state_dict().items():
         torch.testing.assert_close(export[key], tensor, rtol=0, atol=0)
 
