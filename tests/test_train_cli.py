@@ -384,7 +384,9 @@ def test_killed_run_resumes_bitwise(tiny_model: Path, mnist_data: Path, tmp_path
     config = str(REPO / "configs" / "train" / "mnist.yaml")
     args = ["--trainer.logger=false", *tiny_args(tiny_model, mnist_data), *short_run(6, 2), *QUIET]
     python_path = [str(TESTS), str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(python_path)}
+    # Bit for bit: the same computation, step by step, so the killed process runs on as many threads
+    # as this one (a kernel may split its sums by thread).
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(python_path), "OMP_NUM_THREADS": str(torch.get_num_threads())}
     killed = subprocess.run(
         [sys.executable, str(REPO / "train.py"), "fit", "--config", config, *args,
          "--trainer.callbacks+=train_cli_callbacks.KillAfterFirstCheckpoint"],
