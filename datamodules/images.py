@@ -25,6 +25,7 @@ from typing import IO
 import numpy as np
 import pyarrow as pa
 from datasets import Dataset
+from datasets import Image as ImageFeature
 from PIL import Image, UnidentifiedImageError
 
 from datamodules.errors import DataError
@@ -144,7 +145,12 @@ def check_images(data: Dataset, where: str, rows: np.ndarray | None = None) -> N
         rows: the rows that will be read.
     """
     feature = data.features["image"]
-    if getattr(feature, "mode", None) and mode_problem(feature.mode):  # datasets converts every image to it
+    if not isinstance(feature, ImageFeature) or not feature.decode:
+        raise DataError(
+            f"{where}: the image column holds {feature!r}, not images to decode "
+            "(make it one with dataset.cast_column('image', datasets.Image()))"
+        )
+    if feature.mode and mode_problem(feature.mode):  # datasets converts every image to it
         raise DataError(f"{where}: the image column converts every image to mode '{feature.mode}': {mode_problem(feature.mode)}")
     rows = np.arange(len(data)) if rows is None else np.asarray(rows)
     first, count = None, 0
