@@ -47,7 +47,7 @@ def check_holdout(num_rows: int, val_fraction: float, where: str, keeps_train: b
         keeps_train: the rows left over are used (for training, or a Gram pass).
     """
     num_val = round(num_rows * val_fraction)
-    if 0 < num_val and (num_val < num_rows or not keeps_train):
+    if num_val > 0 and (num_val < num_rows or not keeps_train):
         return
     if num_rows < (2 if keeps_train else 1):
         raise DataError(f"{where}: {num_rows} training row(s) are too few to hold out a validation part")

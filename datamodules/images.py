@@ -8,10 +8,11 @@ clipped to 0-255 by that conversion (16-bit digits lose 40 points of accuracy th
 Hugging Face image processor itself refuses them.
 
 ``check_images`` looks at every image of a split from its header and its last bytes only,
-without decoding it (about 30 us an image): an empty file, a file that is no image, a mode
-that cannot be read and a JPEG or PNG cut short are found before anything runs; an image
-whose data is broken inside is only found when it is decoded, and ``unreadable`` then
-names it.
+without decoding it (0.03 ms a small PNG, 0.1 ms a DTD JPEG on one busy core: 10,000 images
+in 0.3-1.2 s, a few percent of decoding them once): an empty file, a file that is no image,
+a mode that cannot be read and a JPEG or PNG cut short are found before anything runs. An
+image whose data is broken inside is only found when it is decoded, mid-run; ``unreadable``
+then names it.
 """
 
 from __future__ import annotations

@@ -85,13 +85,13 @@ BROKEN = {
 }
 
 
-def image_folder(root: Path, images: dict[str, list[bytes]], classes: int, suffix: str = ".png") -> Path:
+def image_folder(root: Path, images: dict[str, list[bytes]], classes: int) -> Path:
     """``<split>/<class>/<row>.png`` from each split's stored images; row ``i`` is in class ``i % classes``."""
     for split, blobs in images.items():
         for row, blob in enumerate(blobs):
             folder = root / split / str(row % classes)
             folder.mkdir(parents=True, exist_ok=True)
-            (folder / f"{row:04d}{suffix}").write_bytes(blob)
+            (folder / f"{row:04d}.png").write_bytes(blob)
     return root
 
 
@@ -226,7 +226,8 @@ def merge_run(pool: Pool, out: Path, data: dict[str, str], command: str, *extra:
     else:
         model = ["--model", "AdaMerging", "--model.output_dir", str(out / "coefficients"), "--trainer.max_steps", "1",
                  "--data.adaptation_batch_size", "6"]  # fmt: skip
-    return [command, *common, *model, "--model.models", json.dumps(pool.models), "--model.report_dir", str(out / "report"), *extra]
+    pool_args = ["--model.models", json.dumps(pool.models), "--model.report_dir", str(out / "report")]
+    return [command, *common, *model, *pool_args, *extra]
 
 
 @pytest.mark.parametrize("command", ["test", "fit"])
