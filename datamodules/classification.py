@@ -11,6 +11,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from datamodules.errors import DataError, check_setting
+from datamodules.images import check_images
 from datamodules.loaders import check_own_sampling, distributed_context, evaluation_dataloader, step_stream_dataloader
 from datamodules.preprocessing import ImagePreprocessor, load_image_processor
 from datamodules.sources import check_path, checked_label_mapping, get_split, load_task_dataset
@@ -23,6 +24,42 @@ def split_train_val(num_samples: int, val_fraction: float, seed: int) -> tuple[n
     order = np.random.default_rng(seed).permutation(num_samples)
     num_val = round(num_samples * val_fraction)
     return np.sort(order[num_val:]), np.sort(order[:num_val])
+
+
+def _fraction_for(num_rows: int, num_val: int) -> str:
+    """The shortest fraction that ``split_train_val`` turns into ``num_val`` of ``num_rows`` rows."""
+    for digits in range(1, 16):
+        text = f"{num_val / num_rows:.{digits}g}"
+        if round(num_rows * float(text)) == num_val:
+            return text
+    return repr(num_val / num_rows)
+
+
+def check_holdout(num_rows: int, val_fraction: float, where: str, keeps_train: bool = True) -> None:
+    """``val_fraction`` of ``num_rows`` training rows (as ``split_train_val`` rounds it) must hold
+    out at least one row and, with ``keeps_train``, leave at least one to train on; otherwise a
+    ``DataError`` names ``data.val_fraction`` and the fraction that would.
+
+    Args:
+        num_rows: rows of the train split.
+        val_fraction: the share held out.
+        where: the split, as error messages name it.
+        keeps_train: the rows left over are used (for training, or a Gram pass).
+    """
+    num_val = round(num_rows * val_fraction)
+    if num_val > 0 and (num_val < num_rows or not keeps_train):
+        return
+    if num_rows < (2 if keeps_train else 1):
+        raise DataError(f"{where}: {num_rows} training row(s) are too few to hold out a validation part")
+    if num_val == 0:
+        raise DataError(
+            f"{where}: data.val_fraction {val_fraction:g} holds out no row of the {num_rows} training rows "
+            f"(round({num_rows} x {val_fraction:g}) = 0): it must be at least {_fraction_for(num_rows, 1)} to hold out one"
+        )
+    raise DataError(
+        f"{where}: data.val_fraction {val_fraction:g} holds out all {num_rows} training rows, leaving none: "
+        f"it must be at most {_fraction_for(num_rows, num_rows - 1)} to keep one"
+    )
 
 
 #: Where validation images come from: the task's ``test`` split (the reference recipe), a
@@ -125,9 +162,12 @@ class ImageClassificationDataModule(LightningDataModule):
         self._dataset = load_task_dataset(self.task, self.path)
 
     def _make(self, split: str, indices: np.ndarray | None = None) -> ImageClassificationDataset:
+        """Rows ``indices`` of ``split``, their labels and images checked (in setup: before anything is written)."""
         data = get_split(self._dataset, split, self.task, self.path)
-        mapping = checked_label_mapping(data, self.task, f"{self._where}, split '{split}'")
-        return ImageClassificationDataset(data, self.preprocess, indices, mapping)
+        where = f"{self._where}, split '{split}'"
+        mapping = checked_label_mapping(data, self.task, where)
+        check_images(data, where, indices)
+        return ImageClassificationDataset(data, self.preprocess, indices, mapping, where)
 
     def setup(self, stage: str | None = None) -> None:
         check_own_sampling(self.trainer)
@@ -145,9 +185,8 @@ class ImageClassificationDataModule(LightningDataModule):
                 self.datasets["val"] = self.datasets["test"]
             return
         num_train = len(get_split(self._dataset, "train", self.task, self.path))
+        check_holdout(num_train, self.val_fraction, f"{self._where}, split 'train'")
         train_rows, val_rows = split_train_val(num_train, self.val_fraction, self.split_seed)
-        if len(train_rows) == 0 or len(val_rows) == 0:
-            raise DataError(f"{self._where}: {num_train} training rows are too few to hold out a validation part")
         self.datasets["train"] = self._make("train", train_rows)
         self.datasets["val"] = self._make("train", val_rows)
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from datamodules.errors import DataError
+from datamodules.images import UnreadableBatch
 from datamodules.samplers import StepStreamSampler
 
 
@@ -56,6 +58,7 @@ def step_stream_dataloader(
         batch_size=micro_batch_size,
         sampler=sampler,
         num_workers=num_workers,
+        collate_fn=collate,
         persistent_workers=num_workers > 0,
         pin_memory=pin_memory(trainer),
     )
@@ -67,18 +70,36 @@ def evaluation_dataloader(dataset: Dataset, batch_size: int, num_workers: int, t
     sampler = None
     if world_size > 1:
         sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
-    return DataLoader(
+    return CheckedDataLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
         shuffle=False,
         num_workers=num_workers,
+        collate_fn=collate,
         persistent_workers=num_workers > 0,
         pin_memory=pin_memory(trainer),
     )
 
 
-class StepStreamDataLoader(DataLoader):
+def collate(samples: list | UnreadableBatch) -> Any:
+    """``default_collate``; a batch whose images could not be read stays the ``UnreadableBatch`` it is."""
+    return samples if isinstance(samples, UnreadableBatch) else default_collate(samples)
+
+
+class CheckedDataLoader(DataLoader):
+    """A DataLoader (with ``collate``) that raises the ``DataError`` of a batch that could not be
+    read (``UnreadableBatch``) in the main process, as one line, whether a worker process read it
+    or not."""
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in super().__iter__():
+            if isinstance(batch, UnreadableBatch):
+                raise DataError(batch.message)
+            yield batch
+
+
+class StepStreamDataLoader(CheckedDataLoader):
     """The training loader. Its checkpointed state records the data order's settings, so a
     resumed run that would silently see other samples stops with an error instead."""
 

@@ -12,8 +12,9 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader
 
-from datamodules.classification import split_train_val
+from datamodules.classification import check_holdout, split_train_val
 from datamodules.errors import DataError, check_setting
+from datamodules.images import check_images
 from datamodules.loaders import check_own_sampling, distributed_context, evaluation_dataloader, step_stream_dataloader
 from datamodules.preprocessing import ImagePreprocessor, load_image_processor
 from datamodules.sources import check_path, checked_label_mapping, get_split, load_task_dataset
@@ -157,7 +158,17 @@ class MultiTaskDataModule(LightningDataModule):
             self._load(task)
 
     def setup(self, stage: str | None = None) -> None:
+        """Build (and so check: labels, images) every split the stage reads, before the model is
+        merged or anything is written; a run that evaluates nothing reads nothing."""
         check_own_sampling(self.trainer)
+        if self._evaluates_nothing():
+            return
+        if stage in ("test", None):
+            self.evaluation_datasets  # noqa: B018  (a cached property: built here, once)
+            if self.gram_images is not None:
+                self.gram_datasets  # noqa: B018
+        if stage in ("fit", None):
+            self.adaptation_datasets  # noqa: B018
 
     def _where(self, task: TaskInfo, split: str) -> str:
         return f"task '{task.name}', path '{self.paths.get(task.name) or task.hub_dataset or 'built-in'}', split '{split}'"
@@ -170,11 +181,12 @@ class MultiTaskDataModule(LightningDataModule):
             data, rows = self.test_splits[task.name], None
         else:  # validation: the held-out rows of train
             data = self._train_split(task)
+            check_holdout(len(data), self.val_fraction, self._where(task, "train"), keeps_train=self.gram_images is not None)
             _, rows = split_train_val(len(data), self.val_fraction, self.split_seed)
-            if len(rows) == 0:
-                raise DataError(f"{self._where(task, 'train')}: {len(data)} rows are too few to hold out a validation part")
-        mapping = checked_label_mapping(data, task, self._where(task, "train" if split == "validation" else split))
-        return ImageClassificationDataset(data, self.preprocess, rows, mapping)
+        where = self._where(task, "train" if split == "validation" else split)
+        mapping = checked_label_mapping(data, task, where)
+        check_images(data, where, rows)
+        return ImageClassificationDataset(data, self.preprocess, rows, mapping, where)
 
     @cached_property
     def evaluation_datasets(self) -> dict[str, dict[str, ImageClassificationDataset]]:
@@ -194,8 +206,10 @@ class MultiTaskDataModule(LightningDataModule):
         """task -> the unlabelled train images of the ``gram`` split (``gram_images`` set)."""
         datasets = {}
         for task in self.tasks:
-            data = self._train_split(task)
-            datasets[task.name] = UnlabeledImageDataset(data.select(self.gram_rows(len(data))), self.preprocess)
+            data, where = self._train_split(task), self._where(task, "train")
+            rows = self.gram_rows(len(data))
+            check_images(data, where, rows)
+            datasets[task.name] = UnlabeledImageDataset(data, self.preprocess, rows, where)
         return datasets
 
     @property
@@ -207,6 +221,11 @@ class MultiTaskDataModule(LightningDataModule):
         gram = [self.gram_datasets[name] for name in self.task_names] if self.gram_images is not None else []
         labelled = [self.evaluation_datasets[split][name] for split in self.evaluated_splits for name in self.task_names]
         return [evaluation_dataloader(data, self.batch_size, self.num_workers, self.trainer) for data in gram + labelled]
+
+    @cached_property
+    def adaptation_datasets(self) -> dict[str, UnlabeledImageDataset]:
+        """task -> the unlabelled test images of test-time adaptation, checked."""
+        return {task.name: self._adaptation_dataset(task) for task in self.tasks}
 
     def train_dataloader(self) -> CombinedLoader:
         """Unlabelled test images for test-time adaptation: each step one batch of every task.
@@ -222,7 +241,7 @@ class MultiTaskDataModule(LightningDataModule):
             raise DataError("test-time adaptation counts steps: set trainer.max_steps")
         loaders = {
             task.name: step_stream_dataloader(
-                self._adaptation_dataset(task),
+                self.adaptation_datasets[task.name],
                 self.adaptation_batch_size,
                 self.adaptation_batch_size // world_size,
                 max_steps,
@@ -236,7 +255,9 @@ class MultiTaskDataModule(LightningDataModule):
         return CombinedLoader(loaders, mode="max_size_cycle")
 
     def _adaptation_dataset(self, task: TaskInfo) -> UnlabeledImageDataset:
-        dataset = UnlabeledImageDataset(self.test_splits[task.name], self.preprocess)
+        data, where = self.test_splits[task.name], self._where(task, "test")
+        check_images(data, where)
+        dataset = UnlabeledImageDataset(data, self.preprocess, where=where)
         if self.adaptation_draw == "fresh" and self.adaptation_batch_size > len(dataset):
             raise DataError(
                 f"adaptation_batch_size {self.adaptation_batch_size} exceeds the {len(dataset)} test images of "

@@ -153,10 +153,22 @@ def checked_label_mapping(data: Dataset, task: TaskInfo, where: str) -> np.ndarr
 
 
 def check_labels(data: Dataset, task: TaskInfo, mapping: np.ndarray | None, where: str) -> None:
-    """Every label must name one of the task's classes."""
+    """Every label must name one of the task's classes: a whole number in range. A float column's
+    whole values (``2.0``, as pandas writes integer labels next to a missing one) are class
+    numbers like ints; ``2.6``, a missing value (NaN) or an infinity names no class."""
     # ``[:]`` reads the column as one array; ``data["label"]`` is a lazy column that numpy would
     # read row by row (0.3 s per 10,000 rows, on every run and every split).
     labels = np.asarray(data.select_columns(["label"]).with_format("numpy")[:]["label"])
+    if labels.dtype.kind == "f":  # numpy reads a missing value of any numeric column as NaN
+        bad = np.flatnonzero(~np.isfinite(labels) | (labels != np.round(labels)))
+        if bad.size:
+            row = int(bad[0])
+            value = data.select_columns(["label"])[row]["label"]
+            shown = "missing" if value is None or value != value else f"{value:g}"
+            raise DataError(
+                f"{where}: label {shown} at row {row} is not a class number (a whole number 0-{task.num_classes - 1} "
+                f"of '{task.name}'); {bad.size} such row(s)"
+            )
     bad = np.flatnonzero((labels < 0) | (labels >= (len(mapping) if mapping is not None else task.num_classes)))
     if bad.size:
         row = int(bad[0])

@@ -1,4 +1,10 @@
-"""Torch views of a Hugging Face split: decode, preprocess, map labels."""
+"""Torch views of a Hugging Face split: decode, preprocess, map labels.
+
+An image that fails when it is decoded or preprocessed (data broken inside a file, which
+``datamodules.images.check_images`` cannot see without decoding) is a ``DataError`` naming its
+split and its file or row. In a DataLoader, the only caller of ``__getitems__``, it comes back
+as an ``UnreadableBatch`` that the loader raises in the main process.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,8 @@ import torch
 from datasets import Dataset as HFDataset
 from torch.utils.data import Dataset
 
+from datamodules.errors import DataError
+from datamodules.images import UnreadableBatch, unreadable
 from datamodules.preprocessing import ImagePreprocessor
 
 
@@ -20,6 +28,7 @@ class ImageClassificationDataset(Dataset):
         preprocess: turns a PIL image into the model input.
         indices: the rows to use (default: all), e.g. the train or validation part.
         label_map: dataset label id -> task label id, where the two orders differ.
+        where: the split, as error messages name it (``task 'dtd', path '...', split 'train'``).
     """
 
     def __init__(
@@ -28,11 +37,13 @@ class ImageClassificationDataset(Dataset):
         preprocess: ImagePreprocessor,
         indices: Sequence[int] | None = None,
         label_map: np.ndarray | None = None,
+        where: str = "dataset",
     ) -> None:
         self.data = data.select_columns(["image", "label"])
         self.preprocess = preprocess
         self.indices = np.arange(len(data)) if indices is None else np.asarray(indices)
         self.label_map = label_map
+        self.where = where
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -40,30 +51,67 @@ class ImageClassificationDataset(Dataset):
     def _label(self, label: int) -> int:
         return int(self.label_map[label]) if self.label_map is not None else int(label)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        row = self.data[int(self.indices[index])]
-        return self.preprocess(row["image"]), self._label(row["label"])
+    def _sample(self, row: int) -> tuple[torch.Tensor, int]:
+        try:
+            item = self.data[row]
+            pixels = self.preprocess(item["image"])
+        except Exception as error:  # whatever decoding or converting this row's image raised
+            raise DataError(unreadable(self.data, row, self.where, error)) from error
+        return pixels, self._label(item["label"])
 
-    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
-        # One Arrow read per batch instead of one per sample.
-        rows = self.data[[int(self.indices[i]) for i in indices]]
-        return [(self.preprocess(image), self._label(label)) for image, label in zip(rows["image"], rows["label"])]
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self._sample(int(self.indices[index]))
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]] | UnreadableBatch:
+        rows = [int(self.indices[i]) for i in indices]
+        try:  # one Arrow read per batch instead of one per sample
+            batch = self.data[rows]
+            return [(self.preprocess(image), self._label(label)) for image, label in zip(batch["image"], batch["label"])]
+        except Exception:  # find the row that failed
+            try:
+                return [self._sample(row) for row in rows]
+            except DataError as error:
+                return UnreadableBatch(str(error))
 
 
 class UnlabeledImageDataset(Dataset):
-    """Model inputs only. The label column is dropped when this is built, so nothing
-    downstream (test-time adaptation such as AdaMerging) can read a label, even by mistake.
+    """Model inputs only, from rows ``indices`` of a split. The label column is dropped when this
+    is built, so nothing downstream (test-time adaptation such as AdaMerging) can read a label,
+    even by mistake.
+
+    Args:
+        data: a split with an ``image`` column.
+        preprocess: turns a PIL image into the model input.
+        indices: the rows to use (default: all).
+        where: the split, as error messages name it.
     """
 
-    def __init__(self, data: HFDataset, preprocess: ImagePreprocessor) -> None:
+    def __init__(
+        self, data: HFDataset, preprocess: ImagePreprocessor, indices: Sequence[int] | None = None, where: str = "dataset"
+    ) -> None:
         self.data = data.select_columns(["image"])
         self.preprocess = preprocess
+        self.indices = np.arange(len(data)) if indices is None else np.asarray(indices)
+        self.where = where
 
     def __len__(self) -> int:
-        return len(self.data)
+        return len(self.indices)
+
+    def _sample(self, row: int) -> torch.Tensor:
+        try:
+            return self.preprocess(self.data[row]["image"])
+        except Exception as error:  # whatever decoding or converting this row's image raised
+            raise DataError(unreadable(self.data, row, self.where, error)) from error
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        return self.preprocess(self.data[int(index)]["image"])
+        return self._sample(int(self.indices[index]))
 
-    def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
-        return [self.preprocess(image) for image in self.data[[int(i) for i in indices]]["image"]]
+    def __getitems__(self, indices: list[int]) -> list[torch.Tensor] | UnreadableBatch:
+        rows = [int(self.indices[i]) for i in indices]
+        try:  # one Arrow read per batch instead of one per sample
+            return [self.preprocess(image) for image in self.data[rows]["image"]]
+        except Exception:  # find the row that failed
+            try:
+                return [self._sample(row) for row in rows]
+            except DataError as error:
+                return UnreadableBatch(str(error))

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, OnExceptionCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
@@ -64,11 +65,27 @@ class SaveConfigAfterModelSetup(SaveConfigCallback):
     """``config.yaml`` written once the model's setup has passed: Lightning runs the callbacks'
     setup first, and a merge refused in the model's setup (a checkpoint that is not a ConvNeXt)
     would leave the file of a run that never ran. The model's setup is idempotent here
-    (``MultiTaskEvaluation`` builds once), so Lightning calling it again right after is a no-op."""
+    (``MultiTaskEvaluation`` builds once), so Lightning calling it again right after is a no-op.
+    Bad input found mid-run (an image broken inside, found only when it is decoded) takes the
+    file back, and the log folder it made for it: nothing is left of the refused run."""
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         pl_module.setup(stage)
+        if not self.already_saved and self.save_to_log_dir:
+            log_dir = trainer.log_dir  # every rank asks (a broadcast); rank 0 writes
+            self._written = (os.path.join(log_dir, self.config_filename), log_dir, not get_filesystem(log_dir).isdir(log_dir))
         super().setup(trainer, pl_module, stage)
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        written = getattr(self, "_written", None)
+        if written is None or _input_error(exception) is None or not trainer.is_global_zero:
+            return
+        path, log_dir, made_log_dir = written
+        fs = get_filesystem(log_dir)
+        if fs.isfile(path):
+            fs.rm(path)
+        if made_log_dir and not fs.ls(log_dir):
+            fs.rmdir(log_dir)
 
 
 class ProjectCLI(LightningCLI):

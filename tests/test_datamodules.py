@@ -2,19 +2,36 @@
 
 from __future__ import annotations
 
+import io
+import re
+import struct
 import sys
+import zlib
 from collections import Counter
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
+from PIL import Image as PILImage
+from PIL import ImageFile
 
 from conftest import gray_image, index_dataset, write_dataset
-from datamodules import DataError, ImageClassificationDataModule, MultiTaskDataModule, get_task, split_train_val
+from datamodules import (
+    DataError,
+    ImageClassificationDataModule,
+    ImagePreprocessor,
+    MultiTaskDataModule,
+    get_task,
+    split_train_val,
+)
+from datamodules.images import UnreadableBatch, check_images
+from datamodules.loaders import evaluation_dataloader
 from datamodules.samplers import StepStreamSampler
 from datamodules.sources import get_split, load_task_dataset
 from datamodules.tasks import TASKS
+from datamodules.torch_data import ImageClassificationDataset
 
 FORMS = ("disk", "parquet", "imagefolder")
 SIZES = {"train": 50, "test": 13}
@@ -408,3 +425,150 @@ def test_multitask_validation_split_is_the_held_out_part_of_train(make_local_dat
     assert MultiTaskDataModule(["dtd"], paths={"dtd": path}, processor=tiny_processor).splits == ["test"]
     with pytest.raises(DataError, match="val_fraction must be between 0 and 1"):
         MultiTaskDataModule(["dtd"], paths={"dtd": path}, processor=tiny_processor, val_fraction=1.5)
+
+
+# --- images checked before use, and one named when it fails to decode --------------------------
+
+
+def png_bytes(value: int, mode: str = "L") -> bytes:
+    buffer = io.BytesIO()
+    PILImage.new(mode, (8, 8), value).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def jpeg_bytes(seed: int) -> bytes:
+    buffer = io.BytesIO()
+    pixels = np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    PILImage.fromarray(pixels).save(buffer, "JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def stored_split(blobs: list[bytes], names: list[str] | None = None) -> Dataset:
+    """A split of these image bytes (as they are), stored under ``names``; labels cycle over CLASSES."""
+    features = Features({"image": Image(), "label": ClassLabel(names=list(CLASSES))})
+    images = [{"bytes": blob, "path": names[row] if names else None} for row, blob in enumerate(blobs)]
+    return Dataset.from_dict({"image": images, "label": [row % len(CLASSES) for row in range(len(blobs))]}, features=features)
+
+
+def broken_inside(data: bytes) -> bytes:
+    """``data`` (a JPEG) with bytes of its image data overwritten: header and end marker whole."""
+    data, rng = bytearray(data), np.random.default_rng(1)
+    start = data.index(b"\xff\xda") + 20
+    for position in rng.integers(start, len(data) - 2, 200):
+        data[position] = int(rng.integers(256))
+    return bytes(data)
+
+
+def huge_png_header(side: int = 30_000) -> bytes:
+    """A PNG whose header says ``side`` x ``side`` pixels: PIL refuses to open it (a decompression bomb)."""
+    data = bytearray(png_bytes(0))
+    data[16:24] = struct.pack(">II", side, side)  # IHDR's width and height, then its CRC
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+def test_the_image_check_names_the_split_row_and_stored_name():
+    blobs = [png_bytes(row) for row in range(12)]
+    blobs[7], blobs[9] = b"", huge_png_header()
+    split = stored_split(blobs, [f"image-{row}.png" for row in range(12)])
+    second = re.escape("; 2 image(s) of this split cannot be read")
+    with pytest.raises(DataError, match=rf"^here, row 7 \('image-7.png'\): empty \(0 bytes\){second}$"):
+        check_images(split, "here")
+    with pytest.raises(DataError, match=r"^here, row 7 \('image-7.png'\): empty \(0 bytes\)$"):
+        check_images(split, "here", np.array([1, 7, 11]))  # rows of a held-out part: named as rows of the split
+    with pytest.raises(DataError, match=r"^here, row 9 \('image-9.png'\): cannot open the image \(DecompressionBombError: "):
+        check_images(split, "here", np.array([8, 9, 10]))
+    check_images(split, "here", np.array([0, 1, 2, 3, 10, 11]))  # the rows that are read are whole
+
+
+def test_the_image_check_decodes_only_images_without_an_end_marker(monkeypatch):
+    decoded = []
+    load = ImageFile.ImageFile.load
+
+    def counting(image):
+        decoded.append(image.format)
+        return load(image)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", counting)
+    gif = io.BytesIO()
+    PILImage.new("P", (8, 8)).save(gif, "GIF")
+    whole = [png_bytes(3), png_bytes(4, "RGB"), jpeg_bytes(0), broken_inside(jpeg_bytes(1))]
+    check_images(stored_split(whole), "here")
+    assert decoded == [], "JPEGs and PNGs that end with their end marker are not decoded"
+    # Bytes after the end marker (some cameras append data) or another format: decoded to know.
+    check_images(stored_split([jpeg_bytes(2) + b"\x00" * 16, png_bytes(5) + b"trailer", gif.getvalue()]), "here")
+    assert decoded == ["JPEG", "PNG", "GIF"]
+    with pytest.raises(
+        DataError, match=r"^here, row 0: the image data is cut short or broken \(OSError: image file is truncated"
+    ):
+        check_images(stored_split([jpeg_bytes(3)[:-200]]), "here")
+
+
+def test_an_image_column_that_holds_no_images_to_decode_is_refused():
+    split = stored_split([png_bytes(1)])
+    for column in (
+        split.cast_column("image", Image(decode=False)),
+        split.cast_column("label", Value("string")).rename_columns({"image": "pixels", "label": "image"}),
+    ):
+        with pytest.raises(
+            DataError, match=r"^here: the image column holds .*, not images to decode \(make it one with dataset.cast_column"
+        ):
+            check_images(column, "here")
+    split = split.cast_column("image", Image(mode="I"))
+    with pytest.raises(DataError, match=r"^here: the image column converts every image to mode 'I': image mode 'I' \(32-bit"):
+        check_images(split, "here")
+
+
+def test_an_image_broken_inside_is_named_when_it_is_read(tiny_processor):
+    split = stored_split([png_bytes(row) for row in range(3)] + [broken_inside(jpeg_bytes(0))])
+    dataset = ImageClassificationDataset(split, ImagePreprocessor.from_pretrained(tiny_processor), where="here")
+    message = "here, row 3: cannot read the image (OSError: broken data stream when reading image file)"
+    with pytest.raises(DataError) as error:
+        dataset[3]
+    assert str(error.value) == message
+    assert dataset.__getitems__([0, 3]) == UnreadableBatch(message), "what a worker process hands the loader"
+    assert len(dataset.__getitems__([0, 1])) == 2
+    loader = evaluation_dataloader(dataset, batch_size=2, num_workers=0, trainer=None)
+    batches = iter(loader)
+    assert next(batches)[1].tolist() == [0, 1]
+    with pytest.raises(DataError) as error:
+        next(batches)
+    assert str(error.value) == message, "raised as it was, one line"
+
+
+def test_the_merge_side_checks_its_images_in_setup_and_only_the_rows_it_reads(tmp_path, tiny_processor):
+    blobs = [png_bytes(row) for row in range(20)]
+    blobs[13] = b""
+    path = write_dataset(DatasetDict({"train": stored_split(blobs), "test": stored_split(blobs[:4])}), tmp_path / "dtd", "disk")
+    where = f"task 'dtd', path '{path}', split 'train', row 13: empty (0 bytes)"
+    gram = MultiTaskDataModule(["dtd"], paths={"dtd": path}, processor=tiny_processor, num_workers=0, gram_images=20)
+    with pytest.raises(DataError, match=re.escape(where)):
+        gram.setup("test")  # the Gram pass reads every train row
+    fewer = MultiTaskDataModule(["dtd"], paths={"dtd": path}, processor=tiny_processor, num_workers=0, gram_images=5, gram_seed=1)
+    assert 13 not in fewer.gram_rows(20)
+    fewer.setup("test")  # row 13 is not read
+    # merge and save only (limit_test_batches 0): nothing is read, so nothing is checked
+    gram.trainer = SimpleNamespace(testing=True, limit_test_batches=0, world_size=1)
+    gram.setup("test")
+    assert "gram_datasets" not in vars(gram)
+
+
+def test_whole_float_labels_are_class_numbers_and_others_are_refused(tmp_path, tiny_processor, decode_index):
+    features = Features({"image": Image(), "label": Value("float64")})
+    pixels = [gray_image(row) for row in range(4)]
+    split = Dataset.from_dict({"image": pixels, "label": [3.0, 0.0, 2.0, 1.0]}, features=features)
+    data = datamodule(save(DatasetDict({"train": split, "test": split}), tmp_path / "whole"), tiny_processor)
+    data.setup("test")
+    assert decoded(data.datasets["test"], decode_index) == [(0, 3), (1, 0), (2, 2), (3, 1)]
+    for labels, shown in (
+        ([3.0, 0.5, 2.0, 1.5], "0.5"),
+        ([3.0, float("nan"), 2.0, 1.5], "missing"),
+        ([3.0, float("inf"), 2.0, 1.5], "inf"),
+    ):
+        split = Dataset.from_dict({"image": pixels, "label": labels}, features=features)
+        data = datamodule(save(DatasetDict({"train": split, "test": split}), tmp_path / shown), tiny_processor)
+        expect_error(
+            data,
+            "test",
+            f"split 'test': label {shown} at row 1 is not a class number (a whole number 0-46 of 'dtd'); 2 such row(s)",
+        )

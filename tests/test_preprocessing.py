@@ -7,9 +7,11 @@ import pytest
 import torch
 from PIL import Image
 from transformers import AutoImageProcessor
+from transformers.image_utils import load_image
 
 from conftest import CONVNEXT_BASE_PREPROCESSOR, write_preprocessor
 from datamodules import DataError, ImagePreprocessor, load_image_processor
+from datamodules.images import READABLE_MODES, mode_problem
 from tolerances import U32
 
 #: The same uint8 crop (PIL resizes and crops it alike on both sides), normalised on each side by
@@ -131,3 +133,57 @@ def test_missing_processor_is_a_data_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no preprocessor_config.json"):
         load_image_processor(str(tmp_path / "empty"))
+
+
+# --- every image mode: read as the Hugging Face pipeline reads it, or refused ----------------------
+
+
+def mode_images() -> dict[str, Image.Image]:
+    """One image per mode ``READABLE_MODES`` names (a palette one with a transparent colour too),
+    made from random RGBA pixels whose alpha is not all opaque."""
+    rgba = random_image(150, 110, "RGBA", seed=3)
+    rgb = rgba.convert("RGB")
+    transparent = rgb.convert("P")
+    transparent.info["transparency"] = 0
+    images = {mode: rgba.convert(mode) for mode in ("LA", "PA", "RGBa")}
+    images |= {mode: rgb.convert(mode) for mode in ("1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")}
+    return {**images, "RGBA": rgba, "P with a transparent colour": transparent}
+
+
+def test_every_readable_mode_is_read_as_the_pipeline_reads_it(base):
+    """``pipeline("image-classification")`` runs ``load_image`` (``convert("RGB")``: alpha dropped, not
+    composited on white as the processor's own ``do_convert_rgb`` would) and then the processor."""
+    ours, processor = base
+    images = mode_images()
+    assert {image.mode for image in images.values()} == set(READABLE_MODES), "a mode without a test"
+    for name, image in images.items():
+        assert max_difference(ours(image), reference(processor, load_image(image))) <= TOLERANCE, name
+
+
+REFUSED = {
+    "I;16": np.uint16,  # 16-bit PNGs (the issue's digits)
+    "I;16B": np.dtype(">u2"),
+    "I": np.int32,
+    "F": np.float32,
+}
+
+
+@pytest.mark.parametrize("mode", REFUSED)
+def test_modes_that_would_be_clipped_are_refused(mode, base):
+    ours, processor = base
+    pixels = np.random.default_rng(0).integers(0, 60000, (40, 50)).astype(REFUSED[mode])
+    image = Image.fromarray(pixels) if mode != "I;16B" else Image.fromarray(pixels.astype(np.uint16)).convert("I;16B")
+    assert image.mode == mode
+    assert np.asarray(image.convert("RGB")).max() == 255 < pixels.max(), "convert('RGB') clips: what is refused"
+    with pytest.raises(DataError, match=rf"^image mode '{mode}' \(.*pixels\) cannot be made 8-bit RGB without clipping"):
+        ours(image)
+    with pytest.raises(ValueError):  # the Hugging Face processor refuses it too (the message says so)
+        reference(processor, image)
+    assert mode_problem(mode) is not None and mode_problem("L") is None
+
+
+def test_a_mode_pil_cannot_make_rgb_is_refused(base):
+    ours, _ = base
+    image = random_image(20, 10, "RGBA").convert("LA").convert("La")
+    with pytest.raises(DataError, match=r"^image mode 'La' cannot be made RGB$"):
+        ours(image)
