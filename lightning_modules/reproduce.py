@@ -230,6 +230,13 @@ def with_option_values_attached(args: Sequence[str]) -> list[str]:
     return attached
 
 
+def split_options(option: str, value: str) -> list[str]:
+    try:
+        return shlex.split(value)
+    except ValueError as error:  # an unclosed quote
+        fail(f"{option} '{value}': {error}")
+
+
 def benchmark_tasks(names: Sequence[str]) -> list[str]:
     """The tasks of ``--tasks`` by their own names (``Stanford-Cars`` is ``stanford_cars``), each
     one with a reference fine-tune (``configs/train/<task>.yaml``), each once: checked before
@@ -265,7 +272,7 @@ def main(args: Sequence[str] | None = None) -> int:
     if options.gpus < 1:
         fail(f"--gpus must be 1 or more, got {options.gpus}")
     tasks = benchmark_tasks(options.tasks)
-    train_args, merge_args = shlex.split(options.train_args), shlex.split(options.merge_args)
+    train_args, merge_args = split_options("--train-args", options.train_args), split_options("--merge-args", options.merge_args)
     plans = [plan_fine_tune(task, train_args) for task in tasks]
     failed = run_fine_tunes(plans, options.gpus, train_args, options.output_dir / "logs")
     if failed:

@@ -1,7 +1,9 @@
-"""The checkpoint ``--ckpt_path`` resumes from, checked before fit starts (``ProjectCLI.before_fit``
-calls these): one file, loadable, and for ``train.py`` a checkpoint of the classifier being trained.
-Lightning would find out only after the data, the logger and ``config.yaml`` are set up, and then
-with a traceback; for ``--ckpt_path last`` it takes the newest ``last*.ckpt`` without a word."""
+"""The checkpoint ``--ckpt_path`` names, checked before anything is read or written: a file given
+loads (``ProjectCLI.parse_arguments``: LightningCLI reads it next), and the one fit resumes from
+(``ProjectCLI.before_fit``) is one file, loadable, and for ``train.py`` a checkpoint of the
+classifier being trained. Lightning would find out only after the data, the logger and
+``config.yaml`` are set up, and then with a traceback; for ``--ckpt_path last`` it takes the
+newest ``last*.ckpt`` without a word."""
 
 from __future__ import annotations
 

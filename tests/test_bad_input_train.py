@@ -261,11 +261,14 @@ PROGRAM = "python -m lightning_modules.reproduce"
 CHOICES = f"the benchmark's tasks: {', '.join(BENCHMARK_TASKS)}"
 REPRODUCE_MISTAKES = {
     "a misspelt task": (["--tasks", "dtd", "dtdd"], f"--tasks: unknown task 'dtdd'; did you mean 'dtd'? ({CHOICES})"),
-    "a quickstart task": (["--tasks", "digits"], f"--tasks: 'digits' is not a benchmark task, it has no configs/train/digits.yaml ({CHOICES})"),
+    "a quickstart task": (["--tasks", "digits"],
+                          f"--tasks: 'digits' is not a benchmark task, it has no configs/train/digits.yaml ({CHOICES})"),
     "a task twice": (["--tasks", "Stanford-Cars", "stanford_cars"], "--tasks: stanford_cars is given twice"),
     "--gpus 0": (["--gpus", "0"], "--gpus must be 1 or more, got 0"),
     "--gpus not a number": (["--gpus", "two"], f"argument --gpus: invalid int value: 'two' (see {PROGRAM} --help)"),
     "an abbreviated option": (["--gpu", "2"], f"unrecognized arguments: --gpu 2 (see {PROGRAM} --help)"),
+    "an unclosed quote": (["--train-args", '--trainer.max_steps="2'],
+                          """--train-args '--trainer.max_steps="2': No closing quotation"""),
     "max_steps 0": (["--tasks", "dtd", "--train-args", "--trainer.max_steps=0"],
                     "configs/train/dtd.yaml with --train-args '--trainer.max_steps=0': trainer.max_steps 0 trains nothing, "
                     "and the export would be the untrained model: give 1 or more"),
