@@ -25,7 +25,7 @@ from test_bad_input import checkpoint_callback, cli_or_yaml, merge_args, one_err
 import merge_fixtures as mf
 import train_cli_callbacks
 from conftest import write_dataset
-from datamodules.tasks import BENCHMARK_TASKS
+from datamodules.tasks import BENCHMARK_TASKS, get_task
 from lightning_modules import reproduce
 from merge import main as merge_main
 from train import main as train_main
@@ -217,6 +217,8 @@ def test_another_tasks_checkpoint_is_one_error_line(checkpoints, convnext, mnist
     state = checkpoint["state_dict"]
     state["model.classifier.weight"] = torch.zeros(43, state["model.classifier.weight"].shape[1])
     state["model.classifier.bias"] = torch.zeros(43)
+    # Its hyper-parameters too, which LightningCLI reads into the configuration: the data's classes still win.
+    checkpoint["hyper_parameters"].update(num_classes=43, classnames=list(get_task("gtsrb").classnames))
     path = tmp_path / "gtsrb.ckpt"
     torch.save(checkpoint, path)
     line = one_error_line(train_main, resume_args(convnext, mnist, tmp_path, str(path)), capsys)
