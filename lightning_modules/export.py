@@ -101,9 +101,10 @@ class HuggingFaceExport(Callback):
     ``config.json`` with the task's ``id2label``, ``model.safetensors``,
     ``preprocessor_config.json``, a model card ``README.md`` (base model, task, recipe, final
     validation metrics) and, where given, the resolved configuration ``train_config.yaml``.
-    An export that exists, or an ``export_dir`` that cannot be written, is refused when fit
-    starts, before any training. For ``ImageClassifier`` with ``ImageClassificationDataModule``:
-    ``Trainer(callbacks=[HuggingFaceExport("exports")]).fit(model, datamodule=data)``.
+    An export that exists, an ``export_dir`` that cannot be written, or a ``max_steps`` that is
+    not 1 or more (the name counts the steps), is refused when fit starts, before any training.
+    For ``ImageClassifier`` with ``ImageClassificationDataModule``:
+    ``Trainer(max_steps=4000, callbacks=[HuggingFaceExport("exports")]).fit(model, datamodule=data)``.
 
     Args:
         export_dir: root of the export.
