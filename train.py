@@ -18,6 +18,7 @@ def main(args: ArgsType = None) -> None:
         ImageClassificationDataModule,
         args=args,
         trainer_defaults={"use_distributed_sampler": False},
+        auto_configure_optimizers=False,  # no --optimizer/--lr_scheduler: SGD with --model.* is what the export says it ran
     )
 
 

@@ -22,6 +22,7 @@ from lightning_modules.evaluation import MultiTaskEvaluation
 from lightning_modules.export import HuggingFaceExport
 from lightning_modules.noise import silence_known_noise
 from lightning_modules.parser_errors import ProjectArgumentParser
+from lightning_modules.resume import check_given_checkpoint, check_resume_file, one_last_checkpoint
 from merging.errors import MergeError
 
 #: Errors that mean bad input: reported as one line, without a traceback.
@@ -116,6 +117,10 @@ class ProjectCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: Any) -> None:
         read_integers_as_counts(parser)
 
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        check_given_checkpoint(self.config)  # before LightningCLI reads the file's hyper-parameters
+
     def subcommand_config(self) -> Any:
         return self.config.get(str(self.subcommand), self.config)
 
@@ -147,7 +152,7 @@ class ProjectCLI(LightningCLI):
             self._froze_startup_objects = True
 
     def before_fit(self) -> None:
-        check_resume_checkpoint(self.trainer, self.subcommand_config().get("ckpt_path"))
+        check_resume_checkpoint(self.trainer, self.subcommand_config().get("ckpt_path"), self.model)
         self.freeze_startup_objects()
 
     def before_test(self) -> None:
@@ -162,20 +167,24 @@ def default_checkpoint_dir(default_root_dir: str) -> str:
     return os.path.realpath(os.path.join(os.path.expanduser(default_root_dir), "checkpoints"))
 
 
-def check_resume_checkpoint(trainer: Any, ckpt_path: str | None) -> None:
+def check_resume_checkpoint(trainer: Any, ckpt_path: str | None, model: Any = None) -> None:
     """``--ckpt_path last`` with no last checkpoint: Lightning only warns and trains from scratch,
-    which a resumed run must not silently do. Found as Lightning finds it when fit starts."""
+    which a resumed run must not silently do. Found as Lightning finds it when fit starts; the
+    file found (one, loadable, the model's: ``lightning_modules/resume.py``) checked too."""
     if ckpt_path in (None, "best", "hpc"):
         return
     if ckpt_path != "last":
         local = "://" not in ckpt_path and not ckpt_path.startswith("registry")
         if local and not Path(ckpt_path).is_file():
             raise CheckpointError(f"--ckpt_path '{ckpt_path}': no such checkpoint file")
+        if local:
+            check_resume_file(ckpt_path, model, ckpt_path)
         return
     callbacks = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)]
     found = {path for callback in callbacks for path in callback._find_last_checkpoints(trainer)}
     found |= {c.ckpt_path for c in trainer.callbacks if isinstance(c, OnExceptionCheckpoint)}
-    if any(Path(path).is_file() for path in found):
+    if (last := one_last_checkpoint(found)) is not None:
+        check_resume_file(last, model, ckpt_path)
         return
     # Where Lightning looks: dirpath, else under the logger's or the trainer's root.
     places = [f"'{callback._ModelCheckpoint__resolve_ckpt_dir(trainer)}'" for callback in callbacks]

@@ -14,6 +14,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 from common.files import check_export_target, check_output_location, write_atomically
 from datamodules.tasks import get_task
+from lightning_modules.errors import TrainingError
 
 
 def export_name(model_name_or_path: str, task_hub_name: str, batch_size: int, lr: float, steps: int) -> str:
@@ -32,6 +33,35 @@ def export_path(config: Mapping[str, Any], steps: int) -> Path | None:
         model["model_name_or_path"], get_task(data["task"]).hub_name, data["batch_size"], model["lr"], steps
     )
     return Path(config["export_dir"]) / name
+
+
+def check_export_steps(max_steps: int | None) -> None:
+    """The recipe counts optimizer steps and the export is named after them: ``max_steps`` must
+    say how many, before training (0 would export the model as it started; -1 leaves the count to
+    ``max_epochs``, known only once the data is read, and the name unchecked until the end)."""
+    if max_steps == 0:
+        raise TrainingError("trainer.max_steps 0 trains nothing, and the export would be the untrained model: give 1 or more")
+    if max_steps is None or max_steps < 0:
+        raise TrainingError(
+            f"trainer.max_steps must be 1 or more to export, got {max_steps}: the export is named after its optimizer "
+            "steps, which trainer.max_epochs leaves open until the data is read (set trainer.max_steps, or --export_dir null)"
+        )
+
+
+def schedule(trainer: Trainer) -> str:
+    """The learning-rate schedule the run stepped, as the model card states it: each scheduler's
+    class and settings."""
+    described = []
+    for config in trainer.lr_scheduler_configs:
+        settings = []
+        for key, value in config.scheduler.state_dict().items():
+            # What the scheduler was given, not how far it got (last_epoch, base_lrs, _step_count, ...).
+            if key.startswith("_") or key in ("base_lrs", "last_epoch") or not isinstance(value, (int, float, str)):
+                continue
+            settings.append(f"{key} {value:g}" if isinstance(value, float) else f"{key} {value}")
+        every = "optimizer step" if config.interval == "step" else config.interval
+        described.append(f"{type(config.scheduler).__name__} ({', '.join(settings)}), stepped every {every}")
+    return "; ".join(described) or "constant"
 
 
 def model_card(
@@ -71,9 +101,10 @@ class HuggingFaceExport(Callback):
     ``config.json`` with the task's ``id2label``, ``model.safetensors``,
     ``preprocessor_config.json``, a model card ``README.md`` (base model, task, recipe, final
     validation metrics) and, where given, the resolved configuration ``train_config.yaml``.
-    An export that exists, or an ``export_dir`` that cannot be written, is refused when fit
-    starts, before any training. For ``ImageClassifier`` with ``ImageClassificationDataModule``:
-    ``Trainer(callbacks=[HuggingFaceExport("exports")]).fit(model, datamodule=data)``.
+    An export that exists, an ``export_dir`` that cannot be written, or a ``max_steps`` that is
+    not 1 or more (the name counts the steps), is refused when fit starts, before any training.
+    For ``ImageClassifier`` with ``ImageClassificationDataModule``:
+    ``Trainer(max_steps=4000, callbacks=[HuggingFaceExport("exports")]).fit(model, datamodule=data)``.
 
     Args:
         export_dir: root of the export.
@@ -100,9 +131,11 @@ class HuggingFaceExport(Callback):
         return Path(self.export_dir) / name
 
     def check(self, trainer: Trainer, pl_module: LightningModule, datamodule: Any) -> None:
-        """Refuse an export that would be refused or fail at the end of training."""
+        """Refuse an export that would be refused or fail at the end of training, or that would be
+        the untrained model."""
+        check_export_steps(trainer.max_steps)
         check_output_location(self.export_dir, "export_dir")
-        if trainer.max_steps and trainer.max_steps > 0 and trainer.is_global_zero:
+        if trainer.is_global_zero:
             check_export_target(self.target(pl_module, datamodule, trainer.max_steps), self.overwrite)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -132,7 +165,7 @@ class HuggingFaceExport(Callback):
             "base model": hparams.model_name_or_path,
             "task": data.task.name,
             "optimizer": f"SGD (lr {hparams.lr:g}, momentum {hparams.momentum:g}, weight decay {hparams.weight_decay:g})",
-            "learning-rate schedule": "constant" if pl_module.scheduler is None else "see train_config.yaml",
+            "learning-rate schedule": schedule(trainer),
             "global batch size": data.batch_size,
             "steps": trainer.global_step,
             "precision": trainer.precision,

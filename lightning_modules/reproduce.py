@@ -23,6 +23,7 @@ short rehearsal on a CPU: ``--train-args "--trainer.max_steps=20 --trainer.accel
 from __future__ import annotations
 
 import argparse
+import difflib
 import io
 import os
 import queue
@@ -35,17 +36,32 @@ from collections.abc import Mapping, Sequence
 from contextlib import redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from unittest import mock
 
 import yaml
 
-from datamodules.tasks import BENCHMARK_TASKS, get_task
+from datamodules.errors import DataError
+from datamodules.tasks import BENCHMARK_TASKS, get_task, task_key
 from lightning_modules.cli import default_checkpoint_dir
-from lightning_modules.export import export_path
+from lightning_modules.errors import TrainingError
+from lightning_modules.export import check_export_steps, export_path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = REPO_ROOT / "configs"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """A usage mistake (``--gpus abc``, an unknown option) is one ``error:`` line and exit status 1,
+    as everywhere in the project, not argparse's usage text and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        fail(f"{message} (see {self.prog} --help)")
+
+
+def fail(message: str) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(1)
 
 
 @dataclass(frozen=True)
@@ -86,9 +102,14 @@ def resolved_train_config(config: Path, train_args: Sequence[str]) -> dict[str, 
 def plan_fine_tune(task: str, train_args: Sequence[str]) -> FineTune:
     config_file = CONFIGS / "train" / f"{task}.yaml"
     config = resolved_train_config(config_file, train_args)
+    named = config_file.relative_to(REPO_ROOT)
+    if config.get("export_dir") is None:
+        fail(f"{named} exports nothing (export_dir: null); the merges need the exports")
+    try:  # what train.py would refuse, refused before any fine-tune starts
+        check_export_steps(config["trainer"]["max_steps"])
+    except TrainingError as error:
+        fail(f"{named} with --train-args '{shlex.join(train_args)}': {error}")
     export = export_path(config, config["trainer"]["max_steps"])
-    if export is None:
-        raise SystemExit(f"error: {config_file} exports nothing (export_dir: null); the merges need the exports")
     checkpoints = [
         callback["init_args"].get("dirpath")
         or os.path.relpath(default_checkpoint_dir(config["trainer"]["default_root_dir"] or "."))
@@ -171,7 +192,7 @@ def write_merge_config(name: str, pool: Path, tasks: Sequence[str], output_dir: 
 def write_pool(plans: Sequence[FineTune], output_dir: Path) -> Path:
     base_models = {plan.base_model for plan in plans}
     if len(base_models) != 1:
-        raise SystemExit(f"error: the fine-tunes start from different models ({', '.join(sorted(base_models))})")
+        fail(f"the fine-tunes start from different models ({', '.join(sorted(base_models))})")
     models = {"_pretrained_": base_models.pop(), **{plan.task: str(plan.export) for plan in plans}}
     pool = output_dir / "pool.yaml"
     pool.parent.mkdir(parents=True, exist_ok=True)
@@ -197,26 +218,66 @@ def run_merges(pool: Path, tasks: Sequence[str], output_dir: Path, merge_args: S
     return 0
 
 
+def with_option_values_attached(args: Sequence[str]) -> list[str]:
+    """``--train-args "--trainer.max_steps=20"`` as ``--train-args=--trainer.max_steps=20``: argparse
+    takes a lone value starting with ``--`` for an option of its own, and ``make reproduce
+    TRAIN_ARGS=--trainer.precision=bf16-mixed`` passes one so."""
+    attached: list[str] = []
+    rest = iter(args)
+    for arg in rest:
+        value = next(rest, None) if arg in ("--train-args", "--merge-args") else None
+        attached.append(arg if value is None else f"{arg}={value}")
+    return attached
+
+
+def split_options(option: str, value: str) -> list[str]:
+    try:
+        return shlex.split(value)
+    except ValueError as error:  # an unclosed quote
+        fail(f"{option} '{value}': {error}")
+
+
+def benchmark_tasks(names: Sequence[str]) -> list[str]:
+    """The tasks of ``--tasks`` by their own names (``Stanford-Cars`` is ``stanford_cars``), each
+    one with a reference fine-tune (``configs/train/<task>.yaml``), each once: checked before
+    anything runs."""
+    choices = f"the benchmark's tasks: {', '.join(BENCHMARK_TASKS)}"
+    tasks: list[str] = []
+    for name in names:
+        try:
+            task = get_task(name).name
+        except DataError:
+            close = difflib.get_close_matches(task_key(name), BENCHMARK_TASKS, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            fail(f"--tasks: unknown task '{name}'; {hint}({choices})")
+        if task not in BENCHMARK_TASKS:
+            fail(f"--tasks: '{name}' is not a benchmark task, it has no configs/train/{task}.yaml ({choices})")
+        if task in tasks:
+            fail(f"--tasks: {task} is given twice")
+        tasks.append(task)
+    return tasks
+
+
 def main(args: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m lightning_modules.reproduce", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False,
     )  # fmt: skip
     parser.add_argument("--gpus", type=int, default=1, help="fine-tunes at a time, one GPU each (GPU 0..N-1)")
     parser.add_argument("--tasks", nargs="+", default=list(BENCHMARK_TASKS), help="the tasks to fine-tune and merge")
     parser.add_argument("--train-args", default="", help="extra options for every train.py fit (one string)")
     parser.add_argument("--merge-args", default="", help="extra options for merge.py fit/test (one string)")
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/reproduce"), help="pool, merge outputs, logs")
-    options = parser.parse_args(args)
+    options = parser.parse_args(with_option_values_attached(sys.argv[1:] if args is None else args))
     if options.gpus < 1:
-        parser.error(f"--gpus must be at least 1, got {options.gpus}")
-    train_args, merge_args = shlex.split(options.train_args), shlex.split(options.merge_args)
-    plans = [plan_fine_tune(get_task(task).name, train_args) for task in options.tasks]
+        fail(f"--gpus must be 1 or more, got {options.gpus}")
+    tasks = benchmark_tasks(options.tasks)
+    train_args, merge_args = split_options("--train-args", options.train_args), split_options("--merge-args", options.merge_args)
+    plans = [plan_fine_tune(task, train_args) for task in tasks]
     failed = run_fine_tunes(plans, options.gpus, train_args, options.output_dir / "logs")
     if failed:
         say(f"fine-tunes failed: {', '.join(failed)}; fix and rerun: finished tasks are skipped, interrupted ones resume")
         return 1
-    tasks = [plan.task for plan in plans]
     return run_merges(write_pool(plans, options.output_dir), tasks, options.output_dir, merge_args)
 
 

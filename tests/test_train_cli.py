@@ -154,6 +154,26 @@ def test_quickstart_config_fast_dev_run(config: Path, tmp_path: Path, monkeypatc
     )  # fmt: skip
 
 
+CHECKPOINTING_QUICKSTART_CONFIGS = [path for path in QUICKSTART_CONFIGS if "ModelCheckpoint" in path.read_text()]
+
+
+@pytest.mark.parametrize("config", CHECKPOINTING_QUICKSTART_CONFIGS, ids=lambda path: path.stem)
+def test_quickstart_checkpoints_follow_default_root_dir(config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No ``dirpath`` in the config: ``--trainer.default_root_dir`` moves the checkpoints with the run."""
+    monkeypatch.chdir(tmp_path)
+    main(
+        [
+            "fit", "--config", str(config), "--trainer.default_root_dir=elsewhere", "--trainer.logger=false",
+            "--trainer.max_steps=1", "--trainer.val_check_interval=1", "--trainer.limit_val_batches=1",
+            "--trainer.callbacks.every_n_train_steps=1", f"--model.model_name_or_path={TINY_32}", "--model.pretrained=false",
+            f"--data.processor={TINY_32}", "--export_dir=null", *QUIET,
+        ]
+    )  # fmt: skip
+    checkpoints = tmp_path / "elsewhere" / "checkpoints"
+    assert sorted(path.name for path in checkpoints.iterdir()) == ["epoch=0-step=1.ckpt", "last.ckpt"]
+    assert not (tmp_path / "outputs").exists()
+
+
 @pytest.mark.parametrize("task", [path.stem for path in TRAIN_CONFIGS])
 def test_train_config_fast_dev_run(task: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = make_dataset(tmp_path / "data", task, num_train=20, num_test=4)
@@ -244,6 +264,22 @@ def test_other_validation_splits(val_split: str, tiny_model: Path, tmp_path: Pat
     else:
         assert "| training images | 40 |" in card and "| validation split | none |" in card
         assert "validate" not in train_cli_callbacks.RECORDED and "val/accuracy" not in card
+
+
+def test_model_scheduler_steps_the_learning_rate_and_the_card_says_which(
+    tiny_model: Path, mnist_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    main(
+        ["fit", "--config", str(REPO / "configs" / "train" / "mnist.yaml"), "--trainer.logger=false",
+         *tiny_args(tiny_model, mnist_data), *short_run(3, 3), "--model.scheduler=StepLR", "--model.scheduler.step_size=1",
+         "--model.scheduler.gamma=0.5", RECORD, *QUIET]
+    )  # fmt: skip
+    optimizer = train_cli_callbacks.RECORDED["module"].trainer.optimizers[0]
+    assert type(optimizer) is torch.optim.SGD and optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * 0.5**3)
+    card = (tmp_path / "exports" / "tiny_mnist_sgd_batch-size-8_lr-0.01_steps-3" / "README.md").read_text()
+    assert "| optimizer | SGD (lr 0.01, momentum 0.9, weight decay 0.0001) |" in card
+    assert "| learning-rate schedule | StepLR (step_size 1, gamma 0.5), stepped every optimizer step |" in card
 
 
 def test_train_mode_in_training_eval_mode_in_validation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -359,6 +395,7 @@ def test_export_is_a_complete_hf_checkpoint(trained: dict) -> None:
     card = (export / "README.md").read_text()
     for text in (
         "SGD (lr 0.01, momentum 0.9, weight decay 0.0001)",
+        "| learning-rate schedule | constant |",
         "| steps | 6 |",
         "| global batch size | 8 |",
         "val/accuracy",
