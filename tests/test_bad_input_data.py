@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import test_bad_input as bad_input
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value, load_from_disk
 from PIL import Image as PILImage
 
 import merge_fixtures as mf
+import test_bad_input as bad_input
 from conftest import write_dataset
 from datamodules.classification import _fraction_for
 from datamodules.tasks import get_task

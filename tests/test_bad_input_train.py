@@ -18,16 +18,16 @@ import sys
 from pathlib import Path
 
 import pytest
-import test_bad_input
 import torch
-from test_bad_input import checkpoint_callback, cli_or_yaml, merge_args, one_error_line, small_dataset, train_args
 
 import merge_fixtures as mf
+import test_bad_input
 import train_cli_callbacks
 from conftest import write_dataset
 from datamodules.tasks import BENCHMARK_TASKS, get_task
 from lightning_modules import reproduce
 from merge import main as merge_main
+from test_bad_input import checkpoint_callback, cli_or_yaml, merge_args, one_error_line, small_dataset, train_args
 from train import main as train_main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
