@@ -23,7 +23,7 @@ from torch.func import functional_call
 
 from common.files import check_output_location, write_files_atomically
 from datamodules.errors import check_setting
-from lightning_modules.evaluation import ModelPoolSpec, MultiTaskEvaluation, backbone_from_state, check_pool_covers_tasks
+from lightning_modules.evaluation import ModelPoolSpec, MultiTaskEvaluation, backbone_from_state, check_pool_up_front
 from lightning_modules.wandb_logger import wandb_loggers
 from merging.coefficients import Coefficients, coefficients_heatmap, write_coefficients
 from merging.engine import TaskVectors
@@ -97,7 +97,7 @@ class AdaMerging(MultiTaskEvaluation):
             check_setting(inside, "model.init_value", domain, init_value, MergeError)
         check_output_location(output_dir, "model.output_dir")
         self.pool = ModelPool(models)
-        check_pool_covers_tasks(self.pool, self.tasks)
+        check_pool_up_front(self.pool, self.tasks)
         self.granularity = granularity
         self.init_value = init_value
         self.lr = lr
@@ -127,7 +127,7 @@ class AdaMerging(MultiTaskEvaluation):
     def build(self) -> None:
         pool = self.pool
         pool.check_backbones()
-        pool.check_heads(self.classnames)
+        self.check_pool(pool)
         vectors = TaskVectors(pool)
         theta0 = {key: vectors.pretrained_tensor(key) for key in self.keys}
         self.backbone = backbone_from_state(pool.config(PRETRAINED), theta0).requires_grad_(False)

@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from lightning_modules.evaluation import ModelPoolSpec, MultiTaskEvaluation, backbone_from_state, check_pool_covers_tasks
+from lightning_modules.evaluation import ModelPoolSpec, MultiTaskEvaluation, backbone_from_state, check_pool_up_front
 from lightning_modules.grams import GramPass
 from merging.errors import MergeError
 from merging.methods import MergeMethod
@@ -106,13 +106,13 @@ class MethodComparison(MultiTaskEvaluation):
         if duplicates:
             raise MergeError(f"methods listed twice: {', '.join(duplicates)}")
         self.pool = ModelPool(models)
-        check_pool_covers_tasks(self.pool, self.tasks)
+        check_pool_up_front(self.pool, self.tasks)
         self.evaluate_individual = evaluate_individual
         self.uses_grams = any(method.needs_grams for method in self.methods)
 
     def build(self) -> None:
         pool = self.pool
-        pool.check_heads(self.classnames)
+        self.check_pool(pool)
         for method in self.methods:
             if method.needs_grams:  # merged in merge_with_grams, after the Gram pass
                 self.rows[method.describe()] = nn.Module()

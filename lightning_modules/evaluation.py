@@ -93,10 +93,12 @@ def check_finite(row: str, task: str, split: str, values: Mapping[str, float], n
     )
 
 
-def check_pool_covers_tasks(pool: Any, tasks: list[str]) -> None:
-    """The pool's fine-tuned models and the evaluated tasks (``data.tasks``) must be the same set,
-    up front: a task of ``data.tasks`` without a model has no head, and a pool model whose task is
-    not evaluated would be merged, changing the merged model, and appear nowhere in the report."""
+def check_pool_up_front(pool: Any, tasks: list[str]) -> None:
+    """The model pool of a merge-side module, before any file is read: no two entries name one
+    checkpoint (``ModelPool.check_distinct`` without contents), and its fine-tuned models and the
+    evaluated tasks (``data.tasks``) are the same set: a task of ``data.tasks`` without a model has
+    no head, and a pool model whose task is not evaluated would be merged, changing the merged
+    model, and appear nowhere in the report."""
     missing = [task for task in tasks if task not in pool.task_names]
     if missing:
         raise MergeError(f"no fine-tuned model for task '{missing[0]}' in the model pool (tasks: {', '.join(pool.task_names)})")
@@ -106,6 +108,7 @@ def check_pool_covers_tasks(pool: Any, tasks: list[str]) -> None:
             f"the model pool's {', '.join(unevaluated)} would be merged but not evaluated: data.tasks is "
             f"[{', '.join(tasks)}]; add them to data.tasks, or remove them from the model pool"
         )
+    pool.check_distinct(contents=False)
 
 
 class Rows(nn.Module):
@@ -192,6 +195,12 @@ class MultiTaskEvaluation(LightningModule, ABC):
     @abstractmethod  # abstract: not offered as a ``--model`` choice
     def build(self) -> None:
         """Fill ``rows``, ``heads`` and (optionally) ``individual``."""
+
+    def check_pool(self, pool: Any) -> None:
+        """Before merging: no two entries of ``pool`` are copies of one checkpoint, and every
+        evaluated task has a fine-tuned head of its class count and labels."""
+        pool.check_distinct()
+        pool.check_heads(self.classnames)
 
     def check_test_does_something(self, trainer: Any) -> None:
         """``merge.py test --trainer.limit_test_batches 0`` evaluates nothing: refused, unless the

@@ -17,7 +17,7 @@ from lightning_modules.evaluation import (
     ModelPoolSpec,
     MultiTaskEvaluation,
     backbone_from_state,
-    check_pool_covers_tasks,
+    check_pool_up_front,
     heads_from_state,
 )
 from lightning_modules.grams import GramPass
@@ -87,7 +87,7 @@ class MergedClassifier(MultiTaskEvaluation):
             check_output_location(export_dir, "model.export_dir")
         self.pool = ModelPool(models) if merged_model is None else None
         if self.pool is not None:
-            check_pool_covers_tasks(self.pool, self.tasks)
+            check_pool_up_front(self.pool, self.tasks)
         if evaluate_individual and self.pool is None:
             raise MergeError("evaluate_individual needs the model pool (model.models)")
         self.evaluate_individual = evaluate_individual
@@ -133,7 +133,7 @@ class MergedClassifier(MultiTaskEvaluation):
 
     def _merge(self) -> None:
         pool = self.pool
-        pool.check_heads(self.classnames)
+        self.check_pool(pool)
         self._backbone_config = pool.config(PRETRAINED)
         self.rows[self.method.describe()] = nn.Module()  # the merged backbone comes in _install
         if self.uses_grams:  # merged in merge_with_grams, after the Gram pass

@@ -143,7 +143,6 @@ class ModelPool:
             raise MergeError("the model pool has no fine-tuned models: add one entry per task besides _pretrained_")
         for task, source in self.sources.items():
             _check_entry_source(entries[task], source, pool_file)
-        _check_distinct_sources(self.sources)
         self._readers: dict[str, CheckpointReader] = {}
         self._directories: dict[str, Path] = {}
 
@@ -216,15 +215,20 @@ class ModelPool:
                 )
         return head
 
-    def check_distinct(self) -> None:
-        """No two entries hold the same checkpoint under different names (a copy): a task merged
-        and scored twice with one model, or a ``_pretrained_`` that is a task's fine-tune (a zero
-        task vector), merge without a word otherwise. The same names were refused up front
-        (``_check_distinct_sources``); here "the same" is: weight files of the same names and
-        sizes whose first and last MiB are equal. Reading 2 MiB per file instead of hashing whole
-        checkpoints (350 MB each for convnext-base) is enough: safetensors stores tensors in key
-        order, ``classifier.*`` first, and two fine-tunes differ there (each head trained from its
-        own random start), as a task's fine-tune differs from its pretrained model."""
+    def check_distinct(self, contents: bool = True) -> None:
+        """No two entries are one checkpoint: a task merged and scored twice with one model, or a
+        ``_pretrained_`` that is a task's fine-tune (a zero task vector), merge without a word
+        otherwise. (The pool itself holds any entries: the engine merges a pool of one model
+        three times as well; the merge-side modules ask for this.) First by name, reading no
+        file: the same directory (resolved) or hub id twice. Then, with ``contents``, copies:
+        weight files of the same names and sizes whose first and last MiB are equal. Reading
+        2 MiB per file instead of hashing whole checkpoints (350 MB each for convnext-base) is
+        enough: safetensors stores tensors in key order, ``classifier.*`` first, and two
+        fine-tunes differ there (each head trained from its own random start) and in the
+        backbone tensors that follow, as a fine-tune differs from its pretrained model."""
+        _check_distinct_sources(self.sources)
+        if not contents:
+            return
         seen: dict[tuple, str] = {}
         for name in self.sources:
             fingerprint = _weights_fingerprint(self.directory(name))
@@ -239,9 +243,7 @@ class ModelPool:
             seen[fingerprint] = name
 
     def check_heads(self, classnames: Mapping[str, list[str]]) -> None:
-        """Every task to evaluate has a fine-tuned head of its class count (and labels), and no
-        two entries are copies of one checkpoint (``check_distinct``)."""
-        self.check_distinct()
+        """Every task to evaluate has a fine-tuned head of its class count (and labels)."""
         for task, names in classnames.items():
             if task not in self.sources or task == PRETRAINED:
                 raise MergeError(f"no fine-tuned model for task '{task}' in the model pool (tasks: {', '.join(self.task_names)})")
