@@ -268,8 +268,9 @@ class MultiTaskEvaluation(LightningModule, ABC):
         # then torchmetrics 1.9 ignores the weights.) An infinite loss stays, and is refused too.
         self.mean_loss = per_task(lambda task: MeanMetric(nan_strategy="ignore"))
         self.samples = per_task(lambda task: SumMetric())
-        #: samples whose logits hold a NaN or an infinity (a merge whose weights overflow)
-        self.non_finite = per_task(lambda task: SumMetric())
+        #: samples whose logits hold a NaN or an infinity (a merge whose weights overflow); a count
+        #: is never NaN, and without the NaN check an update does not wait for the device
+        self.non_finite = per_task(lambda task: SumMetric(nan_strategy="disable"))
 
     def merged_state(self, pool: Any, method: Any, grams: dict[str, list[torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
         """``merge_backbone(pool, method)``, its progress bar on the first process only, and
