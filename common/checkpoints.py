@@ -76,7 +76,7 @@ def check_convnext_checkpoint(directory: Path, source: str, weights: bool = True
     warning about missing and unexpected keys, leaving those weights random: another
     architecture would be fine-tuned or merged from noise. Checked: the config's
     ``model_type`` and ``architectures``, then (``weights``) every backbone tensor's key and
-    shape against the ones the config asks for.
+    shape against the ones the config asks for, and the head's class count (``check_head_config``).
     """
     config = _read_config(directory, source)
     model_type, architectures = config.get("model_type"), config.get("architectures") or []
@@ -87,6 +87,7 @@ def check_convnext_checkpoint(directory: Path, source: str, weights: bool = True
         )
     if weights:
         _check_backbone_weights(directory, source)
+        check_head_config(directory, source)
 
 
 def _config_backbone(directory: Path) -> dict[str, tuple[int, ...]]:
@@ -137,4 +138,33 @@ def check_head_labels(config: Any, classnames: list[str], source: str) -> None:
         raise CheckpointError(
             f"checkpoint '{source}' was trained for other labels ({', '.join(names[:3])}, ...) "
             f"than the task's ({', '.join(classnames[:3])}, ...)"
+        )
+
+
+#: The head of a ``ConvNextForImageClassification`` checkpoint: one row per class.
+HEAD_WEIGHT = "classifier.weight"
+
+
+def check_head_config(directory: Path, source: str) -> None:
+    """The class count ``config.json`` gives (``num_labels``, ``id2label``) must be the head's
+    number of rows, where the checkpoint has a head: transformers otherwise stops loading it with
+    a size-mismatch ``RuntimeError``, and every check of the head against a task would name the
+    config's count for weights of another size. Reads the config and the weights' header only."""
+    config = _read_config(directory, source)
+    with CheckpointReader(directory) as reader:
+        if HEAD_WEIGHT not in reader:
+            return
+        rows, file = reader.shape(HEAD_WEIGHT)[0], reader.path_of(HEAD_WEIGHT)
+    counts = {}
+    if isinstance(config.get("num_labels"), int):
+        counts["num_labels"] = config["num_labels"]
+    if isinstance(config.get("id2label"), dict):
+        counts["id2label"] = len(config["id2label"])
+    if not counts:  # transformers' default
+        counts["no num_labels or id2label: the default"] = 2
+    wrong = [f"{count} classes ({name})" for name, count in counts.items() if count != rows]
+    if wrong:
+        raise CheckpointError(
+            f"checkpoint '{source}': its config.json ('{directory / 'config.json'}') gives {' and '.join(wrong)}, "
+            f"but its head '{HEAD_WEIGHT}' in '{file}' has {rows} rows"
         )

@@ -1,9 +1,7 @@
-"""Figures drawn to files on any machine (no display needed), written whole or not at all."""
+"""Figures drawn to files on any machine (no display needed)."""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +17,9 @@ def pyplot() -> Any:
 
 
 def save_figure(figure: Any, path: Path, dpi: int = 120) -> None:
-    """Write ``figure`` to ``path`` (staged beside it, then renamed) and close it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(handle)
+    """Write ``figure`` to ``path`` as it is (a staging file of ``common.files.write_files_atomically``,
+    which makes the figure appear whole or not at all) and close it."""
     try:
-        figure.savefig(temporary, dpi=dpi)
-        os.replace(temporary, path)
+        figure.savefig(path, dpi=dpi, format=Path(path).suffix.lstrip(".") or None)
     finally:
-        Path(temporary).unlink(missing_ok=True)
         pyplot().close(figure)

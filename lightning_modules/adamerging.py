@@ -13,6 +13,7 @@ drops the label column before any loader exists).
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,9 +21,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from common.files import check_output_location
+from common.files import check_output_location, write_files_atomically
 from datamodules.errors import check_setting
-from lightning_modules.evaluation import ModelPoolSpec, MultiTaskEvaluation, backbone_from_state
+from lightning_modules.evaluation import ModelPoolSpec, MultiTaskEvaluation, backbone_from_state, check_pool_up_front
 from lightning_modules.wandb_logger import wandb_loggers
 from merging.coefficients import Coefficients, coefficients_heatmap, write_coefficients
 from merging.engine import TaskVectors
@@ -31,8 +32,8 @@ from merging.pool import BACKBONE_PREFIX, PRETRAINED, ModelPool
 
 
 def prediction_entropy(logits: Tensor) -> Tensor:
-    """Mean Shannon entropy (nats) of the softmax predictions: ``-sum_c p_c log p_c``, in float32
-    or, for float64 logits (``--trainer.precision 64-true``), in float64."""
+    """Mean Shannon entropy (nats) of the softmax predictions: ``-sum_c p_c log p_c``, in at least
+    float32 (the bf16 logits of a mixed-precision run), float64 kept (``--trainer.precision 64-true``)."""
     log_probabilities = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
     return -(log_probabilities.exp() * log_probabilities).sum(dim=-1).mean()
 
@@ -47,7 +48,8 @@ class AdaMerging(MultiTaskEvaluation):
         models: the model pool (``_pretrained_`` plus one checkpoint per task), as for
             ``MergedClassifier``; every fine-tuned model of the pool is merged.
         granularity: ``layer`` (one coefficient per task and parameter tensor) or ``task``.
-        init_value: initial coefficient (the paper: 0.3).
+        init_value: initial coefficient (the paper: 0.3); within ``[clamp_min, clamp_max]``
+            when ``clamp`` is on.
         lr: Adam learning rate (the paper: 1e-3).
         clamp: keep the coefficients the merge uses in ``[clamp_min, clamp_max]``.
         clamp_mode: how ``clamp`` keeps them there: ``project`` sets the stored coefficients
@@ -88,8 +90,14 @@ class AdaMerging(MultiTaskEvaluation):
         check_setting(math.isfinite(init_value), "model.init_value", "a finite number", init_value, MergeError)
         within = -math.inf < clamp_min <= clamp_max < math.inf
         check_setting(within, "model.clamp_min", f"finite and <= model.clamp_max ({clamp_max})", clamp_min, MergeError)
+        if clamp and coefficients is None:  # (a coefficients file replaces init_value, checked as it is read)
+            # Outside the range, the first clamp would move it to the bound without a word.
+            inside = clamp_min <= init_value <= clamp_max
+            domain = f"within [model.clamp_min, model.clamp_max] = [{clamp_min:g}, {clamp_max:g}] while model.clamp is on"
+            check_setting(inside, "model.init_value", domain, init_value, MergeError)
         check_output_location(output_dir, "model.output_dir")
         self.pool = ModelPool(models)
+        check_pool_up_front(self.pool, self.tasks)
         self.granularity = granularity
         self.init_value = init_value
         self.lr = lr
@@ -119,7 +127,7 @@ class AdaMerging(MultiTaskEvaluation):
     def build(self) -> None:
         pool = self.pool
         pool.check_backbones()
-        pool.check_heads(self.classnames)
+        self.check_pool(pool)
         vectors = TaskVectors(pool)
         theta0 = {key: vectors.pretrained_tensor(key) for key in self.keys}
         self.backbone = backbone_from_state(pool.config(PRETRAINED), theta0).requires_grad_(False)
@@ -187,8 +195,13 @@ class AdaMerging(MultiTaskEvaluation):
             return
         output = Path(self.output_dir)
         applied = self.applied_coefficients().detach().cpu()
-        write_coefficients(output / "coefficients.json", applied, self.merge_tasks, self.keys, self.granularity)
-        coefficients_heatmap(output / "coefficients.png", applied, self.merge_tasks, self.keys, self.pool.network_keys)
+        tasks, keys = self.merge_tasks, self.keys
+        writers = {  # both files or neither
+            "coefficients.json": partial(write_coefficients, coefficients=applied, tasks=tasks, keys=keys, granularity=self.granularity),
+            "coefficients.png": partial(coefficients_heatmap, coefficients=applied, tasks=tasks, keys=keys,
+                                        network_keys=self.pool.network_keys),
+        }  # fmt: skip
+        write_files_atomically(output, writers, "model.output_dir")
         print(f"wrote {output / 'coefficients.json'} and {output / 'coefficients.png'}")
         for logger in wandb_loggers(self.trainer):
             logger.log_image(key="adamerging/coefficients", images=[str(output / "coefficients.png")])

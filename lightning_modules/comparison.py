@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from lightning_modules.evaluation import ModelPoolSpec, MultiTaskEvaluation, backbone_from_state
+from lightning_modules.evaluation import ModelPoolSpec, MultiTaskEvaluation, backbone_from_state, check_pool_up_front
 from lightning_modules.grams import GramPass
 from merging.errors import MergeError
 from merging.methods import MergeMethod
@@ -41,6 +41,11 @@ def expand_grid(methods: Sequence[MergeMethod], grid: Grid) -> list[list[MergeMe
         if bad:
             raise MergeError(
                 f"{type(method).__name__} has no hyper-parameter {', '.join(bad)} (it has: {', '.join(current) or 'none'})"
+            )
+        empty = sorted(name for name, options in values.items() if len(options) == 0)
+        if empty:  # no combination at all: the method's row would vanish from the table
+            raise MergeError(
+                f"grid {type(method).__name__}: no values for {', '.join(empty)}; list at least one, or leave it out of the grid"
             )
         names = [name for name in current if name in values]  # the method's own order, whatever the config's
         combos = itertools.product(*(values[name] for name in names))
@@ -92,21 +97,22 @@ class MethodComparison(MultiTaskEvaluation):
         super().__init__(tasks, classnames, report_dir, report_title="Merge methods compared", splits=splits)
         if not methods:
             raise MergeError("no methods to compare: list at least one in model.methods")
+        self.groups = expand_grid(methods, grid or {})  # the grid itself first: its mistakes need no data to show
         if grid and "validation" not in self.splits:
             raise MergeError("a hyper-parameter grid is chosen on a validation split: set data.val_fraction (e.g. 0.1)")
-        self.groups = expand_grid(methods, grid or {})
         self.methods = [method for group in self.groups for method in group]
         names = [method.describe() for method in self.methods]
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
             raise MergeError(f"methods listed twice: {', '.join(duplicates)}")
         self.pool = ModelPool(models)
+        check_pool_up_front(self.pool, self.tasks)
         self.evaluate_individual = evaluate_individual
         self.uses_grams = any(method.needs_grams for method in self.methods)
 
     def build(self) -> None:
         pool = self.pool
-        pool.check_heads(self.classnames)
+        self.check_pool(pool)
         for method in self.methods:
             if method.needs_grams:  # merged in merge_with_grams, after the Gram pass
                 self.rows[method.describe()] = nn.Module()

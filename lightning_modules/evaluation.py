@@ -15,6 +15,7 @@ process reduces the statistics and ``merge_with_grams`` builds the merged rows.
 from __future__ import annotations
 
 import hashlib
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -75,6 +76,39 @@ def state_digest(state: Mapping[str, torch.Tensor]) -> str:
         digest.update(key.encode())
         digest.update(state[key].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def check_finite(row: str, task: str, split: str, values: Mapping[str, float], non_finite: int) -> None:
+    """A row whose logits or loss are not finite on a task has no accuracy to report (an argmax
+    over NaNs is a number, and a NaN is no JSON): one error naming the row and the task."""
+    if non_finite:
+        problem = f"{non_finite} of {int(values['num_samples'])} {split} samples give non-finite logits (NaN/Inf)"
+    elif not math.isfinite(values["loss"]):
+        problem = f"the mean {split} loss is {values['loss']}"
+    else:
+        return
+    raise MergeError(
+        f"row '{row}' on task '{task}': {problem}; its weights make the network overflow "
+        "(a hyper-parameter far out of range?), so there is no accuracy to report"
+    )
+
+
+def check_pool_up_front(pool: Any, tasks: list[str]) -> None:
+    """The model pool of a merge-side module, before any file is read: no two entries name one
+    checkpoint (``ModelPool.check_distinct`` without contents), and its fine-tuned models and the
+    evaluated tasks (``data.tasks``) are the same set: a task of ``data.tasks`` without a model has
+    no head, and a pool model whose task is not evaluated would be merged, changing the merged
+    model, and appear nowhere in the report."""
+    missing = [task for task in tasks if task not in pool.task_names]
+    if missing:
+        raise MergeError(f"no fine-tuned model for task '{missing[0]}' in the model pool (tasks: {', '.join(pool.task_names)})")
+    unevaluated = [task for task in pool.task_names if task not in tasks]
+    if unevaluated:
+        raise MergeError(
+            f"the model pool's {', '.join(unevaluated)} would be merged but not evaluated: data.tasks is "
+            f"[{', '.join(tasks)}]; add them to data.tasks, or remove them from the model pool"
+        )
+    pool.check_distinct(contents=False)
 
 
 class Rows(nn.Module):
@@ -162,6 +196,12 @@ class MultiTaskEvaluation(LightningModule, ABC):
     def build(self) -> None:
         """Fill ``rows``, ``heads`` and (optionally) ``individual``."""
 
+    def check_pool(self, pool: Any) -> None:
+        """Before merging: no two entries of ``pool`` are copies of one checkpoint, and every
+        evaluated task has a fine-tuned head of its class count and labels."""
+        pool.check_distinct()
+        pool.check_heads(self.classnames)
+
     def check_test_does_something(self, trainer: Any) -> None:
         """``merge.py test --trainer.limit_test_batches 0`` evaluates nothing: refused, unless the
         model writes something else (``MergedClassifier``'s ``save_dir``)."""
@@ -223,8 +263,14 @@ class MultiTaskEvaluation(LightningModule, ABC):
             )
 
         self.accuracy = per_task(lambda task: MulticlassAccuracy(len(self.classnames[task]), average="micro"))
-        self.mean_loss = per_task(lambda task: MeanMetric())
+        # A NaN loss comes from non-finite logits, which ``non_finite`` counts and the epoch's end
+        # refuses: dropped here without a warning. (``nan_strategy="disable"`` would keep it, but
+        # then torchmetrics 1.9 ignores the weights.) An infinite loss stays, and is refused too.
+        self.mean_loss = per_task(lambda task: MeanMetric(nan_strategy="ignore"))
         self.samples = per_task(lambda task: SumMetric())
+        #: samples whose logits hold a NaN or an infinity (a merge whose weights overflow); a count
+        #: is never NaN, and without the NaN check an update does not wait for the device
+        self.non_finite = per_task(lambda task: SumMetric(nan_strategy="disable"))
 
     def merged_state(self, pool: Any, method: Any, grams: dict[str, list[torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
         """``merge_backbone(pool, method)``, its progress bar on the first process only, and
@@ -262,6 +308,9 @@ class MultiTaskEvaluation(LightningModule, ABC):
             self.accuracy[row][key].update(logits, labels)
             self.mean_loss[row][key].update(loss, weight=labels.numel())
             self.samples[row][key].update(labels.numel())
+            # Counted here, judged at the epoch's end on the synced count: every process stops
+            # together, where a check per batch would stop only the one that saw it.
+            self.non_finite[row][key].update((~torch.isfinite(logits)).any(dim=1).sum())
 
     def on_test_epoch_end(self) -> None:
         self._finish_gram_pass()  # a process without labelled batches merges here
@@ -280,8 +329,9 @@ class MultiTaskEvaluation(LightningModule, ABC):
                     raise RuntimeError(
                         f"{name} on {task}: {values['num_samples']} samples evaluated, its {split} split has {expected[key]}"
                     )
+                check_finite(name, task, split, values, int(self.non_finite[row][key].compute()))
                 self.results[split].setdefault(name, {})[task] = values
-        for metric in (self.accuracy, self.mean_loss, self.samples):
+        for metric in (self.accuracy, self.mean_loss, self.samples, self.non_finite):
             for per_task in metric:
                 for task_metric in per_task.values():
                     task_metric.reset()

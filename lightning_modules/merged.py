@@ -13,7 +13,13 @@ from transformers import PretrainedConfig
 
 from common.checkpoints import BACKBONE_PREFIX
 from common.files import check_export_target, check_output_location, write_atomically
-from lightning_modules.evaluation import ModelPoolSpec, MultiTaskEvaluation, backbone_from_state, heads_from_state
+from lightning_modules.evaluation import (
+    ModelPoolSpec,
+    MultiTaskEvaluation,
+    backbone_from_state,
+    check_pool_up_front,
+    heads_from_state,
+)
 from lightning_modules.grams import GramPass
 from lightning_modules.merged_export import classifier_config, merged_model_card, write_classifier
 from merging.errors import MergeError
@@ -80,6 +86,8 @@ class MergedClassifier(MultiTaskEvaluation):
                 check_export_target(Path(export_dir, task), overwrite, flag="--model.overwrite true")
             check_output_location(export_dir, "model.export_dir")
         self.pool = ModelPool(models) if merged_model is None else None
+        if self.pool is not None:
+            check_pool_up_front(self.pool, self.tasks)
         if evaluate_individual and self.pool is None:
             raise MergeError("evaluate_individual needs the model pool (model.models)")
         self.evaluate_individual = evaluate_individual
@@ -125,7 +133,7 @@ class MergedClassifier(MultiTaskEvaluation):
 
     def _merge(self) -> None:
         pool = self.pool
-        pool.check_heads(self.classnames)
+        self.check_pool(pool)
         self._backbone_config = pool.config(PRETRAINED)
         self.rows[self.method.describe()] = nn.Module()  # the merged backbone comes in _install
         if self.uses_grams:  # merged in merge_with_grams, after the Gram pass
@@ -155,7 +163,8 @@ class MergedClassifier(MultiTaskEvaluation):
         if self.save_dir is not None and (self.trainer is None or self.trainer.is_global_zero):
             all_heads = {task: pool.head(task) for task in pool.task_names}
             directory = pool.directory(PRETRAINED)
-            save_merged(self.save_dir, merged, all_heads, self._backbone_config, directory, self._info(), self.overwrite)
+            config, info = self._backbone_config, self._info()
+            save_merged(self.save_dir, merged, all_heads, config, directory, info, self.overwrite, what="model.save_dir")
             print(f"saved the merged model to {self.save_dir}")
         if self.trainer is not None:
             self.trainer.strategy.barrier("save merged model")
@@ -213,7 +222,7 @@ class MergedClassifier(MultiTaskEvaluation):
         write = partial(
             write_classifier, backbone=backbone, head=head, config=config, processor_file=self._processor_file(), card=card
         )
-        write_atomically(target, write, self.overwrite, flag="--model.overwrite true")
+        write_atomically(target, write, self.overwrite, flag="--model.overwrite true", what="model.export_dir")
         print(f"exported the merged model with the {task} head to {target}")
 
     def _info(self) -> dict[str, Any]:

@@ -11,10 +11,11 @@ import csv
 import io
 import json
 from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from common.files import write_text_atomically
+from common.files import write_files_atomically
 from common.plots import pyplot, save_figure
 
 INDIVIDUAL = "individual"
@@ -37,8 +38,10 @@ def summarize(results: Results) -> dict[str, Any]:
         if individual is not None and row != INDIVIDUAL:
             for task, values in tasks.items():
                 reference = individual[task]["accuracy"]
-                values["normalized_accuracy"] = values["accuracy"] / reference if reference > 0 else float("nan")
-            summary["average_normalized_accuracy"] = sum(v["normalized_accuracy"] for v in tasks.values()) / len(tasks)
+                # None (JSON null) where the individual model scored 0: no ratio to give.
+                values["normalized_accuracy"] = values["accuracy"] / reference if reference > 0 else None
+            ratios = [v["normalized_accuracy"] for v in tasks.values()]
+            summary["average_normalized_accuracy"] = None if None in ratios else sum(ratios) / len(ratios)
         rows[row] = summary
     return {"rows": rows}
 
@@ -117,12 +120,17 @@ def write_report(
     sections: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Write ``report.json``, ``report.md`` (the table, then ``sections``), ``report.csv`` and
-    ``accuracy.png`` to ``directory``."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    ``accuracy.png`` to ``directory``, all four or none (``write_files_atomically``: a full disk
+    leaves no part of a report)."""
     report = {"title": title, **(dict(extra) if extra else {}), **summarize(results)}
-    write_text_atomically(directory / "report.json", json.dumps(report, indent=2) + "\n")
-    write_text_atomically(directory / "report.md", "\n".join([markdown(report, title), *sections]))
-    write_text_atomically(directory / "report.csv", _csv(report))
-    bar_chart(report, title, directory / "accuracy.png")
+    # Strict JSON: a NaN would be written as a bare NaN, which JSON readers refuse.
+    content = json.dumps(report, indent=2, allow_nan=False) + "\n"
+    texts = {"report.json": content, "report.md": "\n".join([markdown(report, title), *sections]), "report.csv": _csv(report)}
+    writers = {name: partial(_write_text, text=text) for name, text in texts.items()}
+    writers["accuracy.png"] = partial(bar_chart, report, title)
+    write_files_atomically(Path(directory), writers, "model.report_dir")
     return report
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.write_text(text)

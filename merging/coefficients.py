@@ -13,7 +13,6 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from common.files import write_text_atomically
 from common.plots import pyplot, save_figure
 from merging.errors import MergeError
 from merging.methods import MergeMethod, register_method, task_arithmetic
@@ -21,14 +20,15 @@ from merging.methods import MergeMethod, register_method, task_arithmetic
 
 def write_coefficients(path: Path, coefficients: Tensor, tasks: Sequence[str], keys: Sequence[str], granularity: str) -> None:
     """``{"granularity", "tasks", "keys", "coefficients": {task: {key: value}}}`` as JSON
-    (task-wise: ``{task: value}``), written atomically."""
+    (task-wise: ``{task: value}``), written to ``path`` as it is (AdaMerging stages it with its
+    heat map in ``common.files.write_files_atomically``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if granularity == "task":
         table = {task: float(row[0]) for task, row in zip(tasks, coefficients)}
     else:
         table = {task: dict(zip(keys, map(float, row))) for task, row in zip(tasks, coefficients)}
     content = {"granularity": granularity, "tasks": list(tasks), "keys": list(keys), "coefficients": table}
-    write_text_atomically(path, json.dumps(content, indent=1))
+    path.write_text(json.dumps(content, indent=1, allow_nan=False))
 
 
 class Coefficients:

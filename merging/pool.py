@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Mapping
 from functools import cached_property
@@ -15,6 +16,7 @@ from transformers import AutoConfig, PretrainedConfig
 from common.checkpoints import (
     BACKBONE_PREFIX,
     check_convnext_checkpoint,
+    check_head_config,
     check_head_labels,
     check_model_source,
     network_order,
@@ -58,6 +60,57 @@ def read_pool_file(path: str) -> dict[str, Any]:
     return models
 
 
+#: What every pair of entries that hold one checkpoint is told.
+_DISTINCT = "each task needs its own fine-tuned model, and _pretrained_ the model they were all fine-tuned from"
+#: Bytes read from each end of a weight file to tell checkpoints apart (``ModelPool.check_distinct``).
+_FINGERPRINT_BYTES = 1 << 20
+
+
+def _check_entry_source(name: str, source: str, pool_file: str | None) -> None:
+    """``check_model_source``, its message naming the pool entry (and file) and, for a relative
+    path, where it was looked for: a pool's paths are read from the current directory, not the
+    pool file's, so a config run from another directory finds none of them."""
+    try:
+        check_model_source(source)
+    except CheckpointError as error:
+        where = f"model pool entry '{name}'" + (f" of '{pool_file}'" if pool_file else "")
+        hint = ""
+        if not Path(source).expanduser().is_absolute():
+            hint = (
+                f"; a relative path in a model pool is read from the current directory ('{Path.cwd()}'): "
+                "run from the directory it is relative to, or make it absolute"
+            )
+        raise CheckpointError(f"{where}: {error}{hint}") from None
+
+
+def _check_distinct_sources(sources: Mapping[str, str]) -> None:
+    """No two entries name the same checkpoint (the same directory, by its resolved path, or hub id)."""
+    seen: dict[str, str] = {}
+    for name, source in sources.items():
+        local = Path(source).expanduser()
+        identity = str(local.resolve()) if local.exists() else source
+        if identity in seen:
+            first = seen[identity]
+            spelt = f"'{source}'" if sources[first] == source else f"'{sources[first]}' and '{source}'"
+            raise MergeError(f"the model pool's {first} and {name} are the same checkpoint ({spelt}): {_DISTINCT}")
+        seen[identity] = name
+
+
+def _weights_fingerprint(directory: Path) -> tuple[tuple[str, int, str], ...]:
+    """Per weight file of a checkpoint: name, size and a hash of its first and last
+    ``_FINGERPRINT_BYTES``."""
+    files = sorted([*directory.glob("*.safetensors"), *directory.glob("pytorch_model*.bin")])
+    fingerprint = []
+    for path in files:
+        size = path.stat().st_size
+        with path.open("rb") as file:
+            digest = hashlib.blake2b(file.read(_FINGERPRINT_BYTES), digest_size=16)
+            file.seek(max(0, size - _FINGERPRINT_BYTES))
+            digest.update(file.read(_FINGERPRINT_BYTES))
+        fingerprint.append((path.name, size, digest.hexdigest()))
+    return tuple(fingerprint)
+
+
 class ModelPool:
     """``_pretrained_`` plus one fine-tuned checkpoint per task, each a hub id or directory.
 
@@ -69,11 +122,13 @@ class ModelPool:
     """
 
     def __init__(self, models: Mapping[str, str | Mapping[str, Any]] | str | os.PathLike) -> None:
-        if isinstance(models, str | os.PathLike):
-            models = read_pool_file(os.fspath(models))
+        pool_file = os.fspath(models) if isinstance(models, str | os.PathLike) else None
+        if pool_file is not None:
+            models = read_pool_file(pool_file)
         if PRETRAINED not in models:
             raise MergeError(f"the model pool has no '{PRETRAINED}' entry (names: {', '.join(models) or 'none'})")
         self.sources: dict[str, str] = {}
+        entries: dict[str, str] = {}  # task -> its entry's name in the pool, for messages
         for name, entry in models.items():
             task = (
                 name
@@ -83,10 +138,11 @@ class ModelPool:
             if task in self.sources:
                 raise MergeError(f"task '{task}' appears twice in the model pool")
             self.sources[task] = _source_of(name, entry)
+            entries[task] = str(name)
         if len(self.sources) < 2:
             raise MergeError("the model pool has no fine-tuned models: add one entry per task besides _pretrained_")
-        for source in self.sources.values():
-            check_model_source(source)
+        for task, source in self.sources.items():
+            _check_entry_source(entries[task], source, pool_file)
         self._readers: dict[str, CheckpointReader] = {}
         self._directories: dict[str, Path] = {}
 
@@ -101,6 +157,8 @@ class ModelPool:
         if name not in self._directories:
             directory = resolve_model_dir(self.sources[name])
             check_convnext_checkpoint(directory, self.sources[name], weights=name == PRETRAINED)
+            if name != PRETRAINED:  # (the pretrained one's head: checked with its weights above)
+                check_head_config(directory, self.sources[name])
             self._directories[name] = directory
         return self._directories[name]
 
@@ -156,6 +214,33 @@ class ModelPool:
                     f"non-finite values (NaN/Inf) in 'classifier.{key}' of '{reader.path_of('classifier.' + key)}'"
                 )
         return head
+
+    def check_distinct(self, contents: bool = True) -> None:
+        """No two entries are one checkpoint: a task merged and scored twice with one model, or a
+        ``_pretrained_`` that is a task's fine-tune (a zero task vector), merge without a word
+        otherwise. (The pool itself holds any entries: the engine merges a pool of one model
+        three times as well; the merge-side modules ask for this.) First by name, reading no
+        file: the same directory (resolved) or hub id twice. Then, with ``contents``, copies:
+        weight files of the same names and sizes whose first and last MiB are equal. Reading
+        2 MiB per file instead of hashing whole checkpoints (350 MB each for convnext-base) is
+        enough: safetensors stores tensors in key order, ``classifier.*`` first, and two
+        fine-tunes differ there (each head trained from its own random start) and in the
+        backbone tensors that follow, as a fine-tune differs from its pretrained model."""
+        _check_distinct_sources(self.sources)
+        if not contents:
+            return
+        seen: dict[tuple, str] = {}
+        for name in self.sources:
+            fingerprint = _weights_fingerprint(self.directory(name))
+            if not fingerprint:  # no weights at all: the reader says so, once it is asked
+                continue
+            if fingerprint in seen:
+                first = seen[fingerprint]
+                raise MergeError(
+                    f"the model pool's {first} ('{self.sources[first]}') and {name} ('{self.sources[name]}') are copies "
+                    f"of one checkpoint (identical weight files): {_DISTINCT}"
+                )
+            seen[fingerprint] = name
 
     def check_heads(self, classnames: Mapping[str, list[str]]) -> None:
         """Every task to evaluate has a fine-tuned head of its class count (and labels)."""

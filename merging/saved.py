@@ -64,10 +64,12 @@ def save_merged(
     processor_dir: Path | None,
     info: Mapping[str, Any],
     overwrite: bool = False,
+    what: str | None = None,
 ) -> None:
-    """Write the merged model to ``directory``, whole or not at all."""
+    """Write the merged model to ``directory``, whole or not at all (``what``: the option that
+    named it, for the message of a write the file system refuses)."""
     write = partial(_write, backbone=backbone, heads=heads, config=config, processor_dir=processor_dir, info=info)
-    write_atomically(Path(directory), write, overwrite, flag="--model.overwrite true")
+    write_atomically(Path(directory), write, overwrite, flag="--model.overwrite true", what=what)
 
 
 def load_merged(directory: str | Path) -> MergedModel:

@@ -201,3 +201,20 @@ def test_bad_input_on_two_processes_fails_on_every_rank_without_hanging(setup, t
     assert errors and all(key in line and str(copy / "model.safetensors") in line for line in errors), output[-4000:]
     assert not saved.exists()
     assert not (tmp_path / "report").exists()
+
+
+def test_non_finite_logits_on_two_processes_stop_every_rank_without_hanging(setup, tmp_path):
+    """Logits that overflow (a scaling factor of 1e30), found at the end of the evaluation from
+    the count summed over both ranks: each rank stops with the same error line, nothing written."""
+    exports = tmp_path / "exports"
+    extra = ["--trainer.devices", "2", "--trainer.strategy", "ddp", "--model.export_dir", str(exports)]
+    process = launch(args(setup, tmp_path, *extra, "--model.method.scaling_factor", "1e30"), cwd=tmp_path)
+    code, output = finish(process)
+    assert code != 0
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    expected = (
+        "error: row 'ties(top_k=0.3, scaling_factor=1e+30)' on task 'eurosat': "
+        f"{SIZES['eurosat']} of {SIZES['eurosat']} test samples give non-finite logits (NaN/Inf)"
+    )
+    assert errors and all(line.startswith(expected) for line in errors), output[-4000:]
+    assert not (tmp_path / "report").exists() and not exports.exists()

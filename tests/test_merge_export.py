@@ -224,7 +224,7 @@ def test_an_existing_export_is_refused_before_merging_and_replaced_with_overwrit
     assert sorted(p.name for p in exports.iterdir()) == sorted(TASKS)
 
 
-def test_a_failed_export_leaves_nothing_behind(setup, tmp_path, monkeypatch):
+def test_a_failed_export_leaves_nothing_behind(setup, tmp_path, monkeypatch, capsys):
     import lightning_modules.merged
 
     def fail_after_weights(directory: Path, **kwargs) -> None:
@@ -232,6 +232,13 @@ def test_a_failed_export_leaves_nothing_behind(setup, tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(lightning_modules.merged, "write_classifier", fail_after_weights, raising=True)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(SystemExit) as exit_info:
         main(cli(setup, tmp_path, "--model.export_dir", str(tmp_path / "exports"), "--trainer.limit_test_batches", "0"))
+    assert exit_info.value.code == 1
+    stderr = capsys.readouterr().err
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        f"error: cannot write model.export_dir '{tmp_path / 'exports' / TASKS[0]}': disk full; nothing was written there"
+    ]
+    assert "Traceback" not in stderr
     assert not (tmp_path / "exports").exists() or list((tmp_path / "exports").iterdir()) == []  # no staging either

@@ -399,3 +399,20 @@ def test_switch_unknown_task_suggests_the_closest_names():
     with pytest.raises(MergeError) as error:
         switch.route("zzzz")
     assert "did you mean" not in str(error.value)
+
+
+def test_check_distinct_finds_one_checkpoint_by_name_and_a_copy_by_its_bytes(pool_dirs, tmp_path):
+    """The pool holds what it is given (the engine merges one model with itself); ``check_distinct``
+    is what the merge-side modules ask: the same directory however spelt, then copies."""
+    ModelPool(pool_dirs).check_distinct()  # distinct fine-tunes of one pretrained model pass
+    spelt_otherwise = os.path.join(pool_dirs["eurosat"], "..", os.path.basename(pool_dirs["eurosat"]))
+    same = ModelPool({**pool_dirs, "dtd": spelt_otherwise})
+    with pytest.raises(MergeError, match="the model pool's eurosat and dtd are the same checkpoint"):
+        same.check_distinct(contents=False)
+    copy = ModelPool({**pool_dirs, "dtd": str(mf.copy_checkpoint(pool_dirs["eurosat"], tmp_path / "copy"))})
+    copy.check_distinct(contents=False)  # other names: only the bytes tell
+    with pytest.raises(MergeError, match=r"eurosat \('.*'\) and dtd \('.*copy'\) are copies of one checkpoint"):
+        copy.check_distinct()
+    # The head moved a little (the first tensor in the file): no longer a copy.
+    changed = mf.rewrite_tensors(tmp_path / "copy", lambda state: {**state, "classifier.bias": state["classifier.bias"] + 1e-3})
+    ModelPool({**pool_dirs, "dtd": str(changed)}).check_distinct()
