@@ -16,10 +16,24 @@ and get the papers' rule for non-matrix parameters, the mean task vector:
 ``theta = theta_0 + alpha * (1/T) sum_t tau_t``.
 
 Orthogonalisation ("whitening") of a matrix ``M = U S P^T`` is its orthogonal polar factor
-``U P^T``: the nearest matrix with orthonormal columns (or rows), computed as the papers and
-FusionBench do, from an SVD. The SVDs run in float64 on CPU (LAPACK, deterministic); results
-are float32. A singular vector's sign is arbitrary, but every result below is a product in
-which each sign appears twice, so it is not.
+``U P^T``: the nearest matrix with orthonormal columns (or rows). Everything runs in float64
+(results are float32) on the device of the tensors. A singular vector's sign is arbitrary, but
+every result below is a product in which each sign appears twice, so it is not.
+
+The decompositions, in seconds and without failures. The papers' code and FusionBench take a
+full SVD of every task matrix, of the sum and of the concatenations; only the top few singular
+triplets of each are used (TSV-M: ``1/T`` of them per task). Here they come from the symmetric
+eigendecomposition of the Gram matrix of the smaller side, ``A^T A = V S^2 V^T`` (``A V / S``
+gives ``U``), where only the needed eigenpairs are computed (LAPACK's ``syevr`` with a subset,
+through SciPy, on the CPU), and a polar factor is ``A (A^T A)^(-1/2)``. On a 2048 x 512 float64
+task matrix that is 0.07 s against the SVD's 0.43 s, 0.29 s against 2.8 s at 4096 x 1024. The
+Gram route squares the condition number: it is taken where every used singular value is at
+least ``2**-12`` of the largest (a squared condition within float32's ``2**24``, so within
+``2**-29`` relative in float64, ``tests/tolerances.FLOAT64_RTOL``'s argument), and the SVD
+otherwise. The SVD is LAPACK's divide and conquer (``gesdd``, torch's), and where that reports
+no convergence (rank-deficient and ill-conditioned matrices can make it: Iso-CTS's residuals,
+whose common subspace is projected out, are both) the QR-iteration driver ``gesvd`` (SciPy),
+which converges where ``gesdd`` does not; a matrix on which both fail is one ``MergeError``.
 
 Against FusionBench 0.2.33 (``benchmarks/fusionbench_spectral.py``) the formulas are the
 same, non-matrix rule and scaling included, and so are the sizes (``tsv_rank``,
@@ -39,11 +53,17 @@ import itertools
 import math
 from collections.abc import Iterable, Iterator, Sequence
 
+import numpy as np
+import scipy.linalg
 import torch
 from torch import Tensor
 
 from merging.errors import MergeError
 from merging.methods import MergeMethod, register_method
+
+#: The Gram route (see the module's docstring) is taken where the smallest singular value it
+#: uses is at least this share of the largest: its squared condition then stays within 2**24.
+GRAM_MIN_RATIO = 2.0**-12
 
 
 def is_matrix(tensor: Tensor) -> bool:
@@ -51,10 +71,78 @@ def is_matrix(tensor: Tensor) -> bool:
     return tensor.ndim == 2
 
 
+def robust_svd(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The thin SVD ``(U, S, V^T)``: LAPACK's ``gesdd`` (torch), and ``gesvd`` (SciPy, on the CPU)
+    where ``gesdd`` fails to converge; one ``MergeError`` where both do."""
+    try:
+        return torch.linalg.svd(matrix, full_matrices=False)
+    except torch.linalg.LinAlgError as first:
+        try:
+            factors = scipy.linalg.svd(matrix.cpu().numpy(), full_matrices=False, lapack_driver="gesvd", check_finite=False)
+        except (np.linalg.LinAlgError, ValueError) as second:
+            shape = tuple(matrix.shape)
+            raise MergeError(
+                f"the SVD of a {shape} matrix failed to converge with gesdd ({first}) and gesvd ({second})"
+            ) from second
+        return tuple(torch.from_numpy(factor).to(matrix.device) for factor in factors)
+
+
+def _top_eigenpairs(gram: Tensor, count: int) -> tuple[Tensor, Tensor]:
+    """The ``count`` largest eigenvalues of a symmetric matrix (descending) and their eigenvectors
+    (columns): only those computed on the CPU (``syevr``), all of them on another device."""
+    size = gram.shape[0]
+    if gram.device.type == "cpu" and count < size:
+        values, vectors = scipy.linalg.eigh(
+            gram.numpy(), subset_by_index=[size - count, size - 1], driver="evr", check_finite=False
+        )
+        values, vectors = torch.from_numpy(values), torch.from_numpy(vectors)
+    else:
+        values, vectors = torch.linalg.eigh(gram)
+        values, vectors = values[size - count :], vectors[:, size - count :]
+    return values.flip(0), vectors.flip(1)
+
+
+def top_singular(matrix: Tensor, count: int, scale: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The ``count`` largest singular triplets ``(U[:, :count], S[:count], V^T[:count])`` of a
+    float64 matrix: from its Gram matrix on the smaller side where ``S[count - 1] >=
+    GRAM_MIN_RATIO * max(S[0], scale)``, from ``robust_svd`` otherwise (see the module's
+    docstring). ``scale``: the size the matrix is a part of (Iso-CTS's residuals are what is left
+    of a task matrix outside the common subspace; where that is rounding noise, the SVD gives
+    orthonormal vectors for it, as the papers' code does, and the Gram route would not)."""
+    if count == 0:
+        rows, columns = matrix.shape
+        return matrix.new_zeros(rows, 0), matrix.new_zeros(0), matrix.new_zeros(0, columns)
+    tall = matrix.shape[0] >= matrix.shape[1]
+    side = matrix if tall else matrix.T  # (long, short): its Gram is short x short
+    values, vectors = _top_eigenpairs(side.T @ side, count)
+    singular = values.clamp(min=0).sqrt()
+    largest = max(float(singular[0]), scale or 0.0)
+    if not largest > 0 or singular[-1] < GRAM_MIN_RATIO * largest:
+        u, s, vh = robust_svd(matrix)
+        return u[:, :count], s[:count], vh[:count]
+    other = (side @ vectors) / singular  # the singular vectors of the long side
+    return (other, singular, vectors.T) if tall else (vectors, singular, other.T)
+
+
+def polar_and_spectrum(matrix: Tensor) -> tuple[Tensor, Tensor]:
+    """``(U P^T, S)`` for ``matrix = U S P^T`` (float64): ``A (A^T A)^(-1/2)`` with ``A^T A``'s
+    eigendecomposition on the smaller side where the condition is at most ``1 / GRAM_MIN_RATIO``,
+    from ``robust_svd`` otherwise."""
+    if matrix.numel() == 0:  # TSV-M with more tasks than the rank keeps no component
+        return matrix.clone(), matrix.new_zeros(0)
+    tall = matrix.shape[0] >= matrix.shape[1]
+    side = matrix if tall else matrix.T
+    values, vectors = torch.linalg.eigh(side.T @ side)  # ascending
+    if not values[-1] > 0 or values[0] < GRAM_MIN_RATIO**2 * values[-1]:
+        u, s, vh = robust_svd(matrix)
+        return u @ vh, s
+    polar = side @ (vectors * values.rsqrt()) @ vectors.T
+    return (polar if tall else polar.T), values.flip(0).sqrt()
+
+
 def orthogonal_factor(matrix: Tensor) -> Tensor:
     """``U P^T`` for ``matrix = U S P^T``: the polar factor with orthonormal columns (rows if wide)."""
-    u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
-    return u @ vh
+    return polar_and_spectrum(matrix)[0]
 
 
 def tsv_rank(rank: int, num_tasks: int) -> int:
@@ -135,11 +223,11 @@ def tsv_merge(pretrained: Tensor, task_vectors: Iterable[Tensor], scaling_factor
     keep = tsv_rank(min(first.shape), num_tasks)
     lefts, values, rights, count = [], [], [], 0
     for tau in stream:
-        u, s, vh = torch.linalg.svd(tau.to(torch.float64), full_matrices=False)
-        # Copies, so that the full factors are freed.
-        lefts.append(u[:, :keep].clone())
-        values.append(s[:keep].clone())
-        rights.append(vh[:keep].clone())
+        u, s, vh = top_singular(tau.to(torch.float64), keep)
+        # Copies, so that no full factor of a fallback SVD stays alive.
+        lefts.append(u.clone())
+        values.append(s.clone())
+        rights.append(vh.clone())
         count += 1
     _check_count(count, num_tasks, pretrained)
     u_perp = orthogonal_factor(torch.cat(lefts, dim=1))
@@ -162,8 +250,8 @@ def iso_c(pretrained: Tensor, task_vectors: Iterable[Tensor], scaling_factor: fl
         total = tau.to(torch.float64, copy=True) if total is None else total.add_(tau)
         count += 1
     _check_count(count, num_tasks, pretrained)
-    u, s, vh = torch.linalg.svd(total, full_matrices=False)
-    return _add_scaled(pretrained, s.mean() * (u @ vh), scaling_factor)
+    polar, s = polar_and_spectrum(total)
+    return _add_scaled(pretrained, s.mean() * polar, scaling_factor)
 
 
 def iso_cts(
@@ -199,18 +287,19 @@ def iso_cts(
     total = torch.zeros(first.shape, dtype=torch.float64)
     for tau in vectors:
         total.add_(tau)
-    u, s, vh = torch.linalg.svd(total, full_matrices=False)
-    basis = u[:, :common].clone()  # copies: the full factors are freed
-    lefts, values, rights = [basis], [s[:common].clone()], [vh[:common].clone()]
+    u, s, vh = top_singular(total, common)
+    basis = u.clone()  # copies: no full factor of a fallback SVD stays alive
+    lefts, values, rights = [basis], [s.clone()], [vh.clone()]
+    scale = float(s[0]) if common else None  # the sum's largest singular value
     del total, u, s, vh
     if per_task:
         for tau in vectors:
             tau = tau.to(torch.float64)
             residual = tau - basis @ (basis.T @ tau)
-            u_t, s_t, vh_t = torch.linalg.svd(residual, full_matrices=False)
-            lefts.append(u_t[:, :per_task].clone())
-            values.append(s_t[:per_task].clone())
-            rights.append(vh_t[:per_task].clone())
+            u_t, s_t, vh_t = top_singular(residual, per_task, scale)
+            lefts.append(u_t.clone())
+            values.append(s_t.clone())
+            rights.append(vh_t.clone())
     sigma = torch.cat(values).mean()
     u_perp = orthogonal_factor(torch.cat(lefts, dim=1))
     vh_perp = orthogonal_factor(torch.cat(rights, dim=0))

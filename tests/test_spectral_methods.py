@@ -23,7 +23,16 @@ from merging import METHODS, IsotropicCommon, IsotropicCommonTask, TaskSingularV
 from merging.engine import merge_backbone
 from merging.errors import MergeError
 from merging.pool import ModelPool
-from merging.spectral import iso_c, iso_cts, iso_cts_dimensions, orthogonal_factor, tsv_merge, tsv_rank
+from merging.spectral import (
+    iso_c,
+    iso_cts,
+    iso_cts_dimensions,
+    orthogonal_factor,
+    polar_and_spectrum,
+    top_singular,
+    tsv_merge,
+    tsv_rank,
+)
 from tolerances import FLOAT64_RTOL, U32, assert_within, float64_results_bound
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -479,3 +488,101 @@ def test_merge_cli_iso_cts_report_equals_an_independent_evaluation(tmp_path, mon
         mf.assert_scores(row["tasks"][task], scores, 8, task)
         own = mf.score(pool[task], images, labels)
         assert row["tasks"][task]["loss"] != pytest.approx(own.loss, rel=1e-3)  # the merge changed the model
+
+
+# --- The decompositions: the Gram route, the SVD where it would lose accuracy, gesvd where gesdd fails ---
+
+
+def spectrum_matrix(rows: int, columns: int, singular_values, seed: int) -> torch.Tensor:
+    """``Q_1 diag(s) Q_2^T`` in float64 with random orthonormal ``Q``s: a matrix of known spectrum."""
+    generator = torch.Generator().manual_seed(seed)
+    rank = len(singular_values)
+    left = torch.linalg.qr(torch.randn(rows, rank, generator=generator, dtype=torch.float64))[0]
+    right = torch.linalg.qr(torch.randn(columns, rank, generator=generator, dtype=torch.float64))[0]
+    return left @ torch.diag(torch.tensor(singular_values, dtype=torch.float64)) @ right.T
+
+
+def assert_triplets(matrix: torch.Tensor, u, s, vh, expected_values) -> None:
+    """Orthonormal singular vectors that reproduce ``matrix``'s action: ``A^T u_i = s_i v_i``."""
+    count = len(expected_values)
+    eye = torch.eye(count, dtype=torch.float64)
+    scale = float(expected_values[0])
+    assert_within(s, torch.tensor(expected_values, dtype=torch.float64), FLOAT64_RTOL * scale)
+    assert_within(u.T @ u, eye, FLOAT64_RTOL)
+    assert_within(vh @ vh.T, eye, FLOAT64_RTOL)
+    assert_within(matrix.T @ u, vh.T * s, FLOAT64_RTOL * scale)
+
+
+@pytest.mark.parametrize("shape", [(48, 16), (16, 48)])
+def test_top_singular_takes_the_gram_route_where_the_spectrum_allows_and_the_svd_elsewhere(shape, monkeypatch):
+    import merging.spectral as spectral
+
+    calls = []
+    real_svd = spectral.robust_svd
+    monkeypatch.setattr(spectral, "robust_svd", lambda matrix: calls.append(matrix.shape) or real_svd(matrix))
+    values = [10.0 - 0.5 * i for i in range(16)]
+    matrix = spectrum_matrix(*shape, values, seed=1)
+    assert_triplets(matrix, *top_singular(matrix, 4), values[:4])
+    assert calls == []  # the Gram route
+    # A used value below 2**-12 of the largest: the squared condition would exceed float32's range.
+    values = [1.0, 0.5, 1e-5, *[1e-6] * 13]
+    matrix = spectrum_matrix(*shape, values, seed=2)
+    assert_triplets(matrix, *top_singular(matrix, 3), values[:3])
+    assert calls == [shape]
+    u, s, vh = top_singular(matrix, 0)
+    assert (u.shape, s.shape, vh.shape) == ((shape[0], 0), (0,), (0, shape[1]))
+
+
+def test_a_rank_deficient_residual_gives_orthonormal_top_triplets():
+    """Iso-CTS's residual, a task matrix with the common subspace projected out: rank 4 of 12, so
+    a fifth component is asked of a zero singular value (the SVD then, not the Gram route)."""
+    matrix = spectrum_matrix(40, 12, [4.0, 3.0, 2.0, 1.0], seed=3)
+    u, s, vh = top_singular(matrix, 5)
+    assert_within(s[:4], torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=torch.float64), FLOAT64_RTOL * 4)
+    assert float(s[4]) <= FLOAT64_RTOL * 4
+    assert_within(u.T @ u, torch.eye(5, dtype=torch.float64), FLOAT64_RTOL)
+    assert_within(vh @ vh.T, torch.eye(5, dtype=torch.float64), FLOAT64_RTOL)
+
+
+def test_the_polar_factor_takes_the_svd_for_an_ill_conditioned_matrix(monkeypatch):
+    import merging.spectral as spectral
+
+    calls = []
+    real_svd = spectral.robust_svd
+    monkeypatch.setattr(spectral, "robust_svd", lambda matrix: calls.append(matrix.shape) or real_svd(matrix))
+    for values, route in (([3.0, 2.0, 1.0], []), ([1.0, 1e-3, 1e-5], [(30, 3)])):
+        matrix = spectrum_matrix(30, 3, values, seed=4)
+        polar, spectrum = polar_and_spectrum(matrix)
+        u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
+        assert_within(polar, u @ vh, FLOAT64_RTOL * math.sqrt(3))
+        assert_within(spectrum, torch.tensor(values, dtype=torch.float64), FLOAT64_RTOL * values[0])
+        assert calls == route
+
+
+def test_an_svd_that_gesdd_cannot_converge_on_is_taken_from_gesvd(monkeypatch):
+    """LAPACK's divide and conquer fails on some rank-deficient or ill-conditioned matrices (it did
+    on Iso-CTS residuals of base-sized checkpoints on one machine; this machine's MKL converges on
+    every such matrix tried here, so the failure is made): the QR-iteration driver then answers,
+    and where both fail the merge stops with one error naming the matrix."""
+    import merging.spectral as spectral
+
+    def no_convergence(matrix, full_matrices=True):
+        raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge because the input matrix is ill-conditioned")
+
+    matrix = spectrum_matrix(20, 6, [5.0, 4.0, 3.0, 0.0, 0.0, 0.0], seed=5)  # rank-deficient, repeated zeros
+    monkeypatch.setattr(torch.linalg, "svd", no_convergence)
+    u, s, vh = spectral.robust_svd(matrix)
+    assert_triplets(matrix, u[:, :3], s[:3], vh[:3], [5.0, 4.0, 3.0])
+    # The whole merge goes through: Iso-CTS on rank-1 task matrices, whose residuals outside the
+    # common subspace (2 dimensions) have rank 1 where 2 components are asked of each.
+    gesvd_calls = []
+    real_gesvd = spectral.scipy.linalg.svd
+    monkeypatch.setattr(spectral.scipy.linalg, "svd", lambda *a, **k: gesvd_calls.append(1) or real_gesvd(*a, **k))
+    taus = [t(spectrum_matrix(20, 6, [2.0 + i], seed=6 + i).tolist()) for i in range(2)]
+    merged = iso_cts(torch.zeros(20, 6), taus, 0.5, 1.0)
+    assert torch.isfinite(merged).all() and gesvd_calls
+    monkeypatch.setattr(
+        spectral.scipy.linalg, "svd", lambda *a, **k: (_ for _ in ()).throw(np.linalg.LinAlgError("SVD did not converge"))
+    )
+    with pytest.raises(MergeError, match=r"the SVD of a \(20, 6\) matrix failed to converge with gesdd .* and gesvd"):
+        spectral.robust_svd(matrix)
