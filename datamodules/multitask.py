@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from datamodules.classification import split_train_val
 from datamodules.errors import DataError, check_setting
-from datamodules.loaders import check_own_sampling, distributed_context, evaluation_dataloader, step_stream_dataloader
+from datamodules.loaders import distributed_context, evaluation_dataloader, step_stream_dataloader
 from datamodules.preprocessing import ImagePreprocessor, load_image_processor
 from datamodules.sources import check_path, checked_label_mapping, get_split, load_task_dataset
 from datamodules.tasks import TaskInfo, get_task
@@ -155,9 +155,6 @@ class MultiTaskDataModule(LightningDataModule):
             return
         for task in self.tasks:
             self._load(task)
-
-    def setup(self, stage: str | None = None) -> None:
-        check_own_sampling(self.trainer)
 
     def _where(self, task: TaskInfo, split: str) -> str:
         return f"task '{task.name}', path '{self.paths.get(task.name) or task.hub_dataset or 'built-in'}', split '{split}'"

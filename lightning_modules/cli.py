@@ -2,29 +2,37 @@
 
 from __future__ import annotations
 
+import functools
 import gc
+import inspect
+import operator
 import os
 import sys
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, OnExceptionCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from common.errors import CheckpointError
 from common.files import check_output_location
 from datamodules.errors import DataError
+from datamodules.loaders import OWN_SAMPLING, check_split_over_devices
 from lightning_modules.errors import TrainingError
 from lightning_modules.evaluation import MultiTaskEvaluation
 from lightning_modules.export import HuggingFaceExport
 from lightning_modules.noise import silence_known_noise
 from lightning_modules.parser_errors import ProjectArgumentParser
+from lightning_modules.versions import UnverifiedVersionError, check_verified_versions
 from merging.errors import MergeError
 
-#: Errors that mean bad input: reported as one line, without a traceback.
-INPUT_ERRORS = (DataError, CheckpointError, MergeError, TrainingError)
+#: Errors that mean bad input (or an installation outside the verified versions): reported as
+#: one line, without a traceback.
+INPUT_ERRORS = (DataError, CheckpointError, MergeError, TrainingError, UnverifiedVersionError)
 
 #: Trainer options where an int counts (batches, steps) and a float is a fraction.
 COUNT_OR_FRACTION = (
@@ -33,21 +41,45 @@ COUNT_OR_FRACTION = (
 )  # fmt: skip
 
 
-def read_integers_as_counts(parser: Any) -> None:
-    """``--trainer.limit_test_batches 1`` is one batch and ``1.0`` all of them, whatever else
-    was imported. Lightning types these options ``Optional[Union[int, float]]``, but typing
-    caches unions by equality (``Union[int, float] == Union[float, int]``), so the union
-    jsonargparse ends up with can be float first, depending on which libraries built which
-    union first (Lightning itself annotates ``Union[float, int]``): ``1`` then reads as ``1.0``,
-    every batch. Seen once one more merge method and the test fixtures' libraries were imported
-    before parsing (``tests/test_merge_cli.py`` runs that case). Each option gets an int-first
-    union built outside the cache: jsonargparse tries a union's types in order. (Private
-    attributes of jsonargparse and typing, pinned by that test.)"""
-    for action in parser._actions:
-        typehint = getattr(action, "_typehint", None)
-        if action.dest.removeprefix("trainer.") in COUNT_OR_FRACTION and typing.get_origin(typehint) is typing.Union:
-            members = tuple(sorted(typehint.__args__, key=lambda member: member is not int))
-            action._typehint = typing._UnionGenericAlias(typing.Union, members)
+#: Help of the options above (Lightning's own is replaced with the type it documents).
+COUNT_OR_FRACTION_HELP = {
+    "limit_train_batches": "How much of the training data to use: an int counts batches, a float is a fraction.",
+    "limit_val_batches": "How much of the validation data to use: an int counts batches, a float is a fraction.",
+    "limit_test_batches": "How much of the test data to use: an int counts batches, a float is a fraction.",
+    "limit_predict_batches": "How much of the prediction data to use: an int counts batches, a float is a fraction.",
+    "overfit_batches": "Train and validate on this much of the training data: an int counts batches, a float is a fraction.",
+    "val_check_interval": "How often to validate within a training epoch: an int counts batches, a float is a fraction "
+    "of the epoch (also a duration: a string, timedelta or dict).",
+}
+
+
+def int_first(hint: Any) -> Any:
+    """``hint``, a union, as a ``types.UnionType`` with ``int`` first. Lightning types the options
+    of ``COUNT_OR_FRACTION`` ``Optional[Union[int, float]]``, but typing caches unions by equality
+    (``Union[int, float] == Union[float, int]``), so the union it hands out can be float first,
+    depending on which libraries built which union first (Lightning itself annotates
+    ``Union[float, int]``), and jsonargparse, which tries a union's types in order, then reads
+    ``--trainer.limit_test_batches 1`` as ``1.0``: every batch. Seen once one more merge method and
+    the test fixtures' libraries were imported before parsing (``tests/test_merge_cli.py``). A
+    ``types.UnionType`` (``int | float``) is built anew, in the order given, outside that cache."""
+    members = sorted(typing.get_args(hint), key=lambda member: member is not int)
+    return functools.reduce(operator.or_, members)
+
+
+def add_trainer_arguments(parser: Any, trainer_class: type) -> None:
+    """The Trainer's options under ``trainer.`` as LightningCLI adds them, but for the count-or-fraction
+    ones, typed ``int`` first (``int_first``) in the same group."""
+    parser.add_class_arguments(
+        trainer_class, "trainer", fail_untyped=False, instantiate=False, sub_configs=True, skip=set(COUNT_OR_FRACTION)
+    )
+    parameters = inspect.signature(trainer_class.__init__).parameters
+    for name in COUNT_OR_FRACTION:
+        parser.groups["trainer"].add_argument(
+            f"--trainer.{name}",
+            type=int_first(parameters[name].annotation),
+            default=parameters[name].default,
+            help=COUNT_OR_FRACTION_HELP[name],
+        )
 
 
 def _input_error(error: BaseException | None) -> BaseException | None:
@@ -60,15 +92,44 @@ def _input_error(error: BaseException | None) -> BaseException | None:
     return None
 
 
-class SaveConfigAfterModelSetup(SaveConfigCallback):
-    """``config.yaml`` written once the model's setup has passed: Lightning runs the callbacks'
-    setup first, and a merge refused in the model's setup (a checkpoint that is not a ConvNeXt)
-    would leave the file of a run that never ran. The model's setup is idempotent here
-    (``MultiTaskEvaluation`` builds once), so Lightning calling it again right after is a no-op."""
+class SaveConfigOfCompletedRuns(SaveConfigCallback):
+    """Lightning's ``config.yaml``, taken back if the run fails: a run refused after the file was
+    written (a checkpoint that is not a ConvNeXt, found in the model's setup; a label that is not a
+    class, found by the data's) leaves none, as the README promises, and the file an earlier run
+    left there is put back. Lightning calls ``on_exception`` for any exception inside fit or test."""
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        pl_module.setup(stage)
+        if self.save_to_log_dir and not self.already_saved:
+            log_dir = trainer.log_dir  # on every rank: it broadcasts
+            if trainer.is_global_zero:
+                self.undo = undo_writing(os.path.join(log_dir, self.config_filename))
         super().setup(trainer, pl_module, stage)
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        if getattr(self, "undo", None) is not None:
+            self.undo()
+            self.undo = None
+
+
+def undo_writing(path: str) -> Callable[[], None]:
+    """A function that puts ``path`` and its missing parent folders back as they are now."""
+    fs = get_filesystem(path)
+    before = fs.cat_file(path) if fs.isfile(path) else None
+    missing, folder = [], os.path.dirname(path)
+    while folder and not fs.exists(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+
+    def undo() -> None:
+        if before is not None:
+            fs.pipe_file(path, before)
+        elif fs.exists(path):
+            fs.rm(path)
+        for created in missing:  # innermost first; one that now holds other files stays
+            if fs.isdir(created) and not fs.ls(created):
+                fs.rmdir(created)
+
+    return undo
 
 
 class ProjectCLI(LightningCLI):
@@ -81,8 +142,11 @@ class ProjectCLI(LightningCLI):
         silence_known_noise()
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("parser_class", ProjectArgumentParser)
-        kwargs.setdefault("save_config_callback", SaveConfigAfterModelSetup)
+        kwargs.setdefault("save_config_callback", SaveConfigOfCompletedRuns)
+        # The models configure their own optimizer (the recipe's SGD, AdaMerging's Adam), from their options.
+        kwargs.setdefault("auto_configure_optimizers", False)
         try:
+            check_verified_versions()
             super().__init__(*args, **kwargs)
         except Exception as error:
             cause = _input_error(error)
@@ -96,8 +160,13 @@ class ProjectCLI(LightningCLI):
             if self._froze_startup_objects:  # collectable again for whoever called main() in-process
                 gc.unfreeze()
 
-    def add_arguments_to_parser(self, parser: Any) -> None:
-        read_integers_as_counts(parser)
+    def add_core_arguments_to_parser(self, parser: Any) -> None:
+        """The model's and the data's options, then the Trainer's (``add_trainer_arguments``): in
+        that order in ``--help`` too, so the project's own come first."""
+        parser.add_lightning_class_args(self.model_class, "model", subclass_mode=self.subclass_mode_model)
+        parser.add_lightning_class_args(self.datamodule_class, "data", subclass_mode=self.subclass_mode_data)
+        add_trainer_arguments(parser, self.trainer_class)
+        parser.set_defaults({f"trainer.{key}": value for key, value in self.trainer_defaults.items() if key != "callbacks"})
 
     def subcommand_config(self) -> Any:
         return self.config.get(str(self.subcommand), self.config)
@@ -108,16 +177,22 @@ class ProjectCLI(LightningCLI):
         A ``ModelCheckpoint`` without a ``dirpath`` writes to ``<trainer.default_root_dir>/checkpoints``
         whatever the logger (Lightning would put it under the logger's run, a new folder per W&B run,
         where ``--ckpt_path last`` could never find it): one base config serves every task."""
-        trainer = self._get(self.config_init, "trainer", default={})
+        trainer = self.config_init.get(str(self.subcommand), self.config_init).get("trainer", {})
         if trainer.get("enable_progress_bar") is False:
             callbacks = trainer.get("callbacks") or []
             callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
-            trainer["callbacks"] = [callback for callback in callbacks if not isinstance(callback, ProgressBar)]
+            kwargs["callbacks"] = [callback for callback in callbacks if not isinstance(callback, ProgressBar)]
         instance = super().instantiate_trainer(**kwargs)
         for callback in instance.checkpoint_callbacks:
             if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
                 callback.dirpath = default_checkpoint_dir(instance.default_root_dir)
         return instance
+
+    def check_before_launch(self) -> None:
+        """What depends on the number of processes, refused here, before Lightning starts them
+        (each would print the same error)."""
+        if self.subcommand == "fit" and self.trainer.world_size > 1 and self.subcommand_config().trainer.use_distributed_sampler:
+            raise DataError(OWN_SAMPLING)
 
     def freeze_startup_objects(self) -> None:
         """Take the objects alive before the loops (about 500,000: the imports and the configuration)
@@ -130,10 +205,16 @@ class ProjectCLI(LightningCLI):
             self._froze_startup_objects = True
 
     def before_fit(self) -> None:
+        self.check_before_launch()
         check_resume_checkpoint(self.trainer, self.subcommand_config().get("ckpt_path"))
         self.freeze_startup_objects()
 
+    def before_validate(self) -> None:
+        self.check_before_launch()
+        self.freeze_startup_objects()
+
     def before_test(self) -> None:
+        self.check_before_launch()
         self.freeze_startup_objects()
 
 
@@ -156,18 +237,43 @@ def check_resume_checkpoint(trainer: Any, ckpt_path: str | None) -> None:
             raise CheckpointError(f"--ckpt_path '{ckpt_path}': no such checkpoint file")
         return
     callbacks = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)]
-    found = {path for callback in callbacks for path in callback._find_last_checkpoints(trainer)}
+    found = {path for callback in callbacks for path in last_checkpoints(callback, trainer)}
     found |= {c.ckpt_path for c in trainer.callbacks if isinstance(c, OnExceptionCheckpoint)}
     if any(Path(path).is_file() for path in found):
         return
-    # Where Lightning looks: dirpath, else under the logger's or the trainer's root.
-    places = [f"'{callback._ModelCheckpoint__resolve_ckpt_dir(trainer)}'" for callback in callbacks]
+    places = [f"'{checkpoint_dir(callback, trainer)}'" for callback in callbacks]
     where = f"no last.ckpt in {', '.join(places)}" if places else "checkpointing is off"
     raise CheckpointError(f"--ckpt_path last: no checkpoint to resume from ({where}); leave it out to start from scratch")
 
 
+def checkpoint_dir(callback: ModelCheckpoint, trainer: Any) -> str:
+    """Where ``callback`` writes: its ``dirpath``, which ``ProjectCLI.instantiate_trainer`` sets
+    for every ``ModelCheckpoint`` without one."""
+    return callback.dirpath or default_checkpoint_dir(trainer.default_root_dir)
+
+
+def last_checkpoints(callback: ModelCheckpoint, trainer: Any) -> set[str]:
+    """The files ``--ckpt_path last`` resumes from, found as Lightning finds them: in the
+    callback's folder, named ``last`` (``last-v1``, ...) with the checkpoint extension."""
+    folder = checkpoint_dir(callback, trainer)
+    fs = get_filesystem(folder)
+    if not fs.isdir(folder):
+        return set()
+    names = {os.path.normpath(path) for path in fs.ls(folder, detail=False)}
+    return {
+        path
+        for path in names
+        if Path(path).suffix == callback.FILE_EXTENSION and Path(path).stem.startswith(callback.CHECKPOINT_NAME_LAST)
+    }
+
+
 class TrainCLI(ProjectCLI):
     """``train.py``: the DataModule tells the model its classes; ``fit`` ends with a Hugging Face export."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """``fit``, ``validate`` and ``test`` (the classifier has no ``predict_step``)."""
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name != "predict"}
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         super().add_arguments_to_parser(parser)
@@ -187,6 +293,12 @@ class TrainCLI(ProjectCLI):
         )
         parser.add_argument("--overwrite", type=bool, default=False, help="Replace an existing export.")
 
+    def check_before_launch(self) -> None:
+        super().check_before_launch()
+        if self.subcommand == "fit":
+            accumulate = self.trainer.accumulate_grad_batches
+            check_split_over_devices(self.datamodule.batch_size, self.trainer, "data.batch_size", accumulate)
+
     def before_fit(self) -> None:
         super().before_fit()
         if not self.trainer.loggers:
@@ -199,7 +311,7 @@ class TrainCLI(ProjectCLI):
                 config["export_dir"],
                 config.get("export_name"),
                 config.get("overwrite"),
-                config_yaml=self._parser(self.subcommand).dump(config, skip_none=False),
+                config_yaml=self.parser.subcommand_parsers[self.subcommand].dump(config, skip_none=False),
             )
             # Before any data is read (its own setup check comes after the data's setup).
             export.check(self.trainer, self.model, self.datamodule)
@@ -212,14 +324,24 @@ class TrainCLI(ProjectCLI):
 class MergeCLI(ProjectCLI):
     """``merge.py``: the DataModule tells the model which tasks, in which order, with which labels."""
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """``test`` (merge and evaluate) and ``fit`` (AdaMerging); no model here validates or predicts."""
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name in ("fit", "test")}
+
     def add_arguments_to_parser(self, parser: Any) -> None:
         super().add_arguments_to_parser(parser)
         parser.link_arguments("data.task_names", "model.init_args.tasks", apply_on="instantiate")
         parser.link_arguments("data.classnames", "model.init_args.classnames", apply_on="instantiate")
         parser.link_arguments("data.splits", "model.init_args.splits", apply_on="instantiate")
 
+    def check_before_launch(self) -> None:
+        super().check_before_launch()
+        if self.subcommand == "fit":  # test-time adaptation: each step one global batch of every task
+            check_split_over_devices(self.datamodule.adaptation_batch_size, self.trainer, "data.adaptation_batch_size")
+
     def before_test(self) -> None:
-        # Here and not only in the model's setup: Lightning writes config.yaml before that.
+        # Here and not only in the model's setup: before any checkpoint is read.
         if isinstance(self.model, MultiTaskEvaluation):
             self.model.check_test_does_something(self.trainer)
         super().before_test()
