@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import gc
 import inspect
@@ -147,7 +148,10 @@ class ProjectCLI(LightningCLI):
         kwargs.setdefault("auto_configure_optimizers", False)
         try:
             check_verified_versions()
-            super().__init__(*args, **kwargs)
+            # In a context of its own: jsonargparse leaves its last subclass parser in a context
+            # variable, which would keep this run (its model, the pool's open checkpoints) alive
+            # after main() returns, until the next in-process run.
+            contextvars.copy_context().run(super().__init__, *args, **kwargs)
         except Exception as error:
             cause = _input_error(error)
             if cause is None:

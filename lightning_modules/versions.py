@@ -32,12 +32,14 @@ def _major_minor(release: str) -> tuple[int, int]:
     return numbers[0], numbers[1] if len(numbers) > 1 else 0
 
 
-def check_verified_versions(installed: Callable[[str], str] = version) -> None:
+def check_verified_versions(installed: Callable[[str], str] | None = None) -> None:
     """Raise ``UnverifiedVersionError`` naming the first package outside its verified range.
 
     Args:
-        installed: the installed release of a distribution, by name (``importlib.metadata.version``).
+        installed: the installed release of a distribution, by name (default:
+            ``importlib.metadata.version``).
     """
+    installed = installed or version
     for package, (oldest, newest, reliance) in VERIFIED.items():
         found = installed(package)
         place = _major_minor(found)
