@@ -11,24 +11,23 @@ from pathlib import Path
 
 import pytest
 
-import merge_fixtures as mf
+import test_bad_input
 from conftest import write_dataset
 from merge import main as merge_main
-from test_bad_input import (  # noqa: F401  (fixtures: workdir is autouse)
+from test_bad_input import (
     METHOD_NAMES,
     assert_nothing_written,
-    convnext,
     merge_args,
     merged_classifier,
     one_error_line,
-    pool,
     small_dataset,
     train_args,
-    workdir,
 )
 from train import main as train_main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+# test_bad_input's fixtures, here too: the empty working directory (autouse), its ConvNeXt and its pool
+workdir, convnext, pool = test_bad_input.workdir, test_bad_input.convnext, test_bad_input.pool
 
 
 @pytest.fixture
@@ -47,7 +46,9 @@ def mnist(tmp_path) -> Path:
 
 
 def train_run(convnext: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return train_args(convnext, data, "mnist", "--trainer.default_root_dir", str(out / "root"), "--export_dir", str(out / "exports"), *extra)
+    return train_args(
+        convnext, data, "mnist", "--trainer.default_root_dir", str(out / "root"), "--export_dir", str(out / "exports"), *extra
+    )
 
 
 def assert_nothing_left(out: Path, workdir: Path) -> None:
@@ -70,7 +71,10 @@ DEVICE_CASES = {
 @pytest.mark.parametrize("case", DEVICE_CASES)
 def test_a_device_count_that_does_not_fit_is_refused_before_launch(case, convnext, mnist, tmp_path, workdir, capsys, no_launch):
     extra, expected = DEVICE_CASES[case]
-    assert one_error_line(train_main, train_run(convnext, mnist, tmp_path, "--trainer.accelerator", "cpu", *extra), capsys) == expected
+    assert (
+        one_error_line(train_main, train_run(convnext, mnist, tmp_path, "--trainer.accelerator", "cpu", *extra), capsys)
+        == expected
+    )
     assert_nothing_left(tmp_path, workdir)
 
 
@@ -80,7 +84,9 @@ def adamerging_fit(pool, out: Path, *extra: str) -> list[str]:
 
 
 def test_an_adaptation_batch_that_does_not_split_is_refused_before_launch(pool, tmp_path, workdir, capsys, no_launch):
-    args = adamerging_fit(pool, tmp_path, "--trainer.max_steps", "1", "--trainer.devices", "3", "--data.adaptation_batch_size", "4")
+    args = adamerging_fit(
+        pool, tmp_path, "--trainer.max_steps", "1", "--trainer.devices", "3", "--data.adaptation_batch_size", "4"
+    )
     line = one_error_line(merge_main, args, capsys)
     assert line == "error: data.adaptation_batch_size 4 (a global batch) does not split over 3 device(s)"
     assert_nothing_written(tmp_path, workdir)
@@ -171,7 +177,9 @@ def test_optimizer_options_are_the_models_own(convnext, tmp_path, workdir, capsy
 # --- --help ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("program", "subcommand", "most_lines"), [("train", "fit", 450), ("merge", "test", 400), ("merge", "fit", 400)])
+@pytest.mark.parametrize(
+    ("program", "subcommand", "most_lines"), [("train", "fit", 450), ("merge", "test", 400), ("merge", "fit", 400)]
+)
 def test_help_leads_with_the_projects_options_and_keeps_the_trainers_brief(program, subcommand, most_lines, workdir, capsys):
     main = train_main if program == "train" else merge_main
     with pytest.raises(SystemExit) as exit_info:
@@ -179,7 +187,10 @@ def test_help_leads_with_the_projects_options_and_keeps_the_trainers_brief(progr
     assert exit_info.value.code in (0, None)
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == f"usage: cli [options] {subcommand} [options]" and len(lines) <= most_lines, (lines[0], len(lines))
-    first = {prefix: next(i for i, line in enumerate(lines) if line.lstrip().startswith(prefix)) for prefix in ("--model", "--data", "--trainer")}
+    first = {
+        prefix: next(i for i, line in enumerate(lines) if line.lstrip().startswith(prefix))
+        for prefix in ("--model", "--data", "--trainer")
+    }
     assert first["--model"] < first["--data"] < first["--trainer"], first
     devices = next(i for i, line in enumerate(lines) if line.lstrip().startswith("--trainer.devices "))
     assert lines[devices + 1].strip().startswith("The devices to use. (type:"), lines[devices : devices + 3]
