@@ -3,21 +3,13 @@
 from __future__ import annotations
 
 import contextvars
-import functools
 import gc
-import inspect
-import operator
-import os
 import sys
-import typing
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.fabric.utilities.cloud_io import get_filesystem
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, OnExceptionCheckpoint, ProgressBar
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
+from lightning.pytorch.cli import LightningCLI
 
 from common.errors import CheckpointError
 from common.files import check_output_location
@@ -28,59 +20,14 @@ from lightning_modules.evaluation import MultiTaskEvaluation
 from lightning_modules.export import HuggingFaceExport
 from lightning_modules.noise import silence_known_noise
 from lightning_modules.parser_errors import ProjectArgumentParser
+from lightning_modules.run_files import SaveConfigOfCompletedRuns, check_resume_checkpoint, default_checkpoint_dir
+from lightning_modules.trainer_options import add_trainer_arguments
 from lightning_modules.versions import UnverifiedVersionError, check_verified_versions
 from merging.errors import MergeError
 
 #: Errors that mean bad input (or an installation outside the verified versions): reported as
 #: one line, without a traceback.
 INPUT_ERRORS = (DataError, CheckpointError, MergeError, TrainingError, UnverifiedVersionError)
-
-#: Trainer options where an int counts (batches, steps) and a float is a fraction.
-COUNT_OR_FRACTION = (
-    "limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches",
-    "val_check_interval", "overfit_batches",
-)  # fmt: skip
-
-
-#: Help of the options above (Lightning's own is replaced with the type it documents).
-COUNT_OR_FRACTION_HELP = {
-    "limit_train_batches": "How much of the training data to use: an int counts batches, a float is a fraction.",
-    "limit_val_batches": "How much of the validation data to use: an int counts batches, a float is a fraction.",
-    "limit_test_batches": "How much of the test data to use: an int counts batches, a float is a fraction.",
-    "limit_predict_batches": "How much of the prediction data to use: an int counts batches, a float is a fraction.",
-    "overfit_batches": "Train and validate on this much of the training data: an int counts batches, a float is a fraction.",
-    "val_check_interval": "How often to validate within a training epoch: an int counts batches, a float is a fraction "
-    "of the epoch (also a duration: a string, timedelta or dict).",
-}
-
-
-def int_first(hint: Any) -> Any:
-    """``hint``, a union, as a ``types.UnionType`` with ``int`` first. Lightning types the options
-    of ``COUNT_OR_FRACTION`` ``Optional[Union[int, float]]``, but typing caches unions by equality
-    (``Union[int, float] == Union[float, int]``), so the union it hands out can be float first,
-    depending on which libraries built which union first (Lightning itself annotates
-    ``Union[float, int]``), and jsonargparse, which tries a union's types in order, then reads
-    ``--trainer.limit_test_batches 1`` as ``1.0``: every batch. Seen once one more merge method and
-    the test fixtures' libraries were imported before parsing (``tests/test_merge_cli.py``). A
-    ``types.UnionType`` (``int | float``) is built anew, in the order given, outside that cache."""
-    members = sorted(typing.get_args(hint), key=lambda member: member is not int)
-    return functools.reduce(operator.or_, members)
-
-
-def add_trainer_arguments(parser: Any, trainer_class: type) -> None:
-    """The Trainer's options under ``trainer.`` as LightningCLI adds them, but for the count-or-fraction
-    ones, typed ``int`` first (``int_first``) in the same group."""
-    parser.add_class_arguments(
-        trainer_class, "trainer", fail_untyped=False, instantiate=False, sub_configs=True, skip=set(COUNT_OR_FRACTION)
-    )
-    parameters = inspect.signature(trainer_class.__init__).parameters
-    for name in COUNT_OR_FRACTION:
-        parser.groups["trainer"].add_argument(
-            f"--trainer.{name}",
-            type=int_first(parameters[name].annotation),
-            default=parameters[name].default,
-            help=COUNT_OR_FRACTION_HELP[name],
-        )
 
 
 def _input_error(error: BaseException | None) -> BaseException | None:
@@ -91,46 +38,6 @@ def _input_error(error: BaseException | None) -> BaseException | None:
             return error
         error = error.__cause__
     return None
-
-
-class SaveConfigOfCompletedRuns(SaveConfigCallback):
-    """Lightning's ``config.yaml``, taken back if the run fails: a run refused after the file was
-    written (a checkpoint that is not a ConvNeXt, found in the model's setup; a label that is not a
-    class, found by the data's) leaves none, as the README promises, and the file an earlier run
-    left there is put back. Lightning calls ``on_exception`` for any exception inside fit or test."""
-
-    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        if self.save_to_log_dir and not self.already_saved:
-            log_dir = trainer.log_dir  # on every rank: it broadcasts
-            if trainer.is_global_zero:
-                self.undo = undo_writing(os.path.join(log_dir, self.config_filename))
-        super().setup(trainer, pl_module, stage)
-
-    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        if getattr(self, "undo", None) is not None:
-            self.undo()
-            self.undo = None
-
-
-def undo_writing(path: str) -> Callable[[], None]:
-    """A function that puts ``path`` and its missing parent folders back as they are now."""
-    fs = get_filesystem(path)
-    before = fs.cat_file(path) if fs.isfile(path) else None
-    missing, folder = [], os.path.dirname(path)
-    while folder and not fs.exists(folder):
-        missing.append(folder)
-        folder = os.path.dirname(folder)
-
-    def undo() -> None:
-        if before is not None:
-            fs.pipe_file(path, before)
-        elif fs.exists(path):
-            fs.rm(path)
-        for created in missing:  # innermost first; one that now holds other files stays
-            if fs.isdir(created) and not fs.ls(created):
-                fs.rmdir(created)
-
-    return undo
 
 
 class ProjectCLI(LightningCLI):
@@ -220,55 +127,6 @@ class ProjectCLI(LightningCLI):
     def before_test(self) -> None:
         self.check_before_launch()
         self.freeze_startup_objects()
-
-
-def default_checkpoint_dir(default_root_dir: str) -> str:
-    """Where a ``ModelCheckpoint`` without ``dirpath`` writes (``ProjectCLI.instantiate_trainer``);
-    a local folder made absolute, as ``ModelCheckpoint`` makes its own ``dirpath``."""
-    if "://" in default_root_dir:
-        return default_root_dir.rstrip("/") + "/checkpoints"
-    return os.path.realpath(os.path.join(os.path.expanduser(default_root_dir), "checkpoints"))
-
-
-def check_resume_checkpoint(trainer: Any, ckpt_path: str | None) -> None:
-    """``--ckpt_path last`` with no last checkpoint: Lightning only warns and trains from scratch,
-    which a resumed run must not silently do. Found as Lightning finds it when fit starts."""
-    if ckpt_path in (None, "best", "hpc"):
-        return
-    if ckpt_path != "last":
-        local = "://" not in ckpt_path and not ckpt_path.startswith("registry")
-        if local and not Path(ckpt_path).is_file():
-            raise CheckpointError(f"--ckpt_path '{ckpt_path}': no such checkpoint file")
-        return
-    callbacks = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)]
-    found = {path for callback in callbacks for path in last_checkpoints(callback, trainer)}
-    found |= {c.ckpt_path for c in trainer.callbacks if isinstance(c, OnExceptionCheckpoint)}
-    if any(Path(path).is_file() for path in found):
-        return
-    places = [f"'{checkpoint_dir(callback, trainer)}'" for callback in callbacks]
-    where = f"no last.ckpt in {', '.join(places)}" if places else "checkpointing is off"
-    raise CheckpointError(f"--ckpt_path last: no checkpoint to resume from ({where}); leave it out to start from scratch")
-
-
-def checkpoint_dir(callback: ModelCheckpoint, trainer: Any) -> str:
-    """Where ``callback`` writes: its ``dirpath``, which ``ProjectCLI.instantiate_trainer`` sets
-    for every ``ModelCheckpoint`` without one."""
-    return callback.dirpath or default_checkpoint_dir(trainer.default_root_dir)
-
-
-def last_checkpoints(callback: ModelCheckpoint, trainer: Any) -> set[str]:
-    """The files ``--ckpt_path last`` resumes from, found as Lightning finds them: in the
-    callback's folder, named ``last`` (``last-v1``, ...) with the checkpoint extension."""
-    folder = checkpoint_dir(callback, trainer)
-    fs = get_filesystem(folder)
-    if not fs.isdir(folder):
-        return set()
-    names = {os.path.normpath(path) for path in fs.ls(folder, detail=False)}
-    return {
-        path
-        for path in names
-        if Path(path).suffix == callback.FILE_EXTENSION and Path(path).stem.startswith(callback.CHECKPOINT_NAME_LAST)
-    }
 
 
 class TrainCLI(ProjectCLI):

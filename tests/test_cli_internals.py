@@ -22,8 +22,9 @@ from datamodules.errors import DataError
 from datamodules.loaders import StepStreamDataLoader, check_split_over_devices
 from datamodules.samplers import StepStreamSampler
 from lightning_modules import versions
-from lightning_modules.cli import COUNT_OR_FRACTION, int_first, last_checkpoints, undo_writing
 from lightning_modules.parser_help import first_sentence
+from lightning_modules.run_files import last_checkpoints, undo_writing
+from lightning_modules.trainer_options import COUNT_OR_FRACTION, int_first
 from lightning_modules.versions import VERIFIED, UnverifiedVersionError, check_verified_versions
 from lightning_modules.wandb_logger import WandbLogger
 
