@@ -17,6 +17,7 @@ def main(args: ArgsType = None) -> None:
         ImageClassifier,
         ImageClassificationDataModule,
         args=args,
+        parser_kwargs={"description": __doc__.splitlines()[0]},
         trainer_defaults={"use_distributed_sampler": False},
     )
 
