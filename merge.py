@@ -24,6 +24,7 @@ def main(args: ArgsType = None) -> None:
         MultiTaskDataModule,
         subclass_mode_model=True,
         args=args,
+        parser_kwargs={"description": __doc__.splitlines()[0]},
         trainer_defaults={"use_distributed_sampler": False},
     )
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,7 +38,9 @@ _MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
 class _SafetensorsFile:
-    """One ``.safetensors`` file: header parsed and checked up front, tensors read on demand."""
+    """One ``.safetensors`` file: header parsed and checked up front, tensors read on demand.
+    Its descriptor is closed by ``close``, or when the object is garbage collected (a reader
+    a ``ModelPool`` holds lives as long as the pool, and nothing has to remember to close it)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -45,6 +48,7 @@ class _SafetensorsFile:
             self.fd = os.open(path, os.O_RDONLY)
         except OSError as error:
             raise CheckpointError(f"cannot open '{path}': {error.strerror}") from error
+        self._closer = weakref.finalize(self, os.close, self.fd)
         size = os.fstat(self.fd).st_size
         prefix = os.pread(self.fd, 8, 0)
         if len(prefix) < 8:
@@ -79,7 +83,7 @@ class _SafetensorsFile:
             self.entries[key] = (dtype, shape, begin, end)
 
     def _fail(self, reason: str) -> None:
-        os.close(self.fd)
+        self.close()
         raise CheckpointError(f"corrupt checkpoint '{self.path}': {reason}")
 
     def read_into(self, key: str, out: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
@@ -93,7 +97,7 @@ class _SafetensorsFile:
         return out
 
     def close(self) -> None:
-        os.close(self.fd)
+        self._closer()  # a finalizer runs once: closing twice, or after collection, is a no-op
 
 
 def _bytes_of(tensor: torch.Tensor) -> memoryview:
@@ -122,8 +126,12 @@ class CheckpointReader:
         if single.is_file():
             self._add_file(single)
         elif index.is_file():
-            for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-                self._add_file(self.directory / shard)
+            try:
+                for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+                    self._add_file(self.directory / shard)
+            except BaseException:  # a bad shard: the ones opened before it are closed now
+                self.close()
+                raise
         elif (self.directory / "pytorch_model.bin").is_file():
             self._legacy = self._load_legacy(self.directory / "pytorch_model.bin")
         else:

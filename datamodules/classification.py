@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from datamodules.errors import DataError, check_setting
 from datamodules.images import check_images
-from datamodules.loaders import check_own_sampling, distributed_context, evaluation_dataloader, step_stream_dataloader
+from datamodules.loaders import distributed_context, evaluation_dataloader, step_stream_dataloader
 from datamodules.preprocessing import ImagePreprocessor, load_image_processor
 from datamodules.sources import check_path, checked_label_mapping, get_split, load_task_dataset
 from datamodules.tasks import TaskInfo, get_task
@@ -170,7 +170,6 @@ class ImageClassificationDataModule(LightningDataModule):
         return ImageClassificationDataset(data, self.preprocess, indices, mapping, where)
 
     def setup(self, stage: str | None = None) -> None:
-        check_own_sampling(self.trainer)
         if stage in ("fit", "validate", None) and "train" not in self.datasets:
             self._setup_train_and_val()
         if stage in ("test", None) and "test" not in self.datasets:

@@ -20,14 +20,22 @@ def distributed_context(trainer: Any) -> tuple[int, int]:
     return trainer.global_rank, trainer.world_size
 
 
-def check_own_sampling(trainer: Any) -> None:
-    """Lightning's DistributedSampler pads the last batch with repeated samples and replaces
-    the seeded training order; these DataModules shard the data themselves."""
-    if trainer is not None and trainer.world_size > 1 and trainer._accelerator_connector.use_distributed_sampler:
-        raise DataError(
-            "set trainer.use_distributed_sampler=false: this DataModule shards its data itself "
-            "(Lightning's sampler would repeat test samples and reorder training)"
-        )
+#: With several processes, ``Trainer(use_distributed_sampler=True)`` (a plain Trainer's default) has
+#: Lightning wrap the training loader's sampler in its own, which re-shards and reorders the seeded
+#: stream. (Evaluation loaders already hold a DistributedSampler, which Lightning leaves alone.)
+OWN_SAMPLING = (
+    "set trainer.use_distributed_sampler=false: the training data is ordered and sharded by its "
+    "DataModule (Lightning's sampler would replace the seeded order)"
+)
+
+
+def check_split_over_devices(batch_size: int, trainer: Any, option: str, accumulate: int = 1) -> None:
+    """``batch_size`` (a global batch) splits evenly over the trainer's processes and ``accumulate``
+    batches each. The CLI asks before the processes start, so the error is printed once."""
+    _, world_size = distributed_context(trainer)
+    if batch_size % (world_size * accumulate):
+        over = f"{world_size} device(s)" + (f" x {accumulate} accumulated batches" if accumulate > 1 else "")
+        raise DataError(f"{option} {batch_size} (a global batch) does not split over {over}")
 
 
 def pin_memory(trainer: Any) -> bool:
@@ -101,16 +109,28 @@ class CheckedDataLoader(DataLoader):
 
 class StepStreamDataLoader(CheckedDataLoader):
     """The training loader. Its checkpointed state records the data order's settings, so a
-    resumed run that would silently see other samples stops with an error instead."""
+    resumed run that would silently see other samples stops with an error instead.
 
-    sampler: StepStreamSampler
+    With ``use_distributed_sampler`` on (a plain ``Trainer``'s default) and several processes,
+    Lightning rebuilds this loader around its own sampler; the loader then refuses to run."""
+
+    def stream(self) -> StepStreamSampler:
+        """The loader's seeded stream of indices."""
+        if not isinstance(self.sampler, StepStreamSampler):
+            raise DataError(OWN_SAMPLING)
+        return self.sampler
+
+    def __iter__(self) -> Any:
+        self.stream()
+        return super().__iter__()
 
     def state_dict(self) -> dict[str, int]:
+        stream = self.stream()
         return {
-            "num_samples": self.sampler.num_samples,
-            "global_batch_size": self.sampler.global_batch_size,
-            "seed": self.sampler.seed,
-            "fresh_draws": int(self.sampler.fresh_draws),
+            "num_samples": stream.num_samples,
+            "global_batch_size": stream.global_batch_size,
+            "seed": stream.seed,
+            "fresh_draws": int(stream.fresh_draws),
         }
 
     def load_state_dict(self, state: dict[str, int]) -> None:

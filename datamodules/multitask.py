@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from datamodules.classification import check_holdout, split_train_val
 from datamodules.errors import DataError, check_setting
 from datamodules.images import check_images
-from datamodules.loaders import check_own_sampling, distributed_context, evaluation_dataloader, step_stream_dataloader
+from datamodules.loaders import distributed_context, evaluation_dataloader, step_stream_dataloader
 from datamodules.preprocessing import ImagePreprocessor, load_image_processor
 from datamodules.sources import check_path, checked_label_mapping, get_split, load_task_dataset
 from datamodules.tasks import TaskInfo, get_task
@@ -160,7 +160,6 @@ class MultiTaskDataModule(LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Build (and so check: labels, images) every split the stage reads, before the model is
         merged or anything is written; a run that evaluates nothing reads nothing."""
-        check_own_sampling(self.trainer)
         if self._evaluates_nothing():
             return
         if stage in ("test", None):

@@ -2,54 +2,33 @@
 
 from __future__ import annotations
 
+import contextvars
 import gc
-import os
 import sys
-import typing
-from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.fabric.utilities.cloud_io import get_filesystem
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, OnExceptionCheckpoint, ProgressBar
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
+from lightning.pytorch.cli import LightningCLI
 
 from common.errors import CheckpointError
 from common.files import check_output_location
 from datamodules.errors import DataError
+from datamodules.loaders import OWN_SAMPLING, check_split_over_devices
 from lightning_modules.errors import TrainingError
 from lightning_modules.evaluation import MultiTaskEvaluation
 from lightning_modules.export import HuggingFaceExport
 from lightning_modules.noise import silence_known_noise
 from lightning_modules.parser_errors import ProjectArgumentParser
-from lightning_modules.resume import check_given_checkpoint, check_resume_file, one_last_checkpoint
+from lightning_modules.resume import check_given_checkpoint
+from lightning_modules.run_files import SaveConfigOfCompletedRuns, check_resume_checkpoint, default_checkpoint_dir
+from lightning_modules.trainer_options import add_trainer_arguments
+from lightning_modules.versions import UnverifiedVersionError, check_verified_versions
 from merging.errors import MergeError
 
-#: Errors that mean bad input: reported as one line, without a traceback.
-INPUT_ERRORS = (DataError, CheckpointError, MergeError, TrainingError)
-
-#: Trainer options where an int counts (batches, steps) and a float is a fraction.
-COUNT_OR_FRACTION = (
-    "limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches",
-    "val_check_interval", "overfit_batches",
-)  # fmt: skip
-
-
-def read_integers_as_counts(parser: Any) -> None:
-    """``--trainer.limit_test_batches 1`` is one batch and ``1.0`` all of them, whatever else
-    was imported. Lightning types these options ``Optional[Union[int, float]]``, but typing
-    caches unions by equality (``Union[int, float] == Union[float, int]``), so the union
-    jsonargparse ends up with can be float first, depending on which libraries built which
-    union first (Lightning itself annotates ``Union[float, int]``): ``1`` then reads as ``1.0``,
-    every batch. Seen once one more merge method and the test fixtures' libraries were imported
-    before parsing (``tests/test_merge_cli.py`` runs that case). Each option gets an int-first
-    union built outside the cache: jsonargparse tries a union's types in order. (Private
-    attributes of jsonargparse and typing, pinned by that test.)"""
-    for action in parser._actions:
-        typehint = getattr(action, "_typehint", None)
-        if action.dest.removeprefix("trainer.") in COUNT_OR_FRACTION and typing.get_origin(typehint) is typing.Union:
-            members = tuple(sorted(typehint.__args__, key=lambda member: member is not int))
-            action._typehint = typing._UnionGenericAlias(typing.Union, members)
+#: Errors that mean bad input (or an installation outside the verified versions): reported as
+#: one line, without a traceback.
+INPUT_ERRORS = (DataError, CheckpointError, MergeError, TrainingError, UnverifiedVersionError)
 
 
 def _input_error(error: BaseException | None) -> BaseException | None:
@@ -62,33 +41,6 @@ def _input_error(error: BaseException | None) -> BaseException | None:
     return None
 
 
-class SaveConfigAfterModelSetup(SaveConfigCallback):
-    """``config.yaml`` written once the model's setup has passed: Lightning runs the callbacks'
-    setup first, and a merge refused in the model's setup (a checkpoint that is not a ConvNeXt)
-    would leave the file of a run that never ran. The model's setup is idempotent here
-    (``MultiTaskEvaluation`` builds once), so Lightning calling it again right after is a no-op.
-    Bad input found mid-run (an image broken inside, found only when it is decoded) takes the
-    file back, and the log folder it made for it: nothing is left of the refused run."""
-
-    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        pl_module.setup(stage)
-        if not self.already_saved and self.save_to_log_dir:
-            log_dir = trainer.log_dir  # every rank asks (a broadcast); rank 0 writes
-            self._written = (os.path.join(log_dir, self.config_filename), log_dir, not get_filesystem(log_dir).isdir(log_dir))
-        super().setup(trainer, pl_module, stage)
-
-    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        written = getattr(self, "_written", None)
-        if written is None or _input_error(exception) is None or not trainer.is_global_zero:
-            return
-        path, log_dir, made_log_dir = written
-        fs = get_filesystem(log_dir)
-        if fs.isfile(path):
-            fs.rm(path)
-        if made_log_dir and not fs.ls(log_dir):
-            fs.rmdir(log_dir)
-
-
 class ProjectCLI(LightningCLI):
     """Bad input (a configuration mistake the parser finds, or an input error raised while
     building the classes) ends the program with one ``error:`` line and exit status 1; the
@@ -99,9 +51,15 @@ class ProjectCLI(LightningCLI):
         silence_known_noise()
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("parser_class", ProjectArgumentParser)
-        kwargs.setdefault("save_config_callback", SaveConfigAfterModelSetup)
+        kwargs.setdefault("save_config_callback", SaveConfigOfCompletedRuns)
+        # The models configure their own optimizer (the recipe's SGD, AdaMerging's Adam), from their options.
+        kwargs.setdefault("auto_configure_optimizers", False)
         try:
-            super().__init__(*args, **kwargs)
+            check_verified_versions()
+            # In a context of its own: jsonargparse leaves its last subclass parser in a context
+            # variable, which would keep this run (its model, the pool's open checkpoints) alive
+            # after main() returns, until the next in-process run.
+            contextvars.copy_context().run(super().__init__, *args, **kwargs)
         except Exception as error:
             cause = _input_error(error)
             if cause is None:
@@ -114,8 +72,13 @@ class ProjectCLI(LightningCLI):
             if self._froze_startup_objects:  # collectable again for whoever called main() in-process
                 gc.unfreeze()
 
-    def add_arguments_to_parser(self, parser: Any) -> None:
-        read_integers_as_counts(parser)
+    def add_core_arguments_to_parser(self, parser: Any) -> None:
+        """The model's and the data's options, then the Trainer's (``add_trainer_arguments``): in
+        that order in ``--help`` too, so the project's own come first."""
+        parser.add_lightning_class_args(self.model_class, "model", subclass_mode=self.subclass_mode_model)
+        parser.add_lightning_class_args(self.datamodule_class, "data", subclass_mode=self.subclass_mode_data)
+        add_trainer_arguments(parser, self.trainer_class)
+        parser.set_defaults({f"trainer.{key}": value for key, value in self.trainer_defaults.items() if key != "callbacks"})
 
     def parse_arguments(self, parser: Any, args: Any) -> None:
         super().parse_arguments(parser, args)
@@ -130,16 +93,22 @@ class ProjectCLI(LightningCLI):
         A ``ModelCheckpoint`` without a ``dirpath`` writes to ``<trainer.default_root_dir>/checkpoints``
         whatever the logger (Lightning would put it under the logger's run, a new folder per W&B run,
         where ``--ckpt_path last`` could never find it): one base config serves every task."""
-        trainer = self._get(self.config_init, "trainer", default={})
+        trainer = self.config_init.get(str(self.subcommand), self.config_init).get("trainer", {})
         if trainer.get("enable_progress_bar") is False:
             callbacks = trainer.get("callbacks") or []
             callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
-            trainer["callbacks"] = [callback for callback in callbacks if not isinstance(callback, ProgressBar)]
+            kwargs["callbacks"] = [callback for callback in callbacks if not isinstance(callback, ProgressBar)]
         instance = super().instantiate_trainer(**kwargs)
         for callback in instance.checkpoint_callbacks:
             if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
                 callback.dirpath = default_checkpoint_dir(instance.default_root_dir)
         return instance
+
+    def check_before_launch(self) -> None:
+        """What depends on the number of processes, refused here, before Lightning starts them
+        (each would print the same error)."""
+        if self.subcommand == "fit" and self.trainer.world_size > 1 and self.subcommand_config().trainer.use_distributed_sampler:
+            raise DataError(OWN_SAMPLING)
 
     def freeze_startup_objects(self) -> None:
         """Take the objects alive before the loops (about 500,000: the imports and the configuration)
@@ -152,48 +121,26 @@ class ProjectCLI(LightningCLI):
             self._froze_startup_objects = True
 
     def before_fit(self) -> None:
+        self.check_before_launch()
         check_resume_checkpoint(self.trainer, self.subcommand_config().get("ckpt_path"), self.model)
         self.freeze_startup_objects()
 
-    def before_test(self) -> None:
+    def before_validate(self) -> None:
+        self.check_before_launch()
         self.freeze_startup_objects()
 
-
-def default_checkpoint_dir(default_root_dir: str) -> str:
-    """Where a ``ModelCheckpoint`` without ``dirpath`` writes (``ProjectCLI.instantiate_trainer``);
-    a local folder made absolute, as ``ModelCheckpoint`` makes its own ``dirpath``."""
-    if "://" in default_root_dir:
-        return default_root_dir.rstrip("/") + "/checkpoints"
-    return os.path.realpath(os.path.join(os.path.expanduser(default_root_dir), "checkpoints"))
-
-
-def check_resume_checkpoint(trainer: Any, ckpt_path: str | None, model: Any = None) -> None:
-    """``--ckpt_path last`` with no last checkpoint: Lightning only warns and trains from scratch,
-    which a resumed run must not silently do. Found as Lightning finds it when fit starts; the
-    file found (one, loadable, the model's: ``lightning_modules/resume.py``) checked too."""
-    if ckpt_path in (None, "best", "hpc"):
-        return
-    if ckpt_path != "last":
-        local = "://" not in ckpt_path and not ckpt_path.startswith("registry")
-        if local and not Path(ckpt_path).is_file():
-            raise CheckpointError(f"--ckpt_path '{ckpt_path}': no such checkpoint file")
-        if local:
-            check_resume_file(ckpt_path, model, ckpt_path)
-        return
-    callbacks = [c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)]
-    found = {path for callback in callbacks for path in callback._find_last_checkpoints(trainer)}
-    found |= {c.ckpt_path for c in trainer.callbacks if isinstance(c, OnExceptionCheckpoint)}
-    if (last := one_last_checkpoint(found)) is not None:
-        check_resume_file(last, model, ckpt_path)
-        return
-    # Where Lightning looks: dirpath, else under the logger's or the trainer's root.
-    places = [f"'{callback._ModelCheckpoint__resolve_ckpt_dir(trainer)}'" for callback in callbacks]
-    where = f"no last.ckpt in {', '.join(places)}" if places else "checkpointing is off"
-    raise CheckpointError(f"--ckpt_path last: no checkpoint to resume from ({where}); leave it out to start from scratch")
+    def before_test(self) -> None:
+        self.check_before_launch()
+        self.freeze_startup_objects()
 
 
 class TrainCLI(ProjectCLI):
     """``train.py``: the DataModule tells the model its classes; ``fit`` ends with a Hugging Face export."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """``fit``, ``validate`` and ``test`` (the classifier has no ``predict_step``)."""
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name != "predict"}
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         super().add_arguments_to_parser(parser)
@@ -213,6 +160,12 @@ class TrainCLI(ProjectCLI):
         )
         parser.add_argument("--overwrite", type=bool, default=False, help="Replace an existing export.")
 
+    def check_before_launch(self) -> None:
+        super().check_before_launch()
+        if self.subcommand == "fit":
+            accumulate = self.trainer.accumulate_grad_batches
+            check_split_over_devices(self.datamodule.batch_size, self.trainer, "data.batch_size", accumulate)
+
     def before_fit(self) -> None:
         super().before_fit()
         if not self.trainer.loggers:
@@ -225,7 +178,7 @@ class TrainCLI(ProjectCLI):
                 config["export_dir"],
                 config.get("export_name"),
                 config.get("overwrite"),
-                config_yaml=self._parser(self.subcommand).dump(config, skip_none=False),
+                config_yaml=self.parser.subcommand_parsers[self.subcommand].dump(config, skip_none=False),
             )
             # Before any data is read (its own setup check comes after the data's setup).
             export.check(self.trainer, self.model, self.datamodule)
@@ -238,14 +191,24 @@ class TrainCLI(ProjectCLI):
 class MergeCLI(ProjectCLI):
     """``merge.py``: the DataModule tells the model which tasks, in which order, with which labels."""
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """``test`` (merge and evaluate) and ``fit`` (AdaMerging); no model here validates or predicts."""
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name in ("fit", "test")}
+
     def add_arguments_to_parser(self, parser: Any) -> None:
         super().add_arguments_to_parser(parser)
         parser.link_arguments("data.task_names", "model.init_args.tasks", apply_on="instantiate")
         parser.link_arguments("data.classnames", "model.init_args.classnames", apply_on="instantiate")
         parser.link_arguments("data.splits", "model.init_args.splits", apply_on="instantiate")
 
+    def check_before_launch(self) -> None:
+        super().check_before_launch()
+        if self.subcommand == "fit":  # test-time adaptation: each step one global batch of every task
+            check_split_over_devices(self.datamodule.adaptation_batch_size, self.trainer, "data.adaptation_batch_size")
+
     def before_test(self) -> None:
-        # Here and not only in the model's setup: Lightning writes config.yaml before that.
+        # Here and not only in the model's setup: before any checkpoint is read.
         if isinstance(self.model, MultiTaskEvaluation):
             self.model.check_test_does_something(self.trainer)
         super().before_test()

@@ -7,19 +7,27 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import os
 import re
 import sys
 import typing
 from collections.abc import Iterable
+from contextvars import ContextVar
 from typing import Any, NoReturn
 
+import yaml
 from lightning.pytorch.cli import LightningArgumentParser
+
+from lightning_modules.parser_help import ProjectHelpFormatter
 
 #: Longest list of classes spelled out in full; beyond it, only the closest names.
 MAX_LISTED = 12
 #: Lines of jsonargparse's union report that say nothing about the mistake itself.
 _NOISE = re.compile(r"^(Does not validate|Subtypes:|Errors:|Given value|- Expected a <class 'NoneType'>|"
                     r"Problem with given class_path|Subclass types expect|- a (class path|dict))")  # fmt: skip
+#: The ``--config`` file being read (a nested ``config:`` relative to its parent's folder): its YAML
+#: errors are named after it, where jsonargparse's loader calls every file "<unicode string>".
+_CONFIG_BEING_READ: ContextVar[str | None] = ContextVar("config_being_read", default=None)
 
 
 class ProjectArgumentParser(LightningArgumentParser):
@@ -29,9 +37,28 @@ class ProjectArgumentParser(LightningArgumentParser):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", ProjectHelpFormatter)
         super().__init__(*args, **kwargs)
+        #: name -> parser of each subcommand (``fit``, ``test``), as LightningCLI adds them.
+        self.subcommand_parsers: dict[str, Any] = {}
+
+    def add_subcommands(self, *args: Any, **kwargs: Any) -> Any:
+        subcommands = super().add_subcommands(*args, **kwargs)
+        self.subcommand_parsers = subcommands.choices  # argparse's name -> parser map, filled by add_subcommand
+        return subcommands
+
+    def parse_path(self, path: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
+        shown, parent = os.fspath(path), _CONFIG_BEING_READ.get()
+        if parent is not None and not os.path.isabs(shown):  # jsonargparse reads it from the parent's folder
+            shown = os.path.join(os.path.dirname(parent), shown)
+        token = _CONFIG_BEING_READ.set(shown)
+        try:
+            return super().parse_path(path, *args, **kwargs)
+        finally:
+            _CONFIG_BEING_READ.reset(token)
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        message = _name_the_config(message, ex)  # here, while the file is being read
         if not self.exit_on_error:  # jsonargparse's inner parsers: the outer one reports
             super().error(message, ex)
         parser = getattr(ex, "subcommand_parser", None) or self
@@ -39,8 +66,29 @@ class ProjectArgumentParser(LightningArgumentParser):
         raise SystemExit(1)
 
 
+def _name_the_config(message: str, ex: BaseException | None) -> str:
+    """A YAML mistake in the ``--config`` being read, or a file that is not a mapping, named by its path."""
+    path = _CONFIG_BEING_READ.get()
+    if path is None:
+        return message
+    while ex is not None and not isinstance(ex, yaml.YAMLError):
+        ex = ex.__cause__
+    if isinstance(ex, yaml.MarkedYAMLError) and ex.problem_mark is not None:
+        where = f"line {ex.problem_mark.line + 1}, column {ex.problem_mark.column + 1}"
+        if ex.context and ex.context_mark is not None:
+            where += f"; {ex.context} started at line {ex.context_mark.line + 1}, column {ex.context_mark.column + 1}"
+        return f"--config '{path}' is not valid YAML: {ex.problem} ({where})"
+    if isinstance(ex, yaml.YAMLError):
+        return f"--config '{path}' is not valid YAML: {' '.join(str(ex).split())}"
+    if message.startswith("Unexpected config:"):
+        return f"--config '{path}' is not a mapping of options"
+    return message
+
+
 def one_line(message: str, parser: Any) -> str:
     """jsonargparse's ``message`` as one line naming the option, with a "did you mean"."""
+    if match := re.match(r"argument subcommand: invalid choice: '([^']*)' \(choose from (.*)\)", message):
+        return f"unknown subcommand '{match[1]}' (choose from {match[2].replace(chr(39), '')})"
     if match := re.match(r"unrecognized arguments: (\S+)", message):
         return _unknown_option(match[1], parser)
     if match := re.search(r"does not accept option '([^']+)'|Option '([^']+)' is not accepted before", message):
@@ -72,8 +120,7 @@ def _see_help(parser: Any) -> str:
 
 def parser_keys(parser: Any) -> set[str]:
     """Every dotted key the parser accepts (``trainer.max_steps``, ``model``, ...)."""
-    dests = (action.dest for action in parser._actions if action.dest)
-    return {dest for dest in dests if dest.rsplit(".", 1)[-1] != "help"}
+    return set(parser.get_defaults(skip_validation=True).keys())
 
 
 def closest_key(key: str, known: Iterable[str]) -> str | None:
@@ -95,6 +142,8 @@ def closest_key(key: str, known: Iterable[str]) -> str | None:
 
 
 def _leaf(message: str) -> str:
+    if match := re.search(r"Expected an instantiatable class, but (\S+) is abstract", message):
+        return _abstract_class(match[1], message[match.end() :])
     if match := re.search(r"Problem with given class_path '([^']+)':\s*Option '([^']+)' is not accepted", message):
         return _unknown_init_arg(match[1], match[2])
     if match := re.search(r"Expected a dot import path string: (\S+)|Problem with given class_path '([^']+)':\s*"
@@ -111,11 +160,23 @@ def _unknown_init_arg(class_path: str, option: str) -> str:
     cls = _import(class_path)
     named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     params = [p.name for p in inspect.signature(cls.__init__).parameters.values() if p.kind in named][1:] if cls else []
-    if cls and not params:  # the declared base class: no subclass was chosen
-        return f"option '{option}' given before a class (choose from {', '.join(class_choices([cls]))})"
+    if cls and not params:
+        if choices := class_choices([cls]):  # the declared base class: no subclass was chosen
+            return f"option '{option}' given before a class (choose from {', '.join(choices)})"
+        return f"{class_path.rsplit('.', 1)[-1]} has no options (given '{option}')"
     close = difflib.get_close_matches(option, params, n=1)
     hint = f"did you mean '{close[0]}'?" if close else f"it takes {', '.join(params)}"
     return f"{class_path.rsplit('.', 1)[-1]} has no option '{option}'; {hint}"
+
+
+def _abstract_class(class_path: str, after: str) -> str:
+    """No class chosen for an option whose declared class is abstract (``--model.method.top_k``
+    without ``--model.method``), or that class named itself; ``after``: the rest of the report."""
+    cls = _import(class_path)
+    choices = ", ".join(class_choices([cls])) if cls else ""
+    if nested := re.search(r"NestedArg\(key='([^']+)'", after):
+        return f"option '{nested[1]}' given before a class (choose from {choices})"
+    return f"{class_path.rsplit('.', 1)[-1]} is abstract (choose from {choices})"
 
 
 def _unknown_class(name: str, before: str) -> str:

@@ -63,5 +63,9 @@ class WandbLogger(LightningWandbLogger):
             log_model=log_model,
         )
         # Lightning always passes wandb's deprecated `anonymous` setting (as None), and wandb warns
-        # that it "has no effect" on every run; leaving it out changes nothing else.
-        self._wandb_init.pop("anonymous", None)
+        # that it "has no effect" on every run; leaving it out changes nothing else. No public
+        # argument leaves it out: this edits Lightning's private `_wandb_init` (verified on the
+        # releases of lightning_modules/versions.py); a release without it brings the warning back.
+        wandb_init = vars(self).get("_wandb_init")
+        if isinstance(wandb_init, dict):
+            wandb_init.pop("anonymous", None)
