@@ -19,7 +19,6 @@ def main(args: ArgsType = None) -> None:
         args=args,
         parser_kwargs={"description": __doc__.splitlines()[0]},
         trainer_defaults={"use_distributed_sampler": False},
-        auto_configure_optimizers=False,  # no --optimizer/--lr_scheduler: SGD with --model.* is what the export says it ran
     )
 
 
