@@ -75,23 +75,34 @@ def standard_columns(data: Dataset, task: TaskInfo) -> Dataset:
     return data.rename_columns(renames) if renames else data
 
 
+#: The split name that ``load_dataset`` gives a split it finds by file or folder name
+#: (``valid-00000-of-00001.parquet``, ``valid/``): ``validation``.
+_INFERRED_SPLIT_NAMES = {"valid": "validation", "val": "validation", "dev": "validation"}
+
+
+def _split_candidates(role: str, task: TaskInfo) -> list[str]:
+    own = task.split_name(role)
+    return list(dict.fromkeys(name for name in (own, _INFERRED_SPLIT_NAMES.get(own), role) if name))
+
+
 def split_name(dataset: DatasetDict, role: str, task: TaskInfo) -> str:
     """The split of ``dataset`` that is the task's ``role`` (``train`` or ``test``): the task's own
-    name for it (``food101``'s test split is ``validation``) or, in data that has no split of that
-    name (a local copy written as ``train``/``test``), the role itself."""
-    own = task.split_name(role)
-    return own if own in dataset or role not in dataset else role
+    name for it (``food101``'s test split is ``validation``, ``tiny_imagenet``'s ``valid``); in a
+    local copy without it, the name ``load_dataset`` gives that split when it finds it by file
+    name (``valid`` -> ``validation``) or else the role itself (a copy written as ``train``/``test``)."""
+    candidates = _split_candidates(role, task)
+    return next((name for name in candidates if name in dataset), candidates[0])
 
 
 def get_split(dataset: DatasetDict, split: str, task: TaskInfo, path: str | None) -> Dataset:
     """One split, checked: present, non-empty, with ``image`` and ``label`` columns. ``split`` is
     the task's ``train`` or ``test`` (found by ``split_name``) or any other split's name."""
     where = f"task '{task.name}', path '{path or task.hub_dataset or 'built-in'}'"
-    own = task.split_name(split)
+    own, *others = _split_candidates(split, task)
     split = split_name(dataset, split, task)
     if split not in dataset:
-        wanted = f"'{own}'" if own == split else f"'{own}' (or '{split}')"
-        raise DataError(f"{where}: no {wanted} split (found: {', '.join(dataset) or 'none'})")
+        nor = f", nor {' or '.join(map(repr, others))}" if others else ""
+        raise DataError(f"{where}: no '{own}' split{nor} (found: {', '.join(dataset) or 'none'})")
     data = dataset[split]
     missing = [column for column in REQUIRED_COLUMNS if column not in data.column_names]
     if missing:
@@ -138,6 +149,11 @@ def _examples(task: TaskInfo) -> str:
     return ", ".join(repr(folder_name(name)) for name in task.classnames[:3]) + ", ..."
 
 
+def _first(names: list[str] | tuple[str, ...]) -> str:
+    """The first three of ``names``, quoted, and ``...`` where there are more."""
+    return ", ".join([*map(repr, names[:3]), *(["..."] if len(names) > 3 else [])])
+
+
 def label_mapping(data: Dataset, task: TaskInfo, where: str) -> np.ndarray | dict[str, int] | None:
     """Map the dataset's labels to the task's class order, where they differ.
 
@@ -179,18 +195,18 @@ def _class_label_mapping(names: list[str], task: TaskInfo, where: str, folders: 
         unknown = [name for name, label in zip(names, labels) if label is None]
         raise DataError(
             f"{where}: class name(s) {', '.join(map(repr, unknown[:5]))} are not classes of '{task.name}' "
-            f"({_closest(unknown[:3], task)}; {len(names) - len(unknown)} of the {len(names)} names match)"
+            f"({_closest(unknown[:3], task, set(labels))}; {len(names) - len(unknown)} of the {len(names)} names match)"
         )
     if not folders:
         if len(names) != task.num_classes:
             raise DataError(
-                f"{where}: the dataset's {len(names)} class names ({', '.join(map(repr, names[:3]))}, ...) match none "
-                f"of the {task.num_classes} class names of '{task.name}' ({_examples(task)}), so its labels cannot be read by index"
+                f"{where}: the dataset's {len(names)} class names ({_first(names)}) match none of the "
+                f"{task.num_classes} class names of '{task.name}' ({_first(task.classnames)}), so its labels cannot be read by index"
             )
         _say_once(
-            (task.name, tuple(names)),
-            f"{where}: the dataset's class names ({', '.join(map(repr, names[:3]))}, ...) match none of the task's "
-            f"({_examples(task)}); labels are read by index (label i is class i of '{task.name}')",
+            (where.split(", split '")[0], tuple(names)),  # once per dataset, whichever split is read first
+            f"{where}: the dataset's class names ({_first(names)}) match none of the task's "
+            f"({_first(task.classnames)}); labels are read by index (label i is class i of '{task.name}')",
         )
         return None
     if not all(name.isascii() and name.isdigit() for name in names):
@@ -208,9 +224,10 @@ def _class_label_mapping(names: list[str], task: TaskInfo, where: str, folders: 
     return values
 
 
-def _closest(names: list[str], task: TaskInfo) -> str:
-    """``'crystaline': closest class 'crystalline'`` for each of ``names``, or the task's first names."""
-    keys = {spelling_key(name): name for name in task.classnames}
+def _closest(names: list[str], task: TaskInfo, matched: set[int | None]) -> str:
+    """``'crystaline': closest class 'crystalline'`` for each of ``names``, among the task's classes
+    that no name of the dataset matched (``matched``: the labels that were)."""
+    keys = {spelling_key(name): name for label, name in enumerate(task.classnames) if label not in matched}
     hints = []
     for name in names:
         close = difflib.get_close_matches(spelling_key(name), keys, n=1, cutoff=0.6)
