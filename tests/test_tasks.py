@@ -4,6 +4,7 @@ splits and columns."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -157,3 +158,14 @@ def test_unknown_task_lists_known_tasks():
 def test_unknown_task_suggests_closest_match():
     with pytest.raises(DataError, match="Did you mean 'resisc45'"):
         get_task("resisc")
+
+
+def test_the_readme_lists_every_task_as_the_registry_has_it(repo_root):
+    rows = re.findall(
+        r"^\| `(\w+)` \| `([^`]+)`(?: \(`([^`]+)`\))? \| (\d+) \| ?(\w*) ?\|", (repo_root / "README.md").read_text(), re.M
+    )
+    assert [row[0] for row in rows] == list(FUSIONBENCH_TASKS)
+    for name, hub_dataset, hub_config, classes, first_in in rows:
+        task = get_task(name)
+        assert (hub_dataset, hub_config or None, int(classes)) == (task.hub_dataset, task.hub_config, task.num_classes)
+        assert first_in.lower() == (task.benchmarks[0] if task.benchmarks else ""), name
