@@ -28,13 +28,15 @@ demo: $(BIN)/.installed
 	$(BIN)/python merge.py fit --config configs/quickstart/adamerging.yaml
 	$(BIN)/python merge.py test --config configs/quickstart/compare.yaml
 
-## The benchmark: the eight reference fine-tunes GPUS at a time (one GPU each; finished tasks
-## are skipped, interrupted ones resume), then AdaMerging and the method comparison of the exports.
+## A benchmark (TASKS: ta8, the default, tall14 or tall20 of datamodules/tasks.py; or tasks, comma-separated):
+## its reference fine-tunes GPUS at a time (one GPU each; finished tasks are skipped, interrupted ones
+## resume), then AdaMerging and the method comparison of the exports.
+TASKS ?= ta8
 GPUS ?= 1
 TRAIN_ARGS ?=
 MERGE_ARGS ?=
 reproduce: $(BIN)/.installed
-	$(BIN)/python -m lightning_modules.reproduce --gpus $(GPUS) --train-args "$(TRAIN_ARGS)" --merge-args "$(MERGE_ARGS)"
+	$(BIN)/python -m lightning_modules.reproduce --tasks $(TASKS) --gpus $(GPUS) --train-args "$(TRAIN_ARGS)" --merge-args "$(MERGE_ARGS)"
 
 ## The whole test suite (offline, CPU), after the lint.
 test: lint

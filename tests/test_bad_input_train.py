@@ -24,7 +24,7 @@ import merge_fixtures as mf
 import test_bad_input
 import train_cli_callbacks
 from conftest import write_dataset
-from datamodules.tasks import BENCHMARK_TASKS, get_task
+from datamodules.tasks import BENCHMARKS, get_task
 from lightning_modules import reproduce
 from merge import main as merge_main
 from test_bad_input import checkpoint_callback, cli_or_yaml, merge_args, one_error_line, small_dataset, train_args
@@ -260,11 +260,12 @@ def test_a_fit_without_a_positive_max_steps_is_one_error_line(case, convnext, mn
 # --- 5. python -m lightning_modules.reproduce: its own options -------------------------------------------
 
 PROGRAM = "python -m lightning_modules.reproduce"
-CHOICES = f"the benchmark's tasks: {', '.join(BENCHMARK_TASKS)}"
+CHOICES = f"a benchmark (ta8, tall14, tall20) or tasks of tall20: {', '.join(BENCHMARKS['tall20'])}"
 REPRODUCE_MISTAKES = {
     "a misspelt task": (["--tasks", "dtd", "dtdd"], f"--tasks: unknown task 'dtdd'; did you mean 'dtd'? ({CHOICES})"),
     "a quickstart task": (["--tasks", "digits"],
-                          f"--tasks: 'digits' is not a benchmark task, it has no configs/train/digits.yaml ({CHOICES})"),
+                          f"--tasks: 'digits' is in no benchmark, so no merge config lists it; it has no configs/train/digits.yaml "
+                          f"({CHOICES})"),
     "a task twice": (["--tasks", "Stanford-Cars", "stanford_cars"], "--tasks: stanford_cars is given twice"),
     "--gpus 0": (["--gpus", "0"], "--gpus must be 1 or more, got 0"),
     "--gpus not a number": (["--gpus", "two"], f"argument --gpus: invalid int value: 'two' (see {PROGRAM} --help)"),

@@ -228,12 +228,13 @@ MERGE_CONFIGS = sorted((mf.REPO_ROOT / "configs" / "merge").glob("*.yaml")) + [
 def test_every_merge_config_parses_through_merge_py(config, capsys):
     import yaml
 
-    subcommand = "fit" if config.stem == "adamerging" else "test"
+    subcommand = "fit" if config.stem.startswith("adamerging") else "test"
     with pytest.raises(SystemExit) as exit_info:
         main([subcommand, "--config", str(config), "--print_config"])
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
-    pool = "pools/convnext-base-224_8-tasks.yaml" if config.parent.name == "merge" else "pools/quickstart.yaml"
+    benchmark = next((name for name in ("tall14", "tall20") if config.stem.endswith(f"_{name}")), "8-tasks")
+    pool = f"pools/convnext-base-224_{benchmark}.yaml" if config.parent.name == "merge" else "pools/quickstart.yaml"
     assert printed["model"]["init_args"]["models"] == pool and (config.parent / pool).is_file()
 
 

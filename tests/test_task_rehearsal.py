@@ -1,12 +1,13 @@
-"""Every task's training config beyond the eight, rehearsed unchanged against stand-ins of its
+"""Every task's training config outside the benchmarks, rehearsed unchanged against stand-ins of its
 real dataset (``tests/hf_home.py``: each under its real hub id and config, with its own split
 names, columns, label type and class-name spellings).
 
 One subprocess (``tests/train_each.py``) runs ``train.py fit --config configs/train/<task>.yaml``
 for every task with ``HF_HOME`` pointed at the stand-ins and ``HF_HUB_OFFLINE=1``; only steps,
 intervals, workers and the accelerator are overridden, never a model id or a data path, and the
-outputs land in the working directory (a temporary folder). The eight are rehearsed by
-``tests/test_reproduction.py``.
+outputs land in the working directory (a temporary folder). TALL20's twenty (which hold the eight)
+are rehearsed by ``tests/test_reproduction.py``, whose TALL20 reproduction runs their configs with
+the same checks of each export.
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ import pytest
 
 import hf_home
 from conftest import REPO_ROOT
-from datamodules.tasks import BENCHMARK_TASKS, FUSIONBENCH_TASKS, get_task
+from datamodules.tasks import BENCHMARKS, FUSIONBENCH_TASKS, get_task
 from lightning_modules.export import export_name
 
-#: Every task with a training config that ``test_reproduction.py`` does not run.
-NEW_TASKS = tuple(task for task in FUSIONBENCH_TASKS if task not in BENCHMARK_TASKS)
+#: Every task with a training config that ``test_reproduction.py`` does not run (those of no benchmark).
+NEW_TASKS = tuple(task for task in FUSIONBENCH_TASKS if task not in BENCHMARKS["tall20"])
 SIZES = {"train": 16, "test": 8}
 TRAIN_ARGS = [
     "--trainer.max_steps=1", "--trainer.val_check_interval=1", "--trainer.callbacks.every_n_train_steps=1",
@@ -55,7 +56,7 @@ def rehearsal(home: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pat
 
 def test_every_training_config_is_rehearsed_here_or_by_the_reproduction() -> None:
     configs = {path.stem for path in (REPO_ROOT / "configs" / "train").glob("*.yaml")} - {"base"}
-    assert set(NEW_TASKS) == configs - set(BENCHMARK_TASKS)
+    assert set(NEW_TASKS) == configs - set(BENCHMARKS["tall20"])
 
 
 @pytest.mark.parametrize("task", NEW_TASKS)
@@ -79,7 +80,7 @@ def test_each_config_fine_tunes_its_task_and_exports_it(task: str, rehearsal: tu
 
 def test_the_datasets_own_quirks_were_met(rehearsal: tuple[Path, str]) -> None:
     _, printed = rehearsal
-    # food101 tests on `validation`, tiny_imagenet on `valid`: the model cards above say so.
+    # food101 tests on `validation` (its model card: test_reproduction.py), tiny_imagenet on `valid` (its card above).
     assert get_task("food101").test_split == "validation" and get_task("tiny_imagenet").test_split == "valid"
     # tiny_imagenet's WordNet ids match no class name: read by index, said once, on one line.
     said = [line for line in printed.splitlines() if "match none of the task's" in line]
