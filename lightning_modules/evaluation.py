@@ -152,7 +152,8 @@ class MultiTaskEvaluation(LightningModule, ABC):
     Args:
         tasks: the evaluated tasks, in the DataModule's order (linked from ``data.task_names``).
         classnames: class names per task (linked from ``data.classnames``).
-        report_dir: where ``report.json``, ``report.md``, ``report.csv`` and ``accuracy.png`` go.
+        report_dir: where ``report.json``, ``report.md``, ``report.csv``, ``accuracy.png`` and
+            ``accuracy_heatmap.png`` go.
         report_title: heading of the report.
         splits: the splits in the DataModule's loader order (linked from ``data.splits``):
             ``test``, or ``validation`` and ``test``; first ``gram`` (unlabelled) for a merge
@@ -392,7 +393,9 @@ class MultiTaskEvaluation(LightningModule, ABC):
         return report
 
     def _log_to_wandb(self, report: Mapping[str, Any]) -> None:
+        """The Markdown table's columns (tasks abbreviated) as a W&B table, and both figures."""
         for logger in wandb_loggers(self.trainer):
             header, lines = table_rows(report)
             logger.log_table(key="test/report", columns=header, data=lines)
             logger.log_image(key="test/accuracy_chart", images=[str(Path(self.report_dir, "accuracy.png"))])
+            logger.log_image(key="test/accuracy_heatmap", images=[str(Path(self.report_dir, "accuracy_heatmap.png"))])

@@ -208,17 +208,26 @@ def no_space(*args, **kwargs):
     raise OSError(errno.ENOSPC, NO_SPACE)
 
 
-@pytest.mark.parametrize("failing", ["report.md", "accuracy.png"])
+@pytest.mark.parametrize("failing", ["report.md", "accuracy.png", "accuracy_heatmap.png"])
 @pytest.mark.parametrize("before", ["no report", "an earlier report"])
 def test_a_full_disk_while_writing_the_report_leaves_no_part_of_it(failing, before, pool, tmp_path, workdir, monkeypatch, capsys):
     report_dir = tmp_path / "report"
     if before == "an earlier report":
         merge_main(merge_args(pool, tmp_path, *merged_classifier()))
         earlier = {path.name: path.read_bytes() for path in report_dir.iterdir()}
-        assert sorted(earlier) == ["accuracy.png", "report.csv", "report.json", "report.md"]
+        assert sorted(earlier) == ["accuracy.png", "accuracy_heatmap.png", "report.csv", "report.json", "report.md"]
     if failing == "accuracy.png":
         monkeypatch.setattr(matplotlib.figure.Figure, "savefig", no_space)
-    else:  # the second of the four files: report.json is written by then
+    elif failing == "accuracy_heatmap.png":  # the last of the five files: the other four are staged by then
+        savefig = matplotlib.figure.Figure.savefig
+
+        def fail_on_heat_map(figure, path, *args, **kwargs):
+            if Path(path).name.startswith(".accuracy_heatmap."):
+                no_space()
+            return savefig(figure, path, *args, **kwargs)
+
+        monkeypatch.setattr(matplotlib.figure.Figure, "savefig", fail_on_heat_map)
+    else:  # the second of the five files: report.json is written by then
         write_text = Path.write_text
 
         def fail_on_markdown(path: Path, *args, **kwargs):

@@ -127,8 +127,9 @@ def test_report_equals_an_independent_evaluation(setup, individual, tmp_path, cl
     main(cli(setup, tmp_path, *method_args(cls, params)))
     report = read_report(tmp_path)
     files = sorted(p.name for p in (tmp_path / "report").iterdir())
-    assert files == ["accuracy.png", "report.csv", "report.json", "report.md"]
+    assert files == ["accuracy.png", "accuracy_heatmap.png", "report.csv", "report.json", "report.md"]
     assert (tmp_path / "report" / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "report" / "accuracy_heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert report["method_name"] == name
     assert {key: report["hyperparameters"][key] for key in params} == params
     assert report["models"] == setup.pool
@@ -148,7 +149,10 @@ def test_report_equals_an_independent_evaluation(setup, individual, tmp_path, cl
         f"{100 * row['average_accuracy']:.2f}",
     ]
     markdown = (tmp_path / "report" / "report.md").read_text()
+    # The Markdown table: the same cells, the tasks by their abbreviations, and a legend line.
+    assert "| model | EuSAT | DTD | average |" in markdown
     assert f"| {' | '.join(lines[1])} |" in markdown
+    assert "Tasks: EuSAT = eurosat, DTD = dtd." in markdown
     assert f"eurosat {SIZES['eurosat']}, dtd {SIZES['dtd']}" in markdown
 
 
