@@ -94,11 +94,13 @@ def check_finite(row: str, task: str, split: str, values: Mapping[str, float], n
 
 
 def check_pool_up_front(pool: Any, tasks: list[str]) -> None:
-    """The model pool of a merge-side module, before any file is read: no two entries name one
-    checkpoint (``ModelPool.check_distinct`` without contents), and its fine-tuned models and the
-    evaluated tasks (``data.tasks``) are the same set: a task of ``data.tasks`` without a model has
-    no head, and a pool model whose task is not evaluated would be merged, changing the merged
-    model, and appear nowhere in the report."""
+    """The model pool of a merge-side module, before any file is read: it holds fine-tuned models
+    to merge (``ModelPool.check_mergeable``), no two entries name one checkpoint
+    (``ModelPool.check_distinct`` without contents), and its fine-tuned models and the evaluated
+    tasks (``data.tasks``) are the same set: a task of ``data.tasks`` without a model has no head,
+    and a pool model whose task is not evaluated would be merged, changing the merged model, and
+    appear nowhere in the report."""
+    pool.check_mergeable()
     missing = [task for task in tasks if task not in pool.task_names]
     if missing:
         raise MergeError(f"no fine-tuned model for task '{missing[0]}' in the model pool (tasks: {', '.join(pool.task_names)})")
