@@ -491,7 +491,7 @@ def test_merge_py_test_with_learned_coefficients(setup, tmp_path):
           "--model.method", "merging.coefficients.LearnedCoefficients", "--model.method.coefficients", str(path),
           "--model.report_dir", str(tmp_path / "merged")])  # fmt: skip
     ada, merged = read_json(tmp_path / "ada" / "report.json"), read_json(tmp_path / "merged" / "report.json")
-    assert sorted(p.name for p in (tmp_path / "ada").iterdir()) == ["accuracy.png", "accuracy_heatmap.png", "report.csv", "report.json", "report.md"]
+    assert sorted(p.name for p in (tmp_path / "ada").iterdir()) == mf.REPORT_FILES
     assert not (tmp_path / "unused").exists()  # test writes no coefficients
     assert ada["coefficients"] == str(path)  # the report names the file that was evaluated
     (ada_row,) = ada["rows"].values()

@@ -215,7 +215,7 @@ def test_a_full_disk_while_writing_the_report_leaves_no_part_of_it(failing, befo
     if before == "an earlier report":
         merge_main(merge_args(pool, tmp_path, *merged_classifier()))
         earlier = {path.name: path.read_bytes() for path in report_dir.iterdir()}
-        assert sorted(earlier) == ["accuracy.png", "accuracy_heatmap.png", "report.csv", "report.json", "report.md"]
+        assert sorted(earlier) == mf.REPORT_FILES
     if failing == "accuracy.png":
         monkeypatch.setattr(matplotlib.figure.Figure, "savefig", no_space)
     elif failing == "accuracy_heatmap.png":  # the last of the five files: the other four are staged by then

@@ -100,7 +100,7 @@ def test_the_quickstart_comparison_equals_separate_runs(pool, tmp_path):
     config = example_config(pool, tmp_path / "compare")
     run(config, tmp_path / "compare")
     report_dir = tmp_path / "compare" / "report"
-    assert sorted(p.name for p in report_dir.iterdir()) == ["accuracy.png", "accuracy_heatmap.png", "report.csv", "report.json", "report.md"]
+    assert sorted(p.name for p in report_dir.iterdir()) == mf.REPORT_FILES
     assert (report_dir / "accuracy.png").read_bytes()[:8] == PNG
     assert (report_dir / "accuracy_heatmap.png").read_bytes()[:8] == PNG
     report = json.loads((report_dir / "report.json").read_text())

@@ -127,7 +127,7 @@ def test_report_equals_an_independent_evaluation(setup, individual, tmp_path, cl
     main(cli(setup, tmp_path, *method_args(cls, params)))
     report = read_report(tmp_path)
     files = sorted(p.name for p in (tmp_path / "report").iterdir())
-    assert files == ["accuracy.png", "accuracy_heatmap.png", "report.csv", "report.json", "report.md"]
+    assert files == mf.REPORT_FILES
     assert (tmp_path / "report" / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "report" / "accuracy_heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert report["method_name"] == name

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 import lightning_modules.report as report_module
+import merge_fixtures as mf
 from common.names import TASK_ABBREVIATIONS, task_abbreviation
 from datamodules.tasks import TASKS
 from lightning_modules.report import markdown, summarize, table_rows, write_report
@@ -81,9 +82,7 @@ def test_a_table_of_unabbreviated_tasks_has_no_legend():
 
 def test_the_report_is_five_files(tmp_path):
     write_report(results(("eurosat", "dtd"), rows=2), tmp_path, "two tasks")
-    assert sorted(path.name for path in tmp_path.iterdir()) == [
-        "accuracy.png", "accuracy_heatmap.png", "report.csv", "report.json", "report.md",
-    ]  # fmt: skip
+    assert sorted(path.name for path in tmp_path.iterdir()) == mf.REPORT_FILES
 
 
 @pytest.fixture
