@@ -392,6 +392,12 @@ def bad_pool(setup: Setup, tmp_path: Path, case: str) -> tuple[dict, list[str], 
         return pool, [], [pool["dtd"]]
     if case == "only pretrained":
         return {mf.PRETRAINED: setup.pool[mf.PRETRAINED]}, [], ["no fine-tuned models"]
+    if case == "pretrained false":  # FusionBench's random weights: a merge reads the checkpoint's
+        pool["dtd"] = {"config_path": setup.pool["dtd"], "pretrained": False}
+        return pool, [], ["the model pool's dtd has pretrained: false", "remove pretrained: false to merge"]
+    if case == "pretrained not a bool":
+        pool["dtd"] = {"config_path": setup.pool["dtd"], "pretrained": "sometimes"}
+        return pool, [], ["pool entry 'dtd': pretrained must be true or false, got 'sometimes'"]
     if case == "task without a model":
         del pool["dtd"]
         return pool, [], ["no fine-tuned model for task 'dtd'", "tasks: eurosat"]
@@ -447,6 +453,8 @@ BAD_CASES = [
     "task without a model",
     "head of the wrong size",
     "only pretrained",
+    "pretrained false",
+    "pretrained not a bool",
     "existing save_dir",
     "saved model without the task's head",
 ]
