@@ -1,4 +1,5 @@
-"""LightningDataModules for the eight benchmark tasks and the offline quickstart tasks.
+"""LightningDataModules for the registry's 24 hub tasks (the TA8, TALL14 and TALL20 benchmarks and four
+more) and the offline quickstart tasks.
 
 from datamodules import ImageClassificationDataModule, MultiTaskDataModule, TASKS
 data = ImageClassificationDataModule("dtd", path="/data/dtd", processor="facebook/convnext-base-224", batch_size=64)
@@ -9,10 +10,21 @@ from datamodules.classification import ImageClassificationDataModule, split_trai
 from datamodules.errors import DataError
 from datamodules.multitask import MultiTaskDataModule
 from datamodules.preprocessing import ImagePreprocessor, load_image_processor
-from datamodules.tasks import BENCHMARK_TASKS, QUICKSTART_TASKS, TASKS, TaskInfo, get_task
+from datamodules.tasks import (
+    BENCHMARK_TASKS,
+    BENCHMARKS,
+    FUSIONBENCH_TASKS,
+    QUICKSTART_TASKS,
+    TASKS,
+    TaskInfo,
+    get_benchmark,
+    get_task,
+)
 
 __all__ = [
+    "BENCHMARKS",
     "BENCHMARK_TASKS",
+    "FUSIONBENCH_TASKS",
     "QUICKSTART_TASKS",
     "TASKS",
     "DataError",
@@ -20,6 +32,7 @@ __all__ = [
     "ImagePreprocessor",
     "MultiTaskDataModule",
     "TaskInfo",
+    "get_benchmark",
     "get_task",
     "load_image_processor",
     "split_train_val",

@@ -14,7 +14,7 @@ from datamodules.errors import DataError, check_setting
 from datamodules.images import check_images
 from datamodules.loaders import distributed_context, evaluation_dataloader, step_stream_dataloader
 from datamodules.preprocessing import ImagePreprocessor, load_image_processor
-from datamodules.sources import check_path, checked_label_mapping, get_split, load_task_dataset
+from datamodules.sources import check_path, checked_label_mapping, get_split, load_task_dataset, split_name
 from datamodules.tasks import TaskInfo, get_task
 from datamodules.torch_data import ImageClassificationDataset
 
@@ -70,6 +70,8 @@ ValSplit = Literal["test", "holdout", "none"]
 class ImageClassificationDataModule(LightningDataModule):
     """One task of the benchmark: training images, validation images and the ``test`` split.
 
+    ``train`` and ``test`` are the task's own splits of that name, or the ones its registry entry
+    names instead (``food101`` tests on its ``validation`` split, ``tiny_imagenet`` on ``valid``).
     The reference recipe trains on every row of ``train`` and validates on ``test``
     (``val_split: test``); ``val_split: holdout`` trains on ``train`` minus a seeded
     ``val_fraction`` and validates on that part, the honest split for choosing
@@ -162,9 +164,10 @@ class ImageClassificationDataModule(LightningDataModule):
         self._dataset = load_task_dataset(self.task, self.path)
 
     def _make(self, split: str, indices: np.ndarray | None = None) -> ImageClassificationDataset:
-        """Rows ``indices`` of ``split``, their labels and images checked (in setup: before anything is written)."""
+        """Rows ``indices`` of ``split`` (``train`` or ``test``), their labels and images checked (in
+        setup: before anything is written)."""
         data = get_split(self._dataset, split, self.task, self.path)
-        where = f"{self._where}, split '{split}'"
+        where = f"{self._where}, split '{split_name(self._dataset, split, self.task)}'"
         mapping = checked_label_mapping(data, self.task, where)
         check_images(data, where, indices)
         return ImageClassificationDataset(data, self.preprocess, indices, mapping, where)
@@ -184,19 +187,26 @@ class ImageClassificationDataModule(LightningDataModule):
                 self.datasets["val"] = self.datasets["test"]
             return
         num_train = len(get_split(self._dataset, "train", self.task, self.path))
-        check_holdout(num_train, self.val_fraction, f"{self._where}, split 'train'")
+        check_holdout(num_train, self.val_fraction, f"{self._where}, split '{self._split_name('train')}'")
         train_rows, val_rows = split_train_val(num_train, self.val_fraction, self.split_seed)
         self.datasets["train"] = self._make("train", train_rows)
         self.datasets["val"] = self._make("train", val_rows)
 
+    def _split_name(self, role: str) -> str:
+        """The dataset's name of the ``train`` or ``test`` split (before loading: the registry's)."""
+        if "_dataset" in self.__dict__:  # loaded: the split actually read
+            return split_name(self._dataset, role, self.task)
+        return self.task.split_name(role)
+
     @property
     def recipe(self) -> dict[str, str | int]:
         """What the model card says about the data: training split, its size, validation split."""
+        train, test = self._split_name("train"), self._split_name("test")
         if self.val_split == "holdout":
-            held_out = f"{self.val_fraction:g} of train held out (seed {self.split_seed})"
-            training, validation = f"train minus {held_out}", held_out
+            held_out = f"{self.val_fraction:g} of {train} held out (seed {self.split_seed})"
+            training, validation = f"{train} minus {held_out}", held_out
         else:
-            training, validation = "train (every row)", "test" if self.val_split == "test" else "none"
+            training, validation = f"{train} (every row)", test if self.val_split == "test" else "none"
         recipe: dict[str, str | int] = {"training split": training}
         if "train" in self.datasets:
             recipe["training images"] = len(self.datasets["train"])

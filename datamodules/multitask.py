@@ -17,7 +17,7 @@ from datamodules.errors import DataError, check_setting
 from datamodules.images import check_images
 from datamodules.loaders import distributed_context, evaluation_dataloader, step_stream_dataloader
 from datamodules.preprocessing import ImagePreprocessor, load_image_processor
-from datamodules.sources import check_path, checked_label_mapping, get_split, load_task_dataset
+from datamodules.sources import check_path, checked_label_mapping, get_split, load_task_dataset, split_name
 from datamodules.tasks import TaskInfo, get_task
 from datamodules.torch_data import ImageClassificationDataset, UnlabeledImageDataset
 
@@ -28,7 +28,8 @@ GRAM_SPLIT = "gram"
 class MultiTaskDataModule(LightningDataModule):
     """Test splits of several tasks: ``test_dataloader()`` returns one loader per task, in
     the order of ``tasks``, so ``dataloader_idx`` names the task. On several processes each
-    test sample is seen exactly once in total (no padding).
+    test sample is seen exactly once in total (no padding). A task's test split is the one its
+    registry entry names (``food101``: the dataset's ``validation`` split).
 
     With ``val_fraction``, a seeded part of each task's *train* split is held out as a
     ``validation`` split for choosing merge hyper-parameters without looking at the test
@@ -170,7 +171,9 @@ class MultiTaskDataModule(LightningDataModule):
             self.adaptation_datasets  # noqa: B018
 
     def _where(self, task: TaskInfo, split: str) -> str:
-        return f"task '{task.name}', path '{self.paths.get(task.name) or task.hub_dataset or 'built-in'}', split '{split}'"
+        """``split`` (``train`` or ``test``) as messages name it: the dataset's own name for it."""
+        name = split_name(self._load(task), split, task)
+        return f"task '{task.name}', path '{self.paths.get(task.name) or task.hub_dataset or 'built-in'}', split '{name}'"
 
     def _train_split(self, task: TaskInfo) -> HFDataset:
         return get_split(self._load(task), "train", task, self.paths.get(task.name))

@@ -17,6 +17,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
 from PIL import Image as PILImage
 from PIL import ImageFile
 
+import hf_home
 from conftest import gray_image, index_dataset, write_dataset
 from datamodules import (
     DataError,
@@ -29,7 +30,7 @@ from datamodules import (
 from datamodules.images import UnreadableBatch, check_images
 from datamodules.loaders import evaluation_dataloader
 from datamodules.samplers import StepStreamSampler
-from datamodules.sources import get_split, load_task_dataset
+from datamodules.sources import get_split, label_mapping, load_task_dataset
 from datamodules.tasks import TASKS
 from datamodules.torch_data import ImageClassificationDataset
 
@@ -225,6 +226,121 @@ def test_folder_names_are_mapped_to_the_task_order(form, make_local_dataset, tin
     expected = [(i, dtd.index(names[i % 2])) for i in range(6)]
     assert sorted(decoded(data.datasets["test"], decode_index)) == expected
     assert {label for _, label in expected} == {0, 9}
+
+
+# --- the hub datasets' own splits, columns, label types and spellings, in every local form ------
+
+#: Tasks whose hub dataset differs from ``image``/``label``, ``train``/``test`` and our spellings.
+QUIRKS = ("fer2013", "pcam", "food101", "fashion_mnist", "tiny_imagenet", "oxford_iiit_pet", "emnist_letters")
+QUIRK_SIZES = {"train": 20, "test": 18}  # food101's rows reach its labels 16 and 17
+
+
+def index_standin(task: str, sizes: dict[str, int] = QUIRK_SIZES) -> DatasetDict:
+    """``hf_home.standin`` with the row index as each image's grey value (``decode_index``)."""
+    return hf_home.standin(task, sizes, images=lambda count, mode: [gray_image(i).convert(mode) for i in range(count)])
+
+
+@pytest.mark.parametrize("form", ["disk", "parquet"])
+@pytest.mark.parametrize("task", QUIRKS)
+def test_a_hub_datasets_own_form_is_read_with_the_right_labels(task, form, tmp_path, tiny_processor, decode_index):
+    path = write_dataset(index_standin(task), tmp_path / task, form)
+    data = datamodule(path, tiny_processor, task=task)
+    data.setup(None)
+    info = get_task(task)
+    for split in ("train", "test"):  # row i is labelled i % num_classes (pcam: False, True, ...)
+        expected = [(row, row % info.num_classes) for row in range(QUIRK_SIZES[split])]
+        assert decoded(data.datasets[split], decode_index) == expected, (task, split)
+    assert data.recipe["validation split"] == info.test_split  # the model card names the split it read
+
+
+def test_the_registry_follows_food101s_own_order_so_the_mapping_by_name_is_the_identity():
+    names = index_standin("food101")["train"].features["label"].names
+    assert names[16:18] == ["cheesecake", "cheese_plate"]  # ethz/food101's labels 16 and 17
+    assert get_task("food101").classnames[16:18] == ("cheesecake", "cheese plate")
+    assert label_mapping(index_standin("food101")["train"], get_task("food101"), "here") is None
+
+
+def test_an_image_folder_of_food101_maps_its_alphabetical_folders_by_name(tmp_path, tiny_processor, decode_index):
+    # `cheese_plate` sorts before `cheesecake`: the folders' labels 16 and 17 are the task's 17 and 16.
+    path = write_dataset(index_standin("food101"), tmp_path / "food101", "imagefolder")
+    data = datamodule(path, tiny_processor, task="food101")
+    data.setup("test")
+    assert sorted(decoded(data.datasets["test"], decode_index)) == [(row, row) for row in range(QUIRK_SIZES["test"])]
+
+
+def test_a_dataset_whose_names_match_none_is_read_by_index_and_says_so_once(tmp_path, tiny_processor, decode_index, capsys):
+    path = write_dataset(index_standin("tiny_imagenet"), tmp_path / "tiny", "disk")
+    data = datamodule(path, tiny_processor, task="tiny_imagenet")
+    data.setup(None)
+    assert decoded(data.datasets["test"], decode_index) == [(row, row) for row in range(QUIRK_SIZES["test"])]
+    said = capsys.readouterr().out.splitlines()
+    assert said == [
+        f"task 'tiny_imagenet', path '{path}', split 'train': the dataset's class names ('n01443537', 'n01444537', "
+        "'n01445537', ...) match none of the task's ('goldfish', 'European fire salamander', 'bullfrog', ...); "
+        "labels are read by index (label i is class i of 'tiny_imagenet')"
+    ]
+
+
+def test_class_names_that_differ_only_in_spelling_are_the_same_classes():
+    task = get_task("fashion_mnist")
+    spellings = ["t-shirt/top", "TROUSER", "pull_over", "Dress", "coat", "sandal", "shirt", "sneaker", "bag", "Ankle-boot"]
+    split = Dataset.from_dict({"label": [0]}, features=Features({"label": ClassLabel(names=spellings)}))
+    assert label_mapping(split, task, "here") is None  # all ten by name, in order
+    permuted = Dataset.from_dict({"label": [0]}, features=Features({"label": ClassLabel(names=spellings[::-1])}))
+    assert label_mapping(permuted, task, "here").tolist() == list(range(10))[::-1]
+
+
+def test_a_partial_match_names_the_first_names_that_differ_and_their_closest_classes():
+    names = list(get_task("fashion_mnist").classnames)
+    names[3], names[8] = "Dres", "Handbag"
+    split = Dataset.from_dict({"label": [0]}, features=Features({"label": ClassLabel(names=names)}))
+    with pytest.raises(DataError) as error:
+        label_mapping(split, get_task("fashion_mnist"), "task 'fashion_mnist', path 'x', split 'train'")
+    assert str(error.value) == (
+        "task 'fashion_mnist', path 'x', split 'train': class name(s) 'Dres', 'Handbag' are not classes of 'fashion_mnist' "
+        "('Dres': closest class 'Dress'; 'Handbag': closest class 'Bag'; 8 of the 10 names match)"
+    )
+
+
+def test_names_that_match_none_and_are_not_as_many_as_the_classes_are_refused():
+    split = Dataset.from_dict({"label": [0]}, features=Features({"label": ClassLabel(names=["n1", "n2", "n3"])}))
+    with pytest.raises(DataError, match=r"the dataset's 3 class names \('n1', 'n2', 'n3'\) match none of the 10 class names "
+                       r"of 'fashion_mnist' .* cannot be read by index"):  # fmt: skip
+        label_mapping(split, get_task("fashion_mnist"), "here")
+
+
+def test_booleans_are_labels_only_for_a_task_that_says_so():
+    split = Dataset.from_dict({"label": [False, True]}, features=Features({"label": Value("bool")}))
+    assert label_mapping(split, get_task("pcam"), "here") is None
+    with pytest.raises(DataError, match="here: the label column holds booleans, which name no class of 'rendered_sst2'"):
+        label_mapping(split, get_task("rendered_sst2"), "here")
+
+
+def test_a_valid_file_that_load_dataset_names_validation_is_tiny_imagenets_test_split(tmp_path, tiny_processor):
+    # Found by file name (not the hub's data/<split>-00000-of-00001 layout), `valid` loads as `validation`.
+    for split, data in index_standin("tiny_imagenet").items():
+        data.to_parquet(str(tmp_path / "tiny" / f"{split}.parquet"))
+    data = datamodule(str(tmp_path / "tiny"), tiny_processor, task="tiny_imagenet")
+    data.setup("test")
+    assert len(data.datasets["test"]) == QUIRK_SIZES["test"] and data.recipe["validation split"] == "validation"
+
+
+def test_a_missing_test_split_names_the_tasks_own_and_the_fallbacks(tmp_path, tiny_processor):
+    only_train = DatasetDict({"train": index_standin("food101")["train"]})
+    path = save(only_train, tmp_path)
+    expect_error(datamodule(path, tiny_processor, task="food101"), "test", "no 'validation' split, nor 'test' (found: train)")
+    tiny = DatasetDict({"train": index_standin("tiny_imagenet")["train"]})
+    with pytest.raises(DataError, match=r"no 'valid' split, nor 'validation' or 'test' \(found: train\)"):
+        get_split(tiny, "test", get_task("tiny_imagenet"), "here")
+
+
+def test_the_merge_side_reads_each_tasks_own_test_split(tmp_path, tiny_processor, decode_index):
+    paths = {task: write_dataset(index_standin(task), tmp_path / task, "disk") for task in ("food101", "pcam", "fer2013")}
+    data = MultiTaskDataModule(list(paths), paths=paths, processor=tiny_processor, batch_size=5, num_workers=0)
+    data.setup("test")
+    for task, dataset in data.test_datasets.items():
+        assert decoded(dataset, decode_index) == [(row, row % get_task(task).num_classes) for row in range(QUIRK_SIZES["test"])]
+    assert data.test_datasets["food101"].where.endswith("split 'validation'")
 
 
 # --- the offline tasks ------------------------------------------------------------------------

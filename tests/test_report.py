@@ -14,15 +14,11 @@ from PIL import Image
 import lightning_modules.report as report_module
 import merge_fixtures as mf
 from common.names import TASK_ABBREVIATIONS, task_abbreviation
-from datamodules.tasks import TASKS
+from datamodules.tasks import BENCHMARKS, TASKS
 from lightning_modules.report import markdown, summarize, table_rows, write_report
 
-#: The eight tasks and the twelve of TALL20, in the benchmarks' order.
-TALL20 = (
-    "sun397", "stanford_cars", "resisc45", "eurosat", "svhn", "gtsrb", "mnist", "dtd",
-    "oxford_flowers102", "pcam", "fer2013", "oxford_iiit_pet", "stl10", "cifar100",
-    "cifar10", "food101", "fashion_mnist", "emnist_letters", "kmnist", "rendered_sst2",
-)  # fmt: skip
+#: The eight tasks and the twelve of TALL20, in the benchmark's order.
+TALL20 = BENCHMARKS["tall20"]
 DPI = 120  # common.plots.save_figure's
 
 
