@@ -19,9 +19,16 @@ from pathlib import Path
 
 import matplotlib.figure
 import pytest
-import test_bad_input
 import torch
 from safetensors import SafetensorError
+
+import merge_fixtures as mf
+import test_bad_input
+from conftest import REPO_ROOT, write_dataset
+from datamodules.tasks import get_task
+from lightning_modules.adamerging import AdaMerging, prediction_entropy
+from lightning_modules.report import summarize, write_report
+from merge import main as merge_main
 from test_bad_input import (
     MERGE_TASKS,
     assert_contains,
@@ -32,13 +39,6 @@ from test_bad_input import (
     small_dataset,
     train_args,
 )
-
-import merge_fixtures as mf
-from conftest import REPO_ROOT, write_dataset
-from datamodules.tasks import get_task
-from lightning_modules.adamerging import AdaMerging, prediction_entropy
-from lightning_modules.report import summarize, write_report
-from merge import main as merge_main
 from train import main as train_main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
