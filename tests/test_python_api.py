@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -179,11 +180,16 @@ def test_save_model_writes_a_checkpoint_that_loads_whole(setup, tmp_path):
 
 
 class RecordingWandbLogger(WandbLogger):
-    """Lightning's W&B logger that records tables and images instead of starting a run."""
+    """Lightning's W&B logger that records tables and images instead of starting a run (the
+    Trainer asks for ``experiment`` at setup, which would start one)."""
 
     def __init__(self) -> None:
         super().__init__(offline=True)
         self.tables, self.images, self.metrics = {}, {}, {}
+
+    @property
+    def experiment(self) -> SimpleNamespace:
+        return SimpleNamespace()
 
     def log_hyperparams(self, params, *args, **kwargs) -> None:
         pass
