@@ -162,17 +162,35 @@ class AdaMerging(MultiTaskEvaluation):
         return merged
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        merged = self.merged_parameters()
+        """The summed entropy of the tasks, backpropagated task by task: each task's forward and
+        backward run on a detached copy of the merged weights, its gradient is added to theirs and
+        its activations are freed before the next task's forward, so memory holds one task's
+        activations whatever the number of tasks (one graph over all tasks held them all: 31.8 GiB
+        at 8 tasks x 16 images on an H200). The coefficients' gradient is then the chain rule
+        through the merge, ``dL/dlambda_{t,k} = <dL/dtheta_k, tau_{t,k}>``, as the backward of the
+        returned loss (whose value is the summed entropy), so Lightning's optimiser step, DDP's
+        gradient averaging and the clamping are unchanged."""
+        merged = self.merged_parameters()  # its graph reaches the coefficients
+        weights = {name: tensor.detach().requires_grad_() for name, tensor in merged.items()}
+        gradients: dict[str, Tensor] | None = None
         total = torch.zeros((), device=self.coefficients.device)
         for task in self.tasks:
-            features = functional_call(self.backbone, merged, (batch[task],)).pooler_output
+            features = functional_call(self.backbone, weights, (batch[task],)).pooler_output
             entropy = prediction_entropy(self.heads(features, task))
+            task_gradients = torch.autograd.grad(entropy, list(weights.values()))
+            if gradients is None:
+                gradients = dict(zip(weights, task_gradients))
+            else:
+                for name, gradient in zip(weights, task_gradients):
+                    gradients[name].add_(gradient)
+            entropy = entropy.detach()
             # Each rank holds its share of the step's images: the mean over ranks is the
             # entropy of the whole step, what one process logs (equal shares by construction).
             self.log(f"train/entropy/{task}", entropy, sync_dist=True)
             total = total + entropy
         self.log("train/entropy", total, prog_bar=True, sync_dist=True)
-        return total
+        through_merge = sum((merged[name] * gradients[name]).sum() for name in merged)
+        return through_merge - through_merge.detach() + total
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         # Clamp right after the update, inside the step: callbacks' on_train_batch_end

@@ -32,7 +32,7 @@ from transformers import ConvNextConfig, ConvNextModel
 
 from common.files import check_output_location
 from datamodules.multitask import GRAM_SPLIT
-from lightning_modules.report import INDIVIDUAL, summarize, table_rows, write_report
+from lightning_modules.report import INDIVIDUAL, build_report, summarize, table_rows, write_report
 from lightning_modules.wandb_logger import wandb_loggers
 from merging.engine import merge_backbone
 from merging.errors import MergeError
@@ -94,11 +94,13 @@ def check_finite(row: str, task: str, split: str, values: Mapping[str, float], n
 
 
 def check_pool_up_front(pool: Any, tasks: list[str]) -> None:
-    """The model pool of a merge-side module, before any file is read: no two entries name one
-    checkpoint (``ModelPool.check_distinct`` without contents), and its fine-tuned models and the
-    evaluated tasks (``data.tasks``) are the same set: a task of ``data.tasks`` without a model has
-    no head, and a pool model whose task is not evaluated would be merged, changing the merged
-    model, and appear nowhere in the report."""
+    """The model pool of a merge-side module, before any file is read: it holds fine-tuned models
+    to merge (``ModelPool.check_mergeable``), no two entries name one checkpoint
+    (``ModelPool.check_distinct`` without contents), and its fine-tuned models and the evaluated
+    tasks (``data.tasks``) are the same set: a task of ``data.tasks`` without a model has no head,
+    and a pool model whose task is not evaluated would be merged, changing the merged model, and
+    appear nowhere in the report."""
+    pool.check_mergeable()
     missing = [task for task in tasks if task not in pool.task_names]
     if missing:
         raise MergeError(f"no fine-tuned model for task '{missing[0]}' in the model pool (tasks: {', '.join(pool.task_names)})")
@@ -152,7 +154,8 @@ class MultiTaskEvaluation(LightningModule, ABC):
     Args:
         tasks: the evaluated tasks, in the DataModule's order (linked from ``data.task_names``).
         classnames: class names per task (linked from ``data.classnames``).
-        report_dir: where ``report.json``, ``report.md``, ``report.csv`` and ``accuracy.png`` go.
+        report_dir: where ``report.json``, ``report.md``, ``report.csv``, ``accuracy.png`` and
+            ``accuracy_heatmap.png`` go; None writes no file (``report`` holds the numbers).
         report_title: heading of the report.
         splits: the splits in the DataModule's loader order (linked from ``data.splits``):
             ``test``, or ``validation`` and ``test``; first ``gram`` (unlabelled) for a merge
@@ -163,12 +166,13 @@ class MultiTaskEvaluation(LightningModule, ABC):
         self,
         tasks: list[str],
         classnames: dict[str, list[str]],
-        report_dir: str = "outputs/merge",
+        report_dir: str | None = "outputs/merge",
         report_title: str = "Merged model",
         splits: list[str] | None = None,
     ) -> None:
         super().__init__()
-        check_output_location(report_dir, "model.report_dir")
+        if report_dir is not None:
+            check_output_location(report_dir, "model.report_dir")
         self.tasks = list(tasks)
         self.classnames = {task: list(classnames[task]) for task in self.tasks}
         self.splits = list(splits) if splits else ["test"]
@@ -377,22 +381,34 @@ class MultiTaskEvaluation(LightningModule, ABC):
         """More Markdown for ``report.md``, after the test table."""
         return []
 
+    def report_header(self) -> tuple[str, dict[str, Any]]:
+        """The report's title and its fields besides the test table, after a test run."""
+        extra = {**self.report_extra(), **({"partial": True} if self._partial() else {})}
+        if self.gram_images:
+            extra["gram_images"] = dict(self.gram_images)
+        if "validation" in self.results:
+            extra["validation"] = summarize(self.results["validation"])
+        title = f"{self.report_title} (PARTIAL: limited test batches)" if self._partial() else self.report_title
+        return title, extra
+
     def _write(self, results: Mapping[str, Mapping[str, Mapping[str, float]]]) -> dict[str, Any] | None:
         report = None
         if self.trainer.is_global_zero:
-            extra = {**self.report_extra(), **({"partial": True} if self._partial() else {})}
-            if self.gram_images:
-                extra["gram_images"] = dict(self.gram_images)
-            if "validation" in self.results:
-                extra["validation"] = summarize(self.results["validation"])
-            title = f"{self.report_title} (PARTIAL: limited test batches)" if self._partial() else self.report_title
-            report = write_report(results, self.report_dir, title, extra, self.report_sections())
+            title, extra = self.report_header()
+            if self.report_dir is None:
+                report = build_report(results, title, extra)
+            else:
+                report = write_report(results, self.report_dir, title, extra, self.report_sections())
             self._log_to_wandb(report)
-            print(Path(self.report_dir, "report.md").read_text())
+            if self.report_dir is not None:
+                print(Path(self.report_dir, "report.md").read_text())
         return report
 
     def _log_to_wandb(self, report: Mapping[str, Any]) -> None:
+        """The Markdown table's columns (tasks abbreviated) as a W&B table, and both figures."""
         for logger in wandb_loggers(self.trainer):
             header, lines = table_rows(report)
             logger.log_table(key="test/report", columns=header, data=lines)
-            logger.log_image(key="test/accuracy_chart", images=[str(Path(self.report_dir, "accuracy.png"))])
+            if self.report_dir is not None:
+                logger.log_image(key="test/accuracy_chart", images=[str(Path(self.report_dir, "accuracy.png"))])
+                logger.log_image(key="test/accuracy_heatmap", images=[str(Path(self.report_dir, "accuracy_heatmap.png"))])

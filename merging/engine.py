@@ -224,8 +224,10 @@ def merge_backbone(
 
     Raises ``CheckpointError`` naming the file and key of any NaN/Inf input; the check runs
     on the outputs where the method is a plain sum (a non-finite input always shows there)
-    and on every input otherwise.
+    and on every input otherwise; a pool without fine-tuned models is a ``MergeError``
+    (``ModelPool.check_mergeable``).
     """
+    pool.check_mergeable()
     pool.check_backbones()
     keys = pool.backbone_keys
     _check_grams(method, grams, keys, len(pool.task_names))

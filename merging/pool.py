@@ -1,17 +1,25 @@
-"""The model pool: the pretrained checkpoint and one fine-tuned checkpoint per task."""
+"""The model pool: the pretrained checkpoint and one fine-tuned checkpoint per task.
+
+Besides the merge's streaming reads, a pool loads its entries as Hugging Face classifiers
+(``load_model``, with FusionBench's ``pretrained`` and ``dataset_name``), their image processor
+(``load_processor``) and saves a classifier (``save_model``), as FusionBench's
+``ConvNextForImageClassificationPool`` does.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from transformers import AutoConfig, PretrainedConfig
+from torch import nn
+from transformers import AutoConfig, AutoImageProcessor, ConvNextForImageClassification, PretrainedConfig
 
 from common.checkpoints import (
     BACKBONE_PREFIX,
@@ -23,12 +31,38 @@ from common.checkpoints import (
     resolve_model_dir,
 )
 from common.errors import CheckpointError
+from common.files import write_atomically
 from common.names import task_key
 from common.reader import CheckpointReader
 from merging.errors import MergeError
 
 PRETRAINED = "_pretrained_"
 HEAD_KEYS = ("classifier.weight", "classifier.bias")
+
+#: Where a pool finds a task's class names, in label order, to size and label a head for an
+#: entry's ``dataset_name``: a mapping task -> names, or a function of the task's name (the task
+#: registry's, from ``lightning_modules.python_api.model_pool``). ``merging`` does not know the tasks.
+ClassNames = Mapping[str, Sequence[str]] | Callable[[str], Sequence[str]]
+
+
+@dataclass(frozen=True)
+class _Loading:
+    """How ``load_model`` builds an entry: FusionBench's ``pretrained`` (its weights, or its config
+    with random weights) and ``dataset_name`` (the task whose head it gets; None: its own head)."""
+
+    pretrained: bool = True
+    dataset_name: str | None = None
+
+
+def _loading_of(name: str, entry: str | Mapping[str, Any]) -> _Loading:
+    if isinstance(entry, str):
+        return _Loading()
+    pretrained, dataset_name = entry.get("pretrained", True), entry.get("dataset_name")
+    if not isinstance(pretrained, bool):
+        raise MergeError(f"pool entry '{name}': pretrained must be true or false, got {pretrained!r}")
+    if dataset_name is not None and not (isinstance(dataset_name, str) and dataset_name.strip()):
+        raise MergeError(f"pool entry '{name}': dataset_name must be a task's name or null, got {dataset_name!r}")
+    return _Loading(pretrained, dataset_name)
 
 
 def _source_of(name: str, entry: str | Mapping[str, Any]) -> str:
@@ -114,20 +148,33 @@ def _weights_fingerprint(directory: Path) -> tuple[tuple[str, int, str], ...]:
 class ModelPool:
     """``_pretrained_`` plus one fine-tuned checkpoint per task, each a hub id or directory.
 
+    A pool of ``_pretrained_`` alone is a pool too: its model and image processor load
+    (``load_model``, ``load_processor``); merging it is refused where a merge starts
+    (``check_mergeable``).
+
     Args:
         models: name -> checkpoint, as in FusionBench's model pool YAML (``_pretrained_:
             facebook/convnext-base-224``, ``dtd: tanganke/...``); an entry may also be a mapping
-            with ``config_path`` (and FusionBench's ``pretrained``/``dataset_name``, where
-            ``dataset_name`` names the task). A string is read as the path of such a YAML file.
+            with ``config_path`` and FusionBench's ``pretrained`` (false: ``load_model`` builds the
+            architecture from the config, with random weights) and ``dataset_name`` (the task the
+            entry is for: a fine-tuned entry's task, and the task ``load_model`` sizes and labels
+            its head for). A string is read as the path of such a YAML file.
+        classnames: each task's class names, for ``load_model``'s heads (``ClassNames``): checked
+            here for every ``dataset_name``. None: an entry with a ``dataset_name`` loads only
+            where its own head is kept (a fine-tuned entry).
     """
 
-    def __init__(self, models: Mapping[str, str | Mapping[str, Any]] | str | os.PathLike) -> None:
+    def __init__(
+        self, models: Mapping[str, str | Mapping[str, Any]] | str | os.PathLike, classnames: ClassNames | None = None
+    ) -> None:
         pool_file = os.fspath(models) if isinstance(models, str | os.PathLike) else None
         if pool_file is not None:
             models = read_pool_file(pool_file)
         if PRETRAINED not in models:
             raise MergeError(f"the model pool has no '{PRETRAINED}' entry (names: {', '.join(models) or 'none'})")
         self.sources: dict[str, str] = {}
+        #: task (or ``_pretrained_``) -> how ``load_model`` builds it.
+        self.loading: dict[str, _Loading] = {}
         entries: dict[str, str] = {}  # task -> its entry's name in the pool, for messages
         for name, entry in models.items():
             task = (
@@ -138,13 +185,46 @@ class ModelPool:
             if task in self.sources:
                 raise MergeError(f"task '{task}' appears twice in the model pool")
             self.sources[task] = _source_of(name, entry)
+            self.loading[task] = _loading_of(str(name), entry)
             entries[task] = str(name)
-        if len(self.sources) < 2:
-            raise MergeError("the model pool has no fine-tuned models: add one entry per task besides _pretrained_")
         for task, source in self.sources.items():
             _check_entry_source(entries[task], source, pool_file)
+        self.classnames = classnames
+        if classnames is not None:  # an unknown task is named here, before any loading
+            for loading in self.loading.values():
+                if loading.dataset_name is not None:
+                    self.task_classnames(loading.dataset_name)
         self._readers: dict[str, CheckpointReader] = {}
         self._directories: dict[str, Path] = {}
+
+    def check_mergeable(self) -> None:
+        """What a merge needs of the pool besides its files: fine-tuned models, and checkpoint
+        weights for every entry (a merge reads them; ``pretrained: false`` would mean random ones)."""
+        if not self.task_names:
+            raise MergeError("the model pool has no fine-tuned models: add one entry per task besides _pretrained_")
+        random = [name for name, loading in self.loading.items() if not loading.pretrained]
+        if random:
+            verb = "has" if len(random) == 1 else "have"
+            raise MergeError(
+                f"the model pool's {', '.join(random)} {verb} pretrained: false (random weights from the config), but a "
+                "merge reads each checkpoint's weights: remove pretrained: false to merge"
+            )
+
+    def task_classnames(self, task: str) -> list[str]:
+        """``task``'s class names, in label order, from ``classnames``."""
+        if self.classnames is None:
+            raise MergeError(
+                f"the model pool knows no class names to size a head for task '{task}': build it with "
+                "lightning_modules.python_api.model_pool (the task registry's) or ModelPool(..., classnames=...)"
+            )
+        if callable(self.classnames):
+            names = self.classnames(task)
+        else:
+            known = {task_key(name): names for name, names in self.classnames.items()}
+            if task_key(task) not in known:
+                raise MergeError(f"no class names for task '{task}' (given for: {', '.join(self.classnames) or 'none'})")
+            names = known[task_key(task)]
+        return list(names)
 
     @property
     def task_names(self) -> list[str]:
@@ -169,6 +249,66 @@ class ModelPool:
 
     def config(self, name: str = PRETRAINED) -> PretrainedConfig:
         return AutoConfig.from_pretrained(self.directory(name))
+
+    def _entry(self, name: str) -> str:
+        """``name`` as the pool knows it (a task's spelling, ``_pretrained_``), or a MergeError naming the entries."""
+        key = name if name == PRETRAINED else task_key(name)
+        if key not in self.sources:
+            raise MergeError(f"no model '{name}' in the model pool (models: {', '.join(self.sources)})")
+        return key
+
+    def load_model(self, name: str) -> ConvNextForImageClassification:
+        """The entry ``name`` (``_pretrained_`` or a task) as a Hugging Face
+        ``ConvNextForImageClassification`` in float32 and eval mode, as FusionBench's ConvNeXt pool
+        builds it: the checkpoint's weights, or (``pretrained: false``) its architecture with random
+        weights. With a ``dataset_name``, the head is that task's, ``num_labels``, ``id2label`` and
+        ``label2id`` its class names: a fine-tuned entry keeps its own trained head, which must be
+        the task's (class count and labels); any other (``_pretrained_``'s 1,000 ImageNet classes, or
+        random weights) is replaced by a freshly initialised ``Linear`` of the task's size, the
+        fine-tuning recipe's start. The forward is the model's own (``.logits`` of its output)."""
+        name = self._entry(name)
+        loading, source = self.loading[name], self.sources[name]
+        directory = resolve_model_dir(source)
+        check_convnext_checkpoint(directory, source, weights=loading.pretrained)
+        if loading.pretrained:
+            model = ConvNextForImageClassification.from_pretrained(directory, dtype=torch.float32)
+        else:
+            model = ConvNextForImageClassification(AutoConfig.from_pretrained(directory))
+        if loading.dataset_name is not None:
+            classnames = self.task_classnames(loading.dataset_name)
+            if name != PRETRAINED and loading.pretrained:
+                check_head_labels(model.config, classnames, source)
+            else:
+                model.classifier = nn.Linear(model.config.hidden_sizes[-1], len(classnames))
+            model.config.num_labels = len(classnames)
+            model.config.id2label = dict(enumerate(classnames))
+            model.config.label2id = {label: index for index, label in enumerate(classnames)}
+        return model.eval()
+
+    def load_processor(self) -> Any:
+        """The image processor of ``_pretrained_`` (``AutoImageProcessor``): the preprocessing every
+        model of the pool was trained with."""
+        source = self.sources[PRETRAINED]
+        directory = resolve_model_dir(source)
+        if not (directory / "preprocessor_config.json").is_file():
+            raise CheckpointError(f"checkpoint '{source}' of the model pool's {PRETRAINED} has no preprocessor_config.json")
+        try:
+            return AutoImageProcessor.from_pretrained(directory)
+        except Exception as error:  # a broken file: one line naming it
+            raise CheckpointError(f"cannot load the image processor of '{source}': {type(error).__name__}: {error}") from error
+
+    def save_model(self, model: ConvNextForImageClassification, directory: str | Path, overwrite: bool = False) -> None:
+        """``model`` as a Hugging Face checkpoint in ``directory`` (``save_pretrained``: weights,
+        ``config.json``) with the pool's image processor, so that ``from_pretrained`` and
+        ``pipeline("image-classification")`` load it; whole or not at all, and an existing
+        ``directory`` only replaced with ``overwrite``."""
+        processor = self.load_processor()
+
+        def write(staging: Path) -> None:
+            model.save_pretrained(staging)
+            processor.save_pretrained(staging)
+
+        write_atomically(Path(directory), write, overwrite, flag="overwrite=True")
 
     @cached_property
     def backbone_keys(self) -> list[str]:

@@ -65,11 +65,13 @@ def save_merged(
     info: Mapping[str, Any],
     overwrite: bool = False,
     what: str | None = None,
+    flag: str = "--model.overwrite true",
 ) -> None:
     """Write the merged model to ``directory``, whole or not at all (``what``: the option that
-    named it, for the message of a write the file system refuses)."""
+    named it, for the message of a write the file system refuses; ``flag``: what replaces an
+    existing ``directory``, for the message that refuses it)."""
     write = partial(_write, backbone=backbone, heads=heads, config=config, processor_dir=processor_dir, info=info)
-    write_atomically(Path(directory), write, overwrite, flag="--model.overwrite true", what=what)
+    write_atomically(Path(directory), write, overwrite, flag=flag, what=what)
 
 
 def load_merged(directory: str | Path) -> MergedModel:

@@ -40,6 +40,8 @@ PROCESSOR_FILE = REPO_ROOT / "configs" / "quickstart" / "convnext-tiny-32" / "pr
 TINY = dict(image_size=32, patch_size=2)
 PRETRAINED = "_pretrained_"
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+#: The files of a merge-side report (``lightning_modules.report.write_report``), sorted.
+REPORT_FILES = ["accuracy.png", "accuracy_heatmap.png", "report.csv", "report.json", "report.md"]
 
 
 def merge_test_args(out: Path, paths: Mapping[str, str], processor: str, batch_size: int) -> list[str]:

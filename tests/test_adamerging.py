@@ -21,6 +21,7 @@ import datasets
 import pytest
 import torch
 from ddp_scripts.adamerging_steps import StopAfter, read_steps
+from torch.func import functional_call
 from transformers import ConvNextModel
 
 import merge_fixtures as mf
@@ -380,6 +381,36 @@ def test_two_processes_follow_the_one_process_trajectory(setup, tmp_path, protoc
     assert table_of(read_json(files / "coefficients.json")) == recorded_table(setup, applied)
 
 
+def test_task_by_task_backward_follows_the_one_graph_trajectory(setup, tmp_path):
+    """Each task's backward on its own (the memory of one task's activations) against the one graph
+    over every task that AdaMerging used before: the same Adam steps on the same summed entropy,
+    recomputed here with one backward per step. Both in float64 (FLOAT64), so the only difference
+    is the order of the gradient's sums, within COEFFICIENT_ATOL after six steps (see above)."""
+    steps, lr = 6, 0.05
+    main(fit_args(setup, tmp_path, *FLOAT64, steps=steps, lr=lr))  # batch = SIZE: every step sees every image
+    (records,) = read_steps(tmp_path / "steps").values()
+    model = AdaMerging(list(TASKS), classnames(), setup.pool, lr=lr)
+    model.build()
+    model = model.double()
+    pixels = {task: torch.stack(images(setup, task)).double() for task in TASKS}
+    optimizer = torch.optim.Adam([model.coefficients], lr=lr)
+    for record in records:
+        optimizer.zero_grad()
+        merged = model.merged_parameters()
+        loss = sum(
+            prediction_entropy(model.heads(functional_call(model.backbone, merged, (pixels[task],)).pooler_output, task))
+            for task in TASKS
+        )
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            model.coefficients.clamp_(0.0, 1.0)
+        got = torch.tensor(record["coefficients"], dtype=torch.float64)
+        assert torch.allclose(got, model.coefficients.detach(), rtol=0, atol=COEFFICIENT_ATOL), record["step"]
+        assert record["loss"] == pytest.approx(float(loss), rel=ENTROPY_RTOL), record["step"]
+    assert len(records) == steps and (got - INITIAL).abs().max() > 0.02  # the coefficients moved
+
+
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_a_resumed_fit_ends_where_an_uninterrupted_one_does(setup, tmp_path, protocol):
     checkpoints = tmp_path / "interrupted" / "checkpoints"
@@ -491,7 +522,7 @@ def test_merge_py_test_with_learned_coefficients(setup, tmp_path):
           "--model.method", "merging.coefficients.LearnedCoefficients", "--model.method.coefficients", str(path),
           "--model.report_dir", str(tmp_path / "merged")])  # fmt: skip
     ada, merged = read_json(tmp_path / "ada" / "report.json"), read_json(tmp_path / "merged" / "report.json")
-    assert sorted(p.name for p in (tmp_path / "ada").iterdir()) == ["accuracy.png", "report.csv", "report.json", "report.md"]
+    assert sorted(p.name for p in (tmp_path / "ada").iterdir()) == mf.REPORT_FILES
     assert not (tmp_path / "unused").exists()  # test writes no coefficients
     assert ada["coefficients"] == str(path)  # the report names the file that was evaluated
     (ada_row,) = ada["rows"].values()

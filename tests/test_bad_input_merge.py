@@ -19,9 +19,16 @@ from pathlib import Path
 
 import matplotlib.figure
 import pytest
-import test_bad_input
 import torch
 from safetensors import SafetensorError
+
+import merge_fixtures as mf
+import test_bad_input
+from conftest import REPO_ROOT, write_dataset
+from datamodules.tasks import get_task
+from lightning_modules.adamerging import AdaMerging, prediction_entropy
+from lightning_modules.report import summarize, write_report
+from merge import main as merge_main
 from test_bad_input import (
     MERGE_TASKS,
     assert_contains,
@@ -32,13 +39,6 @@ from test_bad_input import (
     small_dataset,
     train_args,
 )
-
-import merge_fixtures as mf
-from conftest import REPO_ROOT, write_dataset
-from datamodules.tasks import get_task
-from lightning_modules.adamerging import AdaMerging, prediction_entropy
-from lightning_modules.report import summarize, write_report
-from merge import main as merge_main
 from train import main as train_main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -59,10 +59,11 @@ def merged_classifier(*extra: str) -> list[str]:
     return ["--model", "lightning_modules.merged.MergedClassifier", *extra]
 
 
-def assert_only_the_run_config(out: Path, workdir: Path) -> None:
-    """What a run stopped after its setup leaves: the configuration Lightning records as the
-    run starts (``trainer.default_root_dir/config.yaml``), no output."""
-    assert sorted(path.name for path in (out / "root").iterdir()) == ["config.yaml"]
+def assert_nothing_of_the_run(out: Path, workdir: Path) -> None:
+    """What a run stopped after its setup leaves: nothing. Lightning's ``config.yaml`` (written
+    as the run starts, in ``trainer.default_root_dir``) is taken back with the folder made for it
+    (``lightning_modules.run_files.SaveConfigOfCompletedRuns``), and there is no output."""
+    assert not (out / "root").exists()
     assert not (out / "report").exists() and not (out / "merged").exists() and not (out / "coefficients").exists()
     assert not list(workdir.iterdir())
 
@@ -85,7 +86,7 @@ def test_non_finite_logits_are_one_error_line_naming_the_row_and_task(pool, tmp_
         "error: row 'task_arithmetic(scaling_factor=1e+30)' on task 'eurosat': 6 of 6 test samples give non-finite logits (NaN/Inf)"
     ), line
     assert_contains(line, "no accuracy to report")
-    assert_only_the_run_config(tmp_path, workdir)
+    assert_nothing_of_the_run(tmp_path, workdir)
     assert not exports.exists()
 
 
@@ -208,17 +209,26 @@ def no_space(*args, **kwargs):
     raise OSError(errno.ENOSPC, NO_SPACE)
 
 
-@pytest.mark.parametrize("failing", ["report.md", "accuracy.png"])
+@pytest.mark.parametrize("failing", ["report.md", "accuracy.png", "accuracy_heatmap.png"])
 @pytest.mark.parametrize("before", ["no report", "an earlier report"])
 def test_a_full_disk_while_writing_the_report_leaves_no_part_of_it(failing, before, pool, tmp_path, workdir, monkeypatch, capsys):
     report_dir = tmp_path / "report"
     if before == "an earlier report":
         merge_main(merge_args(pool, tmp_path, *merged_classifier()))
         earlier = {path.name: path.read_bytes() for path in report_dir.iterdir()}
-        assert sorted(earlier) == ["accuracy.png", "report.csv", "report.json", "report.md"]
+        assert sorted(earlier) == mf.REPORT_FILES
     if failing == "accuracy.png":
         monkeypatch.setattr(matplotlib.figure.Figure, "savefig", no_space)
-    else:  # the second of the four files: report.json is written by then
+    elif failing == "accuracy_heatmap.png":  # the last of the five files: the other four are staged by then
+        savefig = matplotlib.figure.Figure.savefig
+
+        def fail_on_heat_map(figure, path, *args, **kwargs):
+            if Path(path).name.startswith(".accuracy_heatmap."):
+                no_space()
+            return savefig(figure, path, *args, **kwargs)
+
+        monkeypatch.setattr(matplotlib.figure.Figure, "savefig", fail_on_heat_map)
+    else:  # the second of the five files: report.json is written by then
         write_text = Path.write_text
 
         def fail_on_markdown(path: Path, *args, **kwargs):

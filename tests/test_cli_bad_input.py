@@ -137,7 +137,8 @@ def test_a_training_refused_after_config_yaml_was_written_puts_the_earlier_one_b
     earlier.parent.mkdir()
     earlier.write_text("# the config of an earlier run\n")
     # 12 training images: too few for one global batch of 16, found when Lightning asks for the train loader
-    extra = ["--trainer.max_steps", "-1", "--trainer.max_epochs", "1", "--data.batch_size", "16"]
+    # (no export: one needs trainer.max_steps, which is refused first otherwise)
+    extra = ["--trainer.max_steps", "-1", "--trainer.max_epochs", "1", "--data.batch_size", "16", "--export_dir", "null"]
     line = one_error_line(train_main, train_run(convnext, mnist, tmp_path, *extra), capsys)
     assert line.endswith("fewer training samples than one global batch of 16"), line
     assert [path.name for path in earlier.parent.iterdir()] == ["config.yaml"]

@@ -21,6 +21,7 @@ import yaml
 from lightning.pytorch import Trainer
 
 import merge_fixtures as mf
+from common.names import task_abbreviation
 from datamodules import MultiTaskDataModule
 from lightning_modules.comparison import MethodComparison, expand_grid
 from lightning_modules.merged import MergedClassifier
@@ -99,8 +100,9 @@ def test_the_quickstart_comparison_equals_separate_runs(pool, tmp_path):
     config = example_config(pool, tmp_path / "compare")
     run(config, tmp_path / "compare")
     report_dir = tmp_path / "compare" / "report"
-    assert sorted(p.name for p in report_dir.iterdir()) == ["accuracy.png", "report.csv", "report.json", "report.md"]
+    assert sorted(p.name for p in report_dir.iterdir()) == mf.REPORT_FILES
     assert (report_dir / "accuracy.png").read_bytes()[:8] == PNG
+    assert (report_dir / "accuracy_heatmap.png").read_bytes()[:8] == PNG
     report = json.loads((report_dir / "report.json").read_text())
 
     specs = config["model"]["init_args"]["methods"]
@@ -112,11 +114,13 @@ def test_the_quickstart_comparison_equals_separate_runs(pool, tmp_path):
     assert [m["label"] for m in report["methods"]] == labels
 
     # One row per method plus `individual`, with the average and the normalised average.
+    # The Markdown table names the tasks by their abbreviations (the quickstart's have none), the CSV
+    # by their own names; the cells are the same.
     header, *rows = table(report_dir / "report.md")
-    assert header == ["model", *TASKS, "average", "normalized average"]
+    assert header == ["model", *(task_abbreviation(task) for task in TASKS), "average", "normalized average"]
     assert [row[0] for row in rows] == [*labels, "individual"]
     with open(report_dir / "report.csv", newline="") as file:
-        assert list(csv.reader(file)) == [header, *rows]
+        assert list(csv.reader(file)) == [["model", *TASKS, "average", "normalized average"], *rows]
     for row in rows:
         values = report["rows"][row[0]]
         expected = [f"{100 * values['tasks'][t]['accuracy']:.2f}" for t in TASKS] + [f"{100 * values['average_accuracy']:.2f}"]

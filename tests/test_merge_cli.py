@@ -127,8 +127,9 @@ def test_report_equals_an_independent_evaluation(setup, individual, tmp_path, cl
     main(cli(setup, tmp_path, *method_args(cls, params)))
     report = read_report(tmp_path)
     files = sorted(p.name for p in (tmp_path / "report").iterdir())
-    assert files == ["accuracy.png", "report.csv", "report.json", "report.md"]
+    assert files == mf.REPORT_FILES
     assert (tmp_path / "report" / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "report" / "accuracy_heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert report["method_name"] == name
     assert {key: report["hyperparameters"][key] for key in params} == params
     assert report["models"] == setup.pool
@@ -148,7 +149,10 @@ def test_report_equals_an_independent_evaluation(setup, individual, tmp_path, cl
         f"{100 * row['average_accuracy']:.2f}",
     ]
     markdown = (tmp_path / "report" / "report.md").read_text()
+    # The Markdown table: the same cells, the tasks by their abbreviations, and a legend line.
+    assert "| model | EuSAT | DTD | average |" in markdown
     assert f"| {' | '.join(lines[1])} |" in markdown
+    assert "Tasks: EuSAT = eurosat, DTD = dtd." in markdown
     assert f"eurosat {SIZES['eurosat']}, dtd {SIZES['dtd']}" in markdown
 
 
@@ -389,6 +393,12 @@ def bad_pool(setup: Setup, tmp_path: Path, case: str) -> tuple[dict, list[str], 
         return pool, [], [pool["dtd"]]
     if case == "only pretrained":
         return {mf.PRETRAINED: setup.pool[mf.PRETRAINED]}, [], ["no fine-tuned models"]
+    if case == "pretrained false":  # FusionBench's random weights: a merge reads the checkpoint's
+        pool["dtd"] = {"config_path": setup.pool["dtd"], "pretrained": False}
+        return pool, [], ["the model pool's dtd has pretrained: false", "remove pretrained: false to merge"]
+    if case == "pretrained not a bool":
+        pool["dtd"] = {"config_path": setup.pool["dtd"], "pretrained": "sometimes"}
+        return pool, [], ["pool entry 'dtd': pretrained must be true or false, got 'sometimes'"]
     if case == "task without a model":
         del pool["dtd"]
         return pool, [], ["no fine-tuned model for task 'dtd'", "tasks: eurosat"]
@@ -444,6 +454,8 @@ BAD_CASES = [
     "task without a model",
     "head of the wrong size",
     "only pretrained",
+    "pretrained false",
+    "pretrained not a bool",
     "existing save_dir",
     "saved model without the task's head",
 ]

@@ -147,11 +147,20 @@ def test_reader_does_not_leak_file_descriptors_on_corrupt_files(damaged):
 # --- ModelPool ------------------------------------------------------------------------------
 
 
-def test_pool_needs_pretrained_and_a_finetuned_model(pool_dirs):
+def test_pool_needs_pretrained_and_a_merge_needs_a_finetuned_model(pool_dirs):
     with pytest.raises(MergeError, match="_pretrained_"):
         ModelPool({"eurosat": pool_dirs["eurosat"]})
-    with pytest.raises(MergeError, match="no fine-tuned models"):
-        ModelPool({mf.PRETRAINED: pool_dirs[mf.PRETRAINED]})
+    # A pool of the pretrained model alone is a pool (it loads: tests/test_python_api.py); the
+    # merge refuses it where it starts, with the one line the CLI prints.
+    alone = ModelPool({mf.PRETRAINED: pool_dirs[mf.PRETRAINED]})
+    assert alone.task_names == []
+    message = "the model pool has no fine-tuned models: add one entry per task besides _pretrained_"
+    with pytest.raises(MergeError) as error:
+        alone.check_mergeable()
+    assert str(error.value) == message
+    with pytest.raises(MergeError) as error:
+        merge_backbone(alone, SimpleAverage(), progress=False)
+    assert str(error.value) == message
 
 
 def test_pool_names_a_missing_directory(pool_dirs, tmp_path):
