@@ -29,8 +29,10 @@ The flows:
   ``SimpleAverageAlgorithm().run(pool)`` (it averages the ``convnext`` submodule of the eight
   fine-tuned models), then ``pool.save_model(merged, out)`` (``save_pretrained`` of the merged model
   and its image processor).
-* ``ties`` (``TiesMergingAlgorithm``), ``dare_task_arithmetic`` (``DareTaskArithmetic``) and
-  ``dare_ties`` (``DareTiesMerging``): in 0.2.33 only SimpleAverage honours the pool's
+* ``ties`` (``TiesMergingAlgorithm``), ``dare_task_arithmetic`` (``DareTaskArithmetic``),
+  ``dare_ties`` (``DareTiesMerging``), ``tsv_m`` (``TaskSingularVectorMerging``), ``iso_c``
+  (``IsotropicMergingInCommonSubspace``) and ``iso_cts`` (``IsotropicMergingInCommonAndTaskSubspace``,
+  each on a CPU ``Fabric``): in 0.2.33 only SimpleAverage honours the pool's
   ``convnext`` target module; these merge whole models, and the 1000-class pretrained head against
   the 10-class task heads stops them (a shape mismatch). So, as FusionBench's methods take any
   ``nn.Module`` pool: the nine models are loaded (``AutoModelForImageClassification``), each task's
@@ -62,16 +64,25 @@ import typing_extensions
 if not hasattr(typing, "override"):
     typing.override = typing_extensions.override
 
+import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from fusion_bench import BaseModelPool  # noqa: E402
-from fusion_bench.method import DareTaskArithmetic, DareTiesMerging, SimpleAverageAlgorithm, TiesMergingAlgorithm  # noqa: E402
+from fusion_bench.method import (  # noqa: E402
+    DareTaskArithmetic,
+    DareTiesMerging,
+    IsotropicMergingInCommonAndTaskSubspace,
+    IsotropicMergingInCommonSubspace,
+    SimpleAverageAlgorithm,
+    TaskSingularVectorMerging,
+    TiesMergingAlgorithm,
+)
 from fusion_bench.modelpool import ConvNextForImageClassificationPool  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from transformers import AutoModelForImageClassification  # noqa: E402
 
 #: The tasks of the pool (``--tasks``, from merge_speed: its checkpoints' names); the eight by default.
 TASKS = ["sun397", "stanford_cars", "resisc45", "eurosat", "svhn", "gtsrb", "mnist", "dtd"]
-METHODS = ("simple_average", "ties", "dare_task_arithmetic", "dare_ties")
+METHODS = ("simple_average", "ties", "dare_task_arithmetic", "dare_ties", "tsv_m", "iso_c", "iso_cts")
 
 
 def _peak_mib() -> float:
@@ -96,6 +107,17 @@ def algorithm(method: str, hp: dict) -> object:
         return DareTaskArithmetic(scaling_factor=hp["scaling_factor"], **dare)
     if method == "dare_ties":
         return DareTiesMerging(scaling_factor=hp["scaling_factor"], **dare, **ties)
+    if method in ("tsv_m", "iso_c", "iso_cts"):
+        if method == "tsv_m":
+            spectral = TaskSingularVectorMerging(alpha=hp["scaling_factor"])
+        elif method == "iso_c":
+            spectral = IsotropicMergingInCommonSubspace(scaling_factor=hp["scaling_factor"])
+        else:
+            spectral = IsotropicMergingInCommonAndTaskSubspace(
+                scaling_factor=hp["scaling_factor"], common_space_fraction=hp["common_space_fraction"]
+            )
+        spectral.fabric = L.Fabric(accelerator="cpu", devices=1)  # they place their SVDs on the fabric's device
+        return spectral
     return SimpleAverageAlgorithm()
 
 

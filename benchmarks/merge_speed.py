@@ -31,7 +31,7 @@ the backbone, divided by 8 (no checks, no heads, no save). ``--baseline DIR`` me
 project flows again with the ``merging`` package under ``DIR`` (another version of it, e.g. the
 last commit's). With ``--fusionbench-python`` (a venv holding fusion-bench), FusionBench's own
 algorithm of every selected flow it has (SimpleAverage, with and without collecting and saving
-the heads; TIES; DARE task arithmetic; DARE+TIES; ``--fusionbench-flows`` picks a subset) runs on
+the heads; TIES; DARE task arithmetic; DARE+TIES; TSV-M, Iso-C, Iso-CTS; ``--fusionbench-flows`` picks a subset) runs on
 the same directories with the same hyper-parameters, measured the same way, by
 ``benchmarks/fusionbench_merge.py``. FusionBench's TIES and DARE+TIES flatten every model into
 one vector: their peak is near 23 GB, mind the machine's memory.
@@ -97,7 +97,7 @@ METHODS = {
 PROJECT_FLOWS = tuple(METHODS)
 #: Minutes each (an SVD per 2-D weight and task), so not run unless named in --flows.
 SLOW_FLOWS = ("tsv_m", "iso_c", "iso_cts")
-FUSIONBENCH_METHODS = ("simple_average", "ties", "dare_task_arithmetic", "dare_ties")
+FUSIONBENCH_METHODS = ("simple_average", "ties", "dare_task_arithmetic", "dare_ties", "tsv_m", "iso_c", "iso_cts")
 
 
 def _peak_mib() -> float:
@@ -245,6 +245,9 @@ def child(flow: str, cache: Path, out: Path) -> None:
     if flow == "compare":
         compare(cache, ["simple_average", "simple_average-baseline", "fusionbench", "fusionbench-no-heads"])
         compare_backbones(cache / "out" / "ties", cache / "out" / "fusionbench-ties")
+        for spectral in SLOW_FLOWS:  # against FusionBench's and against the --baseline version's, where run
+            compare_backbones(cache / "out" / spectral, cache / "out" / f"fusionbench-{spectral}")
+            compare_backbones(cache / "out" / spectral, cache / "out" / f"{spectral}-baseline")
         return
     if os.environ.get("MERGE_SPEED_BASELINE"):
         out = out.with_name(f"{out.name}-baseline")
