@@ -38,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.merge_speed import NUM_CLASSES, TASKS, checkpoint_dirs, complete, prepare, warm_page_cache
+from benchmarks.merge_speed import NUM_CLASSES, benchmark_tasks, checkpoint_dirs, complete, prepare, warm_page_cache
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_CACHE = Path("/tmp/convnext-fusion-bench")  # benchmarks/merge_speed.py's
@@ -46,8 +46,8 @@ OWN_CACHE = Path("/tmp/convnext-fusion-bench-ada")
 MIB = 1024 * 1024
 
 
-def classnames() -> dict[str, list[str]]:
-    return {task: [f"{task}_class_{i}" for i in range(NUM_CLASSES)] for task in TASKS}
+def classnames(tasks: list[str]) -> dict[str, list[str]]:
+    return {task: [f"{task}_class_{i}" for i in range(NUM_CLASSES)] for task in tasks}
 
 
 # ---------------------------------------------------------------- the measured child process
@@ -68,6 +68,8 @@ def _child(args: argparse.Namespace) -> dict[str, float | str]:
     from lightning.pytorch.utilities import CombinedLoader
     from torch.utils.data import DataLoader, Dataset
 
+    if args.baseline:  # another checkout's AdaMerging (e.g. the one graph over all tasks)
+        sys.path.insert(0, str(Path(args.baseline).resolve()))
     from lightning_modules.adamerging import AdaMerging
 
     class RandomImages(Dataset):
@@ -83,9 +85,10 @@ def _child(args: argparse.Namespace) -> dict[str, float | str]:
 
     cuda = args.device == "cuda"
     result: dict[str, float | str] = {"import_floor_rss_mib": _peak_rss_mib()}
-    models = {name: str(path) for name, path in checkpoint_dirs(Path(args.cache)).items()}
+    tasks = args.task_names.split(",")
+    models = {name: str(path) for name, path in checkpoint_dirs(Path(args.cache), tasks).items()}
     output = tempfile.mkdtemp(prefix="adamerging-memory-")
-    model = AdaMerging(TASKS, classnames(), models, granularity=args.granularity, output_dir=output, report_dir=output)
+    model = AdaMerging(tasks, classnames(tasks), models, granularity=args.granularity, output_dir=output, report_dir=output)
     start = time.perf_counter()
     model.build()
     result["build_seconds"] = time.perf_counter() - start
@@ -98,7 +101,7 @@ def _child(args: argparse.Namespace) -> dict[str, float | str]:
     if args.steps > 0:  # 0: measure the build only
         loaders = {
             task: DataLoader(RandomImages(args.steps * args.batch_size, args.image_size, index), batch_size=args.batch_size)
-            for index, task in enumerate(TASKS)
+            for index, task in enumerate(tasks)
         }
         trainer = Trainer(
             accelerator="gpu" if cuda else "cpu",
@@ -131,7 +134,9 @@ def _child(args: argparse.Namespace) -> dict[str, float | str]:
 def measure(args: argparse.Namespace) -> dict[str, float | str]:
     command = [sys.executable, "-m", "benchmarks.adamerging_memory", "--child", "--cache", args.cache, "--device", args.device,
                "--granularity", args.granularity, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-               "--image-size", str(args.image_size)]  # fmt: skip
+               "--image-size", str(args.image_size), "--task-names", ",".join(args.tasks_chosen)]  # fmt: skip
+    if args.baseline:
+        command += ["--baseline", args.baseline]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
     completed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     if completed.returncode != 0:
@@ -141,11 +146,13 @@ def measure(args: argparse.Namespace) -> dict[str, float | str]:
 
 def report(args: argparse.Namespace, result: dict[str, float | str]) -> None:
     backbone = float(result["backbone_fp32_mib"])
-    expected = (1 + len(TASKS)) * backbone
+    count = len(args.tasks_chosen)
+    expected = (1 + count) * backbone
     floor = float(result["import_floor_rss_mib"])
-    print(f"AdaMerging ({args.granularity}-wise), {len(TASKS)} convnext-base-224-sized models, device {args.device}"
+    print(f"AdaMerging ({args.granularity}-wise), {count} convnext-base-224-sized models, device {args.device}"
+          + (f", baseline {args.baseline}" if args.baseline else "")
           + (f" ({result['cuda_device']})" if "cuda_device" in result else ""))  # fmt: skip
-    print(f"  expected: pretrained + {len(TASKS)} task vectors = {1 + len(TASKS)} x {backbone:.1f} MiB = {expected:.0f} MiB "
+    print(f"  expected: pretrained + {count} task vectors = {1 + count} x {backbone:.1f} MiB = {expected:.0f} MiB "
           f"({expected * MIB / 1e9:.2f} GB)")  # fmt: skip
     print(f"  module tensors after build:     {float(result['module_tensors_mib']):8.0f} MiB")
     print(f"  import floor (peak RSS):        {floor:8.0f} MiB")
@@ -169,20 +176,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=3, help="training steps after the build (0: the build only)")
     parser.add_argument("--batch-size", type=int, default=2, help="images per task and step")
     parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--tasks", type=int, default=8, help="tasks (fine-tuned models): the first of TALL20, 8 the eight")
+    parser.add_argument("--baseline", help="a checkout whose lightning_modules.adamerging is measured instead")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--task-names", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(_child(args)))
         return
+    args.tasks_chosen = benchmark_tasks(args.tasks)
     if args.cache is None:
-        args.cache = str(SHARED_CACHE if complete(SHARED_CACHE) else OWN_CACHE)
+        args.cache = str(SHARED_CACHE if complete(SHARED_CACHE, args.tasks_chosen) else OWN_CACHE)
     if args.device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
             raise SystemExit("--device cuda: no CUDA device here")
-    prepare(Path(args.cache))
-    warm_page_cache(checkpoint_dirs(Path(args.cache)))
+    prepare(Path(args.cache), args.tasks_chosen)
+    warm_page_cache(checkpoint_dirs(Path(args.cache), args.tasks_chosen))
     print(f"checkpoints: {args.cache}", flush=True)
     report(args, measure(args))
 

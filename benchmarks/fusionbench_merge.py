@@ -69,6 +69,7 @@ from fusion_bench.modelpool import ConvNextForImageClassificationPool  # noqa: E
 from safetensors.torch import save_file  # noqa: E402
 from transformers import AutoModelForImageClassification  # noqa: E402
 
+#: The tasks of the pool (``--tasks``, from merge_speed: its checkpoints' names); the eight by default.
 TASKS = ["sun397", "stanford_cars", "resisc45", "eurosat", "svhn", "gtsrb", "mnist", "dtd"]
 METHODS = ("simple_average", "ties", "dare_task_arithmetic", "dare_ties")
 
@@ -138,7 +139,10 @@ def main() -> None:
     parser.add_argument("--hyperparameters", type=json.loads, default={}, help="the project method's, as JSON")
     parser.add_argument("--out", type=Path, help="where the merged model goes (default: <cache>/out/fusionbench[-no-heads])")
     parser.add_argument("--no-heads", action="store_true")
+    parser.add_argument("--tasks", help="comma-separated task names of the pool (default: the eight)")
     args = parser.parse_args()
+    if args.tasks:
+        TASKS[:] = args.tasks.split(",")
     logging.disable(logging.WARNING)
     out = args.out or args.cache / "out" / ("fusionbench-no-heads" if args.no_heads else "fusionbench")
     floor = _peak_mib()

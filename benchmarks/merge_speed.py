@@ -1,14 +1,16 @@
-"""Merge speed and memory: the project's merge flow on eight convnext-base-224-sized models.
+"""Merge speed and memory: the project's merge flow on 8 (or 20) convnext-base-224-sized models.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.merge_speed [--repeats 5] [--cache /tmp/convnext-fusion-bench]
+    HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.merge_speed [--repeats 5] [--cache /tmp/convnext-fusion-bench] [--models 8|20]
         [--flows simple_average,task_arithmetic,ties,dare_task_arithmetic,dare_ties,stream; also tsv_m,iso_c,iso_cts]
         [--fusionbench-python /tmp/fbvenv/bin/python] [--baseline DIR]
 
-The first run writes nine Hugging Face checkpoint directories (``config.json`` +
+The first run writes ``--models`` + 1 Hugging Face checkpoint directories (``config.json`` +
 ``model.safetensors``) into ``--cache`` and later runs reuse them: a "pretrained" ConvNeXt of
 facebook/convnext-base-224's shape (depths 3/3/27/3, widths 128-1024, random weights,
-1000-class head, about 88.6M parameters, 354 MB in fp32) and eight "fine-tuned" ones, each the
-pretrained backbone plus small Gaussian noise and its own 10-class head.
+1000-class head, about 88.6M parameters, 354 MB in fp32) and ``--models`` "fine-tuned" ones
+(named after the first tasks of the TALL20 benchmark, ``datamodules.tasks.BENCHMARKS``: 8 are
+the eight tasks, 20 all of TALL20), each the pretrained backbone plus small Gaussian noise and
+its own 10-class head.
 
 Every measurement runs in a fresh subprocess, so peaks do not mix, and reports
 
@@ -59,8 +61,27 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CACHE = Path("/tmp/convnext-fusion-bench")
-TASKS = ["sun397", "stanford_cars", "resisc45", "eurosat", "svhn", "gtsrb", "mnist", "dtd"]
 NUM_CLASSES = 10
+#: The tasks the flows merge, as the parent passes them to its children (comma-separated).
+TASKS_ENV = "MERGE_SPEED_TASKS"
+
+
+def benchmark_tasks(count: int) -> list[str]:
+    """The first ``count`` tasks of TALL20 (the eight tasks first), read in a subprocess: the
+    parent never imports torch (see below), which the task registry's package does."""
+    code = f"import json; from datamodules.tasks import BENCHMARKS; print(json.dumps(list(BENCHMARKS['tall20'][:{count}])))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, capture_output=True, text=True)
+    tasks = json.loads(done.stdout.strip().splitlines()[-1])
+    if len(tasks) != count:
+        raise SystemExit(f"--models {count}: TALL20 has {len(tasks)} tasks")
+    return tasks
+
+
+def flow_tasks() -> list[str]:
+    """In a child: the tasks the parent chose."""
+    return os.environ[TASKS_ENV].split(",")
+
+
 #: flow -> (the project's method class in ``merging.methods``, its hyper-parameters); FusionBench's
 #: runs get the same hyper-parameters (``benchmarks/fusionbench_merge.py`` maps the names).
 METHODS = {
@@ -83,40 +104,48 @@ def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def checkpoint_dirs(cache: Path) -> dict[str, Path]:
-    """``_pretrained_`` and the eight tasks -> their checkpoint directories in ``cache``."""
-    return {"_pretrained_": cache / "pretrained", **{task: cache / task for task in TASKS}}
+def checkpoint_dirs(cache: Path, tasks: list[str]) -> dict[str, Path]:
+    """``_pretrained_`` and ``tasks`` -> their checkpoint directories in ``cache``."""
+    return {"_pretrained_": cache / "pretrained", **{task: cache / task for task in tasks}}
 
 
-def complete(cache: Path) -> bool:
-    """Whether ``cache`` holds all nine checkpoints."""
-    return all(
-        (path / "model.safetensors").is_file() and (path / "config.json").is_file() for path in checkpoint_dirs(cache).values()
-    )
+def _written(path: Path) -> bool:
+    return (path / "model.safetensors").is_file() and (path / "config.json").is_file()
 
 
-def prepare(cache: Path) -> None:
-    """Write the nine checkpoints into ``cache`` unless they are there already (also
-    ``benchmarks/adamerging_memory.py``'s)."""
-    if complete(cache):
+def complete(cache: Path, tasks: list[str]) -> bool:
+    """Whether ``cache`` holds the pretrained checkpoint and every task's."""
+    return all(_written(path) for path in checkpoint_dirs(cache, tasks).values())
+
+
+def prepare(cache: Path, tasks: list[str]) -> None:
+    """Write the checkpoints ``cache`` lacks (also ``benchmarks/adamerging_memory.py``'s); each
+    fine-tuned one's noise is seeded by its name, so 8 of the 20 are the 8 of an 8-model cache."""
+    if complete(cache, tasks):
         return
-    dirs = checkpoint_dirs(cache)
+    dirs = checkpoint_dirs(cache, tasks)
     import torch
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file, save_file
     from transformers import ConvNextConfig, ConvNextForImageClassification
 
     from datamodules import ImagePreprocessor
 
-    print(f"writing nine convnext-base-224-sized checkpoints to {cache} (once) ...", flush=True)
+    missing = [name for name, directory in dirs.items() if not _written(directory)]
+    print(f"writing {len(missing)} convnext-base-224-sized checkpoints to {cache} (once) ...", flush=True)
     shape = {"depths": [3, 3, 27, 3], "hidden_sizes": [128, 256, 512, 1024]}
-    torch.manual_seed(0)
-    pretrained_config = ConvNextConfig(**shape, num_labels=1000)
-    state = {
-        key: value.detach().contiguous() for key, value in ConvNextForImageClassification(pretrained_config).state_dict().items()
-    }
+    pretrained_dir = dirs["_pretrained_"]
+    if _written(pretrained_dir):
+        pretrained_config = ConvNextConfig.from_pretrained(pretrained_dir)
+        state = load_file(pretrained_dir / "model.safetensors")
+    else:
+        torch.manual_seed(0)
+        pretrained_config = ConvNextConfig(**shape, num_labels=1000)
+        model = ConvNextForImageClassification(pretrained_config)
+        state = {key: value.detach().contiguous() for key, value in model.state_dict().items()}
     backbone = {key: value for key, value in state.items() if key.startswith("convnext.")}
     print(f"  {sum(value.numel() for value in state.values()) / 1e6:.1f}M parameters", flush=True)
-    for name, directory in dirs.items():
+    for name in missing:
+        directory = dirs[name]
         directory.mkdir(parents=True, exist_ok=True)
         if name == "_pretrained_":
             tensors, config = state, pretrained_config
@@ -124,7 +153,8 @@ def prepare(cache: Path) -> None:
         else:
             labels = {i: f"{name}_class_{i}" for i in range(NUM_CLASSES)}
             config = ConvNextConfig(**shape, num_labels=NUM_CLASSES, id2label=labels, label2id={v: k for k, v in labels.items()})
-            tensors = {key: value + 1e-3 * torch.randn_like(value) for key, value in backbone.items()}
+            generator = torch.Generator().manual_seed(int.from_bytes(name.encode()[:8].ljust(8, b"\0"), "little") % 2**63)
+            tensors = {key: value + 1e-3 * torch.randn(value.shape, generator=generator) for key, value in backbone.items()}
             tensors["classifier.weight"] = 0.02 * torch.randn(NUM_CLASSES, 1024)
             tensors["classifier.bias"] = torch.zeros(NUM_CLASSES)
         config.save_pretrained(directory)
@@ -158,13 +188,14 @@ def _child_project(flow: str, cache: Path, out: Path) -> dict[str, float]:
 
     name, hyperparameters = METHODS[flow]
     method = getattr(merging, name)(**hyperparameters)
-    models = {name: str(path) for name, path in checkpoint_dirs(cache).items()}
+    tasks = flow_tasks()
+    models = {name: str(path) for name, path in checkpoint_dirs(cache, tasks).items()}
     info = {
         "method": method.describe(),
         "method_name": method.name,
         "hyperparameters": method.hyperparameters(),
         "models": models,
-        "tasks": {task: {"classnames": [f"{task}_class_{i}" for i in range(NUM_CLASSES)]} for task in TASKS},
+        "tasks": {task: {"classnames": [f"{task}_class_{i}" for i in range(NUM_CLASSES)]} for task in tasks},
     }
     floor = _peak_mib()
     start = time.perf_counter()
@@ -180,7 +211,7 @@ def _child_stream(cache: Path) -> dict[str, float]:
     import torch
     from safetensors import safe_open
 
-    files = [path / "model.safetensors" for name, path in checkpoint_dirs(cache).items() if name != "_pretrained_"]
+    files = [path / "model.safetensors" for name, path in checkpoint_dirs(cache, flow_tasks()).items() if name != "_pretrained_"]
     floor = _peak_mib()
     start = time.perf_counter()
     total: dict[str, torch.Tensor] = {}
@@ -209,7 +240,7 @@ def _own_peak_mib() -> float:
 
 def child(flow: str, cache: Path, out: Path) -> None:
     if flow == "prepare":
-        prepare(cache)
+        prepare(cache, flow_tasks())
         return
     if flow == "compare":
         compare(cache, ["simple_average", "simple_average-baseline", "fusionbench", "fusionbench-no-heads"])
@@ -239,12 +270,13 @@ def compare(cache: Path, names: list[str]) -> None:
     from safetensors.torch import load_file
 
     reference: dict[str, torch.Tensor] = {}
-    for task in TASKS:
-        for key, tensor in load_file(checkpoint_dirs(cache)[task] / "model.safetensors").items():
+    tasks = flow_tasks()
+    for task in tasks:
+        for key, tensor in load_file(checkpoint_dirs(cache, tasks)[task] / "model.safetensors").items():
             if key.startswith("convnext."):
                 reference[key] = reference[key].add_(tensor) if key in reference else tensor.double()
     for key, tensor in reference.items():
-        reference[key] = tensor.div_(len(TASKS)).float()
+        reference[key] = tensor.div_(len(tasks)).float()
     for name in names:
         path = cache / "out" / name / "model.safetensors"
         if not path.is_file():
@@ -271,7 +303,8 @@ def compare_backbones(ours: Path, theirs: Path) -> None:
 
 def fusionbench_flows(args: argparse.Namespace, selected: list[str]) -> dict[str, tuple[list[str], dict[str, str]]]:
     """FusionBench's run of every selected flow it has, with the project's hyper-parameters."""
-    script = [args.fusionbench_python, str(REPO / "benchmarks" / "fusionbench_merge.py"), "--cache", str(args.cache)]
+    script = [args.fusionbench_python, str(REPO / "benchmarks" / "fusionbench_merge.py"), "--cache", str(args.cache),
+              "--tasks", os.environ[TASKS_ENV]]  # fmt: skip
     flows = {}
     chosen = args.fusionbench_flows.split(",") if args.fusionbench_flows else FUSIONBENCH_METHODS
     for flow in (flow for flow in FUSIONBENCH_METHODS if flow in selected and flow in chosen):
@@ -286,7 +319,10 @@ def fusionbench_flows(args: argparse.Namespace, selected: list[str]) -> dict[str
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the nine checkpoints live")
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the checkpoints live")
+    parser.add_argument(
+        "--models", type=int, default=8, help="fine-tuned models to merge: the first of TALL20 (8: the eight tasks)"
+    )
     parser.add_argument("--repeats", type=int, default=5)
     default_flows = [flow for flow in PROJECT_FLOWS if flow not in SLOW_FLOWS]
     parser.add_argument(
@@ -308,9 +344,11 @@ def main() -> None:
     # The parent stays small and never imports torch: a child's ru_maxrss starts from the
     # parent's resident size at fork (Linux carries it across exec), so the nine checkpoints
     # are written, and the results compared, in children of their own.
+    tasks = benchmark_tasks(args.models)
+    os.environ[TASKS_ENV] = ",".join(tasks)  # for every child
     self_command = [sys.executable, "-m", "benchmarks.merge_speed", "--cache", str(args.cache), "--child"]
     subprocess.run([*self_command, "prepare"], cwd=REPO, check=True)
-    dirs = checkpoint_dirs(args.cache)
+    dirs = checkpoint_dirs(args.cache, tasks)
     flows: dict[str, tuple[list[str], dict[str, str]]] = {}
     selected = list(filter(None, args.flows.split(",")))
     for flow in selected:
@@ -333,7 +371,9 @@ def main() -> None:
                 f"[{repeat + 1}/{args.repeats}] {flow:34s} {last['seconds']:6.2f} s  peak {last['peak_rss_mib']:6.0f} MiB",
                 flush=True,
             )
-    print(f"\n8 fine-tuned + 1 pretrained convnext-base-224-sized checkpoints, warm page cache, {args.repeats} runs each")
+    print(
+        f"\n{len(tasks)} fine-tuned + 1 pretrained convnext-base-224-sized checkpoints, warm page cache, {args.repeats} runs each"
+    )
     print(
         f"{'flow':34s} {'best s':>7s} {'median s':>9s} {'peak RSS MiB (min/median)':>26s} {'VmHWM MiB':>10s} {'import floor MiB':>17s}"
     )

@@ -84,13 +84,14 @@ def spd_grams(dims: dict[str, int], num_tasks: int, device: torch.device) -> dic
 
 
 def merge_time(cache: Path, device: torch.device) -> None:
+    from datamodules.tasks import BENCHMARK_TASKS
     from merging.engine import merge_backbone
     from merging.methods import SimpleAverage
     from merging.pool import ModelPool
     from merging.regmean import RegMean
 
-    prepare(cache)
-    models = {name: str(path) for name, path in checkpoint_dirs(cache).items()}
+    prepare(cache, list(BENCHMARK_TASKS))
+    models = {name: str(path) for name, path in checkpoint_dirs(cache, list(BENCHMARK_TASKS)).items()}
     pool = ModelPool(models)
     with torch.device("meta"):
         layers = linear_layers(ConvNextModel(pool.config()))
