@@ -11,7 +11,10 @@ on the device, once each, and every step runs the backbone with ``torch.func.fun
 the merged tensors (no model copies). The backbone runs in eval mode while the coefficients train,
 as it is evaluated: the entropy minimised is that of the model that is scored (BatchNorm normalises
 with the merged running statistics; FusionBench's ResNet AdaMerging runs BatchNorm in train mode,
-on each batch's own statistics). The training data are the tasks' test images *without labels*
+on each batch's own statistics). Eval-mode BatchNorm is a per-channel affine map of its weights
+*and* running statistics, so the merged statistics' coefficients learn too: torch's fused
+``batch_norm`` refuses a gradient for them, and ``EvalBatchNorm2d`` computes the same map in
+differentiable operations while the coefficients train. The training data are the tasks' test images *without labels*
 (``MultiTaskDataModule`` drops the label column before any loader exists).
 """
 
@@ -41,6 +44,34 @@ def prediction_entropy(logits: Tensor) -> Tensor:
     float32 (the bf16 logits of a mixed-precision run), float64 kept (``--trainer.precision 64-true``)."""
     log_probabilities = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
     return -(log_probabilities.exp() * log_probabilities).sum(dim=-1).mean()
+
+
+class EvalBatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` in eval mode, ``(x - mean) / sqrt(var + eps) * weight + bias``, written in
+    operations autograd differentiates with respect to the running statistics too (the fused
+    kernel does not), with the same parameter and buffer names, so ``functional_call`` can hand it
+    merged running statistics that carry the coefficients' graph."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        if self.training or self.running_mean is None or self.running_var is None:
+            return super().forward(input)
+        shape = (1, -1) + (1,) * (input.dim() - 2)
+        normalised = (input - self.running_mean.view(shape)) * torch.rsqrt(self.running_var.view(shape) + self.eps)
+        if self.weight is None:
+            return normalised
+        return normalised * self.weight.view(shape) + self.bias.view(shape)
+
+    @classmethod
+    def replacing(cls, module: nn.Module) -> None:
+        """Every ``nn.BatchNorm2d`` inside ``module`` replaced by one of these, holding its tensors."""
+        for name, child in list(module.named_children()):
+            if type(child) is nn.BatchNorm2d:
+                layer = cls(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
+                layer.load_state_dict(child.state_dict())
+                layer.train(child.training).requires_grad_(False)
+                setattr(module, name, layer)
+            else:
+                cls.replacing(child)
 
 
 class AdaMerging(MultiTaskEvaluation):
@@ -142,6 +173,7 @@ class AdaMerging(MultiTaskEvaluation):
         theta0 = {key: vectors.pretrained_tensor(key) for key in self.keys}
         counters = {key: vectors.pretrained.read(key) for key in pool.counter_keys}
         self.backbone = backbone_from_state(pool.config(PRETRAINED), {**theta0, **counters}).requires_grad_(False)
+        EvalBatchNorm2d.replacing(self.backbone)  # the running statistics' coefficients get a gradient
         #: checkpoint key -> name in the backbone module, for ``functional_call``.
         self.module_names = pool.architecture.checkpoint_keys(self.backbone.config)
         for index, key in enumerate(self.keys):
@@ -197,7 +229,8 @@ class AdaMerging(MultiTaskEvaluation):
         for task in self.tasks:
             features = self.family.features(functional_call(self.backbone, weights, (batch[task],)))
             entropy = prediction_entropy(self.heads(features, task))
-            task_gradients = torch.autograd.grad(entropy, list(weights.values()))
+            # A tensor the forward never reads (DINOv2's mask_token, for masked pre-training) has a zero gradient.
+            task_gradients = torch.autograd.grad(entropy, list(weights.values()), materialize_grads=True)
             if gradients is None:
                 gradients = dict(zip(weights, task_gradients))
             else:

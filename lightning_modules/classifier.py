@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable
@@ -130,9 +131,28 @@ class ImageClassifier(LightningModule):
             pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
         return self.model(pixel_values=pixel_values).logits
 
+    def on_fit_start(self) -> None:
+        # ``seed_everything``'s seed (the same in a resumed run): the root of every step's randomness.
+        self._base_seed = torch.initial_seed()
+
+    def _step_seed(self, batch_idx: int) -> int:
+        """The seed of this forward pass's randomness (dropout, stochastic depth): the run's seed,
+        the optimizer step and the micro-batch within it, so a resumed run draws what the
+        uninterrupted one drew. The global generator's own state would not do: every DataLoader
+        iterator (a validation's, the sanity check's) draws from it, and a resumed run makes
+        other iterators than the run it continues."""
+        micro_batch = batch_idx % self.trainer.accumulate_grad_batches
+        return int(np.random.SeedSequence([self._base_seed, self.global_step, micro_batch]).generate_state(1, np.uint64)[0] >> 1)
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
-        logits = self(images)
+        accelerator = self.device.type != "cpu"
+        # Forked: the global generators go on as they would have for everything else.
+        with torch.random.fork_rng(
+            devices=[self.device] if accelerator else [], device_type=self.device.type if accelerator else None
+        ):
+            torch.manual_seed(self._step_seed(batch_idx))
+            logits = self(images)
         loss = self.loss(logits, labels)
         self.log("train/loss", loss, prog_bar=True)
         self.log_dict(self.train_metrics(logits, labels))

@@ -73,7 +73,8 @@ def state_digest(state: Mapping[str, torch.Tensor]) -> str:
     digest = hashlib.blake2b(digest_size=16)
     for key in sorted(state):
         digest.update(key.encode())
-        digest.update(state[key].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        # Flattened first: a 0-d tensor (BatchNorm's counter) has no byte view of its own.
+        digest.update(state[key].detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

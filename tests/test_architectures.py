@@ -16,16 +16,17 @@ import families
 import merge_fixtures as mf
 from common.architectures import ARCHITECTURES, architecture, backbone_features, supported_families
 from common.errors import CheckpointError
-from lightning_modules.adamerging import AdaMerging
+from lightning_modules.adamerging import AdaMerging, EvalBatchNorm2d
+from lightning_modules.evaluation import backbone_from_state
 from lightning_modules.python_api import merged_classifier, task_classnames
 from merging.engine import merge_backbone
 from merging.errors import MergeError
 from merging.grams import linear_layers
 from merging.methods import SimpleAverage, TaskArithmetic, TiesMerging
-from merging.pool import ModelPool
+from merging.pool import PRETRAINED, ModelPool
 from merging.regmean import RegMean
 from merging.spectral import IsotropicCommon, IsotropicCommonTask, TaskSingularVectors, tsv_merge
-from tolerances import assert_within
+from tolerances import FLOAT64_RTOL, assert_within
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -305,3 +306,30 @@ def test_adamerging_keeps_the_backbone_in_eval_mode(resnet_pool) -> None:
     assert module.keys == ModelPool(models).merge_keys
     assert any(key.endswith("running_var") for key in module.keys)
     assert not any(key.endswith("num_batches_tracked") for key in module.keys)
+
+
+def test_adamerging_differentiates_batchnorm_through_its_running_statistics(resnet_pool) -> None:
+    """Torch's fused batch_norm has no gradient for the running statistics; the backbone AdaMerging
+    trains through (``EvalBatchNorm2d``) computes the same eval-mode map, in float64 within the
+    arithmetic's rounding (``FLOAT64_RTOL``, two evaluations of one formula, in another order),
+    and gives every merged statistic's coefficient a gradient."""
+    module = AdaMerging(list(TASKS), {task: list(task_classnames(task)) for task in TASKS}, resnet_pool)
+    module.build()
+    layers = [layer for layer in module.backbone.modules() if isinstance(layer, nn.BatchNorm2d)]
+    assert layers and all(type(layer) is EvalBatchNorm2d for layer in layers)
+    pool = ModelPool(resnet_pool)
+    state = {
+        key: tensor for key, tensor in mf.load_state(resnet_pool[PRETRAINED]).items() if not pool.architecture.is_head_key(key)
+    }
+    plain = backbone_from_state(pool.config(PRETRAINED), state)
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with torch.no_grad():
+        expected = backbone_features(plain.double().eval(), images)
+        got = backbone_features(module.backbone.double(), images)
+    assert torch.allclose(got, expected, rtol=FLOAT64_RTOL, atol=FLOAT64_RTOL * float(expected.abs().max()))
+    module.double()
+    loss = module.training_step({task: images for task in TASKS}, 0)
+    loss.backward()
+    gradient = module.coefficients.grad
+    statistics = [index for index, key in enumerate(module.keys) if key.endswith(("running_mean", "running_var"))]
+    assert statistics and bool((gradient[:, statistics] != 0).all())
