@@ -4,16 +4,17 @@ One config per family on 32-pixel RGB images (8-16 channels, one or two blocks p
 a pool builder: a "pretrained" checkpoint of the family (random weights, with ConvNeXt's layer
 scale at 0.5 and ResNet's BatchNorm statistics drawn, as a trained model has them) and
 "fine-tuned" copies with a seeded perturbation of every floating-point backbone tensor and a
-fresh head sized for the task. Every checkpoint carries the 32-pixel ConvNeXt-style image
-processor of the quickstart (``configs/quickstart/convnext-tiny-32``: shorter side 32, crop_pct
-1.0): what ``datamodules.preprocessing`` reads today for every family (the families' own
-processors, ViT's fixed-size resize and DINOv2's crop, come with the per-family preprocessing).
+fresh head sized for the task. Every checkpoint carries its family's own image processor, the
+hub checkpoint's (``conftest.PREPROCESSORS``) at 32 pixels (``PROCESSORS``): ConvNeXt's,
+ConvNeXt-V2's and ResNet's ``ConvNextImageProcessor`` (crop_pct 0.875: shorter side to 36,
+centre crop 32), ViT's and Swin's ``ViTImageProcessor`` (resized to 32 x 32), DINOv2's
+``BitImageProcessor`` (shorter side 36, centre crop 32), so a family's flow reads images as a
+checkpoint of that family on the hub would have them read.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -22,10 +23,8 @@ from transformers import ConvNextV2Config, Dinov2Config, PretrainedConfig, ResNe
 
 import conftest
 from common.architectures import ARCHITECTURES
-from conftest import REPO_ROOT
 from datamodules.tasks import get_task
 
-PROCESSOR_FILE = REPO_ROOT / "configs" / "quickstart" / "convnext-tiny-32" / "preprocessor_config.json"
 PRETRAINED = "_pretrained_"
 
 #: model_type -> the family's tiny config (no labels).
@@ -45,6 +44,26 @@ CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
 OTHER_FAMILIES = tuple(model_type for model_type in CONFIGS if model_type != "convnext")
 
 
+def _at_32_pixels(settings: dict) -> dict:
+    """A hub processor's settings for 32-pixel images: 224 becomes 32 (256, DINOv2's shorter
+    side before its crop, 36), whatever the format (an int ``size``, ``shortest_edge``, ``height``/``width``)."""
+    settings = json.loads(json.dumps(settings))
+    size = settings["size"]
+    if isinstance(size, int):
+        settings["size"] = 32
+    elif "shortest_edge" in size:
+        settings["size"] = {"shortest_edge": 36 if "crop_size" in settings else 32}
+    else:
+        settings["size"] = {"height": 32, "width": 32}
+    if "crop_size" in settings:
+        settings["crop_size"] = {"height": 32, "width": 32}
+    return settings
+
+
+#: model_type -> the ``preprocessor_config.json`` of its tiny checkpoints.
+PROCESSORS = {model_type: _at_32_pixels(conftest.PREPROCESSORS[model_type]) for model_type in CONFIGS}
+
+
 def family_config(model_type: str, classnames: Sequence[str] | None = None) -> PretrainedConfig:
     """The tiny config of ``model_type``, its head labelled with ``classnames`` where given."""
     config = CONFIGS[model_type]()
@@ -57,7 +76,8 @@ def family_config(model_type: str, classnames: Sequence[str] | None = None) -> P
 
 def save_checkpoint(model: torch.nn.Module, directory: Path) -> Path:
     model.save_pretrained(directory)
-    shutil.copy(PROCESSOR_FILE, directory / "preprocessor_config.json")
+    processor = PROCESSORS[model.config.model_type]
+    (directory / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
     return directory
 
 
