@@ -81,7 +81,7 @@ def save_checkpoint(model: torch.nn.Module, directory: Path) -> Path:
     return directory
 
 
-def _give_weight(model: torch.nn.Module, generator: torch.Generator) -> None:
+def as_if_trained(model: torch.nn.Module, generator: torch.Generator) -> None:
     """What a trained model has and an initialisation lacks: ConvNeXt's layer scale (1e-6 at init,
     every block a no-op) at 0.5; BatchNorm running statistics away from 0 and 1, and counters."""
     with torch.no_grad():
@@ -99,7 +99,7 @@ def make_pretrained(model_type: str, directory: Path, seed: int = 0) -> Path:
     """A ``_pretrained_`` checkpoint of the family (a 10-class head, like an ImageNet model's unused head)."""
     torch.manual_seed(seed)
     model = ARCHITECTURES[model_type].classifier_class(family_config(model_type, [f"LABEL_{i}" for i in range(10)]))
-    _give_weight(model, torch.Generator().manual_seed(seed))
+    as_if_trained(model, torch.Generator().manual_seed(seed))
     return save_checkpoint(model, directory)
 
 
