@@ -128,7 +128,9 @@ class MethodComparison(MultiTaskEvaluation):
     def merge_with_grams(self, grams: dict[str, list[Tensor]]) -> None:
         for method in self.methods:
             if method.needs_grams:
-                self.rows[method.describe()] = self._merged_backbone(method, grams).to(self.device)
+                # In the module's dtype too (``--trainer.precision 64-true`` converted the module, and
+                # the rows built before the Gram pass with it, before this merge).
+                self.rows[method.describe()] = self._merged_backbone(method, grams).to(self.device, self.dtype)
 
     def selection(self) -> list[dict[str, Any]]:
         """Per method with several grid points: the choice on validation and the best on test."""

@@ -28,8 +28,9 @@ from lightning.pytorch import LightningModule
 from torch import nn
 from torchmetrics import MeanMetric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
-from transformers import ConvNextConfig, ConvNextModel
+from transformers import PretrainedConfig, PreTrainedModel
 
+from common.architectures import architecture_of, backbone_features
 from common.files import check_output_location
 from datamodules.multitask import GRAM_SPLIT
 from lightning_modules.report import INDIVIDUAL, build_report, summarize, table_rows, write_report
@@ -44,16 +45,14 @@ from merging.switch import SwitchModule
 ModelPoolSpec = dict[str, str | dict[str, Any]] | Path_fr | str
 
 
-def backbone_from_state(config: ConvNextConfig, state: Mapping[str, torch.Tensor]) -> ConvNextModel:
-    """A ``ConvNextModel`` holding ``state`` (keys ``convnext.*``), built without a random init."""
-    with torch.device("meta"):
-        model = ConvNextModel(config)
-    stripped = {key.removeprefix("convnext."): tensor for key, tensor in state.items()}
-    model.load_state_dict(stripped, assign=True, strict=True)
-    return model
+def backbone_from_state(config: PretrainedConfig, state: Mapping[str, torch.Tensor]) -> PreTrainedModel:
+    """The backbone of ``config``'s family (``ConvNextModel``, ``ResNetModel``, ...) holding
+    ``state`` (its checkpoint keys, behind the family's prefix), built without a random init
+    (``common.architectures``)."""
+    return architecture_of(config).backbone_from_state(config, state)
 
 
-def load_backbone(pool: Any, task: str) -> ConvNextModel:
+def load_backbone(pool: Any, task: str) -> PreTrainedModel:
     """Task ``task``'s fine-tuned backbone from ``pool``, frozen."""
     reader = pool.reader(task)
     state = {key: reader.read(key) for key in pool.backbone_keys}
@@ -74,7 +73,8 @@ def state_digest(state: Mapping[str, torch.Tensor]) -> str:
     digest = hashlib.blake2b(digest_size=16)
     for key in sorted(state):
         digest.update(key.encode())
-        digest.update(state[key].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        # Flattened first: a 0-d tensor (BatchNorm's counter) has no byte view of its own.
+        digest.update(state[key].detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -307,7 +307,7 @@ class MultiTaskEvaluation(LightningModule, ABC):
         images, labels = batch
         key = f"{split}/{task}"
         for row, backbone in enumerate(self._backbones(task)):
-            logits = self.heads(backbone(pixel_values=images).pooler_output, task)
+            logits = self.heads(backbone_features(backbone, images), task)
             loss = nn.functional.cross_entropy(logits, labels)
             self.accuracy[row][key].update(logits, labels)
             self.mean_loss[row][key].update(loss, weight=labels.numel())

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from common.checkpoints import BACKBONE_PREFIX
+from common.architectures import architecture_of
 from common.files import check_export_target, check_output_location, write_atomically
 from lightning_modules.evaluation import (
     ModelPoolSpec,
@@ -46,8 +46,8 @@ class MergedClassifier(MultiTaskEvaluation):
         merged_model: evaluate this saved merged model (a ``save_dir``) instead of merging.
         save_dir: write the merged model (backbone + all heads) here; with
             ``--trainer.limit_test_batches 0`` it is merged and saved without evaluating.
-        export_dir: write, for every evaluated task, a plain Hugging Face
-            ``ConvNextForImageClassification`` to ``<export_dir>/<task>``: the merged backbone
+        export_dir: write, for every evaluated task, a plain Hugging Face image classifier of the
+            pool's family (``ConvNextForImageClassification``, ...) to ``<export_dir>/<task>``: the merged backbone
             with that task's own head and class names, the image processor and a model card
             (method, hyper-parameters, model pool, the task's test accuracy). Written after the
             evaluation; with ``--trainer.limit_test_batches 0`` right after merging, not evaluated.
@@ -205,13 +205,14 @@ class MergedClassifier(MultiTaskEvaluation):
         evaluated); the other ranks wait for it."""
         if self.trainer is None or self.trainer.is_global_zero:
             (name, row), *_ = self.rows.items()  # the one row: the merged backbone
-            backbone = {BACKBONE_PREFIX + key: tensor for key, tensor in row.state_dict().items()}
+            backbone = architecture_of(row.config).backbone_state(row)  # under the checkpoint keys
             info = self._saved_info if self.merged_model is not None else self._info()
             for task in self.tasks:
                 evaluation = None
                 if report is not None:
                     evaluation = {**report["rows"][name]["tasks"][task], "partial": bool(report.get("partial"))}
-                self._export_task(task, backbone, self._backbone_config, merged_model_card(task, info, evaluation))
+                card = merged_model_card(task, info, evaluation, architecture_of(self._backbone_config).name)
+                self._export_task(task, backbone, self._backbone_config, card)
         if self.trainer is not None:
             self.trainer.strategy.barrier("export merged models")
 

@@ -13,16 +13,18 @@ import torch
 from safetensors.torch import save_file
 from transformers import PretrainedConfig
 
+from common.architectures import architecture_of
 from common.checkpoints import is_hub_id
 from merging.pool import PRETRAINED
 
 
 def classifier_config(config: PretrainedConfig, classnames: Sequence[str]) -> PretrainedConfig:
-    """A copy of the backbone's ``config`` as a ``ConvNextForImageClassification`` for these classes."""
+    """A copy of the backbone's ``config`` as its family's ``*ForImageClassification``
+    (``ConvNextForImageClassification``, ...) for these classes."""
     config = copy.deepcopy(config)
     config.id2label = dict(enumerate(classnames))
     config.label2id = {name: index for index, name in enumerate(classnames)}
-    config.architectures = ["ConvNextForImageClassification"]
+    config.architectures = [architecture_of(config).classifier_class.__name__]
     return config
 
 
@@ -34,10 +36,13 @@ def write_classifier(
     processor_file: Path,
     card: str,
 ) -> None:
-    """A Hugging Face image classifier in ``directory``: the ``convnext.*`` backbone and the
-    head as ``classifier.weight|bias``, ``config.json``, the image processor, ``README.md``."""
+    """A Hugging Face image classifier in ``directory``: the backbone (under its checkpoint keys,
+    behind the family's prefix) and the head (``{"weight", "bias"}``) under its family's head keys
+    (``classifier.weight|bias``; ResNet's ``classifier.1.*``), ``config.json``, the image processor,
+    ``README.md``."""
     tensors = {key: tensor.detach().cpu().contiguous() for key, tensor in backbone.items()}
-    tensors.update({f"classifier.{name}": tensor.detach().cpu().contiguous() for name, tensor in head.items()})
+    head_state = architecture_of(config).head_state(head)
+    tensors.update({key: tensor.detach().cpu().contiguous() for key, tensor in head_state.items()})
     save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
     config.save_pretrained(directory)
     shutil.copy(processor_file, directory / "preprocessor_config.json")
@@ -56,8 +61,9 @@ def _accuracy_text(task: str, evaluation: Mapping[str, Any] | None) -> str:
     return text
 
 
-def merged_model_card(task: str, merge: Mapping[str, Any], evaluation: Mapping[str, Any] | None) -> str:
-    """README.md of a merged model exported for ``task``: the method and its hyper-parameters
+def merged_model_card(task: str, merge: Mapping[str, Any], evaluation: Mapping[str, Any] | None, family: str) -> str:
+    """README.md of a merged model of ``family`` (``ConvNeXt``, ``ResNet``, ...) exported for
+    ``task``: the method and its hyper-parameters
     and the model pool (``merge``: ``merge.json``'s fields), and the task's test accuracy
     (``evaluation``: ``accuracy``, ``num_samples``, ``partial``; None when not evaluated)."""
     models = dict(merge.get("models") or {})
@@ -67,7 +73,7 @@ def merged_model_card(task: str, merge: Mapping[str, Any], evaluation: Mapping[s
         front += ["base_model:", *(f"- {source}" for source in merged), "base_model_relation: merge"]
     front += ["tags:", "- convnext-fusion", "- model-merging", f"- {task}", "---", ""]
     lines = [
-        f"# Merged ConvNeXt for {task}: {merge['method']}",
+        f"# Merged {family} for {task}: {merge['method']}",
         "",
         f"A backbone merged by convnext-fusion (`merge.py`) from the model pool below, with the **{task}** "
         "model's own fine-tuned classification head.",
