@@ -32,6 +32,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from common.architectures import architecture_of, backbone_features
 from common.files import check_output_location
+from datamodules.loaders import evaluates_nothing
 from datamodules.multitask import GRAM_SPLIT
 from lightning_modules.report import INDIVIDUAL, build_report, summarize, table_rows, write_report
 from lightning_modules.wandb_logger import wandb_loggers
@@ -207,9 +208,10 @@ class MultiTaskEvaluation(LightningModule, ABC):
         pool.check_heads(self.classnames)
 
     def check_test_does_something(self, trainer: Any) -> None:
-        """``merge.py test --trainer.limit_test_batches 0`` evaluates nothing: refused, unless the
-        model writes something else (``MergedClassifier``'s ``save_dir``)."""
-        if trainer.limit_test_batches == 0:
+        """A run that evaluates nothing (``datamodules.loaders.evaluates_nothing``: ``merge.py test
+        --trainer.limit_test_batches 0``) is refused, unless the model writes something else
+        (``MergedClassifier``'s ``save_dir``)."""
+        if evaluates_nothing(trainer):
             name = type(self).__name__
             raise MergeError(f"trainer.limit_test_batches 0 evaluates nothing, and {name} saves nothing: nothing would be done")
 

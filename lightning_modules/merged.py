@@ -13,6 +13,7 @@ from transformers import PretrainedConfig
 
 from common.architectures import architecture_of
 from common.files import check_export_target, check_output_location, write_atomically
+from datamodules.loaders import evaluates_nothing
 from lightning_modules.evaluation import (
     ModelPoolSpec,
     MultiTaskEvaluation,
@@ -102,24 +103,22 @@ class MergedClassifier(MultiTaskEvaluation):
         if merged_model is not None:
             self.report_title = f"Saved merged model: {merged_model}"
 
-    def _evaluates_nothing(self) -> bool:
-        return self.trainer is not None and self.trainer.testing and self.trainer.limit_test_batches == 0
-
     def check_test_does_something(self, trainer: Any) -> None:
-        if trainer.limit_test_batches == 0 and self.uses_grams:
+        if not evaluates_nothing(trainer):
+            return
+        if self.uses_grams:
             raise MergeError(
                 f"{self.method.describe()} merges from a pass over train images, and trainer.limit_test_batches 0 reads "
                 "no data: merge and save with --trainer.limit_test_batches 1.0 (and --model.save_dir)"
             )
-        if trainer.limit_test_batches == 0 and self.save_dir is None and self.export_dir is None:
+        if self.save_dir is None and self.export_dir is None:
             raise MergeError(
                 "trainer.limit_test_batches 0 evaluates nothing, and no model.save_dir or model.export_dir is given: "
                 "nothing would be done (give --model.save_dir or --model.export_dir to merge and write only)"
             )
 
     def build(self) -> None:
-        if self.trainer is not None and self.trainer.testing:
-            self.check_test_does_something(self.trainer)
+        self.check_test_does_something(self.trainer)
         if self.export_dir is not None:
             self._processor_file()  # a missing image processor stops the run before merging
         if self.merged_model is not None:
@@ -128,7 +127,7 @@ class MergedClassifier(MultiTaskEvaluation):
             self._merge()
         if self.channels_last:
             self.to(memory_format=torch.channels_last)
-        if self.export_dir is not None and self._evaluates_nothing():
+        if self.export_dir is not None and evaluates_nothing(self.trainer):
             self._export(None)
 
     def _merge(self) -> None:
