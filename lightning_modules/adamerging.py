@@ -31,7 +31,8 @@ from torch.func import functional_call
 
 from common.files import check_output_location, write_files_atomically
 from datamodules.errors import check_setting
-from lightning_modules.evaluation import ModelPoolSpec, MultiTaskEvaluation, backbone_from_state, check_pool_up_front
+from lightning_modules.backbones import backbone_from_state
+from lightning_modules.evaluation import ModelPoolSpec, MultiTaskEvaluation, check_pool_up_front
 from lightning_modules.wandb_logger import wandb_loggers
 from merging.coefficients import Coefficients, coefficients_heatmap, write_coefficients
 from merging.engine import TaskVectors

@@ -28,12 +28,13 @@ from lightning.pytorch import LightningModule
 from torch import nn
 from torchmetrics import MeanMetric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
-from transformers import PretrainedConfig, PreTrainedModel
 
-from common.architectures import architecture_of, backbone_features
+from common.architectures import backbone_features
 from common.files import check_output_location
 from datamodules.loaders import evaluates_nothing
 from datamodules.multitask import GRAM_SPLIT
+from lightning_modules.backbones import heads_from_state, load_backbone
+from lightning_modules.gram_pass import GramPass, check_gram_split
 from lightning_modules.report import INDIVIDUAL, build_report, summarize, table_rows, write_report
 from lightning_modules.wandb_logger import wandb_loggers
 from merging.engine import merge_backbone
@@ -44,29 +45,6 @@ from merging.switch import SwitchModule
 #: relative path is read from that config's folder (``Path_fr``, jsonargparse's existing-file
 #: path); a path that names no file stays a string, for the pool's own one-line error.
 ModelPoolSpec = dict[str, str | dict[str, Any]] | Path_fr | str
-
-
-def backbone_from_state(config: PretrainedConfig, state: Mapping[str, torch.Tensor]) -> PreTrainedModel:
-    """The backbone of ``config``'s family (``ConvNextModel``, ``ResNetModel``, ...) holding
-    ``state`` (its checkpoint keys, behind the family's prefix), built without a random init
-    (``common.architectures``)."""
-    return architecture_of(config).backbone_from_state(config, state)
-
-
-def load_backbone(pool: Any, task: str) -> PreTrainedModel:
-    """Task ``task``'s fine-tuned backbone from ``pool``, frozen."""
-    reader = pool.reader(task)
-    state = {key: reader.read(key) for key in pool.backbone_keys}
-    return backbone_from_state(pool.config(task), state).requires_grad_(False)
-
-
-def heads_from_state(heads: Mapping[str, Mapping[str, torch.Tensor]]) -> SwitchModule:
-    routes = {}
-    for task, head in heads.items():
-        linear = nn.Linear(head["weight"].shape[1], head["weight"].shape[0])
-        linear.load_state_dict({"weight": head["weight"], "bias": head["bias"]})
-        routes[task] = linear
-    return SwitchModule(routes)
 
 
 def state_digest(state: Mapping[str, torch.Tensor]) -> str:
@@ -229,19 +207,16 @@ class MultiTaskEvaluation(LightningModule, ABC):
             raise MergeError(
                 f"the data module evaluates splits {data_splits}, the model expects {self.splits}: pass splits=data.splits"
             )
-        self._check_gram_split()  # before build() loads any model
+        check_gram_split(self.uses_grams, self.splits, type(self).__name__)  # before build() loads any model
         if self.heads is None:
             self.build()
             self._make_metrics()
 
-    def _check_gram_split(self) -> None:
-        needs, given = self.uses_grams, GRAM_SPLIT in self.splits
-        if needs and not given:
-            raise MergeError("this merge needs unlabelled train images for its Gram matrices: set data.gram_images (e.g. 256)")
-        if given and not needs:
-            raise MergeError(
-                f"data.gram_images is set, but {type(self).__name__} with these methods merges without data: drop it"
-            )
+    def start_gram_pass(self, pool: Any) -> None:
+        """The one entry to the Gram pass (``lightning_modules.gram_pass``) for a merge that needs it:
+        the pool's fine-tuned backbones read the ``gram`` loaders' images first, and
+        ``merge_with_grams`` builds the waiting rows once they are read."""
+        self.gram_pass = GramPass(pool, self.tasks)
 
     def merge_with_grams(self, grams: dict[str, list[torch.Tensor]]) -> None:
         """Build the rows that wait for the Gram pass, from ``grams`` (per Linear weight key,

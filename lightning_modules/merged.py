@@ -14,14 +14,8 @@ from transformers import PretrainedConfig
 from common.architectures import architecture_of
 from common.files import check_export_target, check_output_location, write_atomically
 from datamodules.loaders import evaluates_nothing
-from lightning_modules.evaluation import (
-    ModelPoolSpec,
-    MultiTaskEvaluation,
-    backbone_from_state,
-    check_pool_up_front,
-    heads_from_state,
-)
-from lightning_modules.grams import GramPass
+from lightning_modules.backbones import backbone_from_state, heads_from_state
+from lightning_modules.evaluation import ModelPoolSpec, MultiTaskEvaluation, check_pool_up_front
 from lightning_modules.merged_export import classifier_config, merged_model_card, write_classifier
 from merging.errors import MergeError
 from merging.methods import MergeMethod, SimpleAverage
@@ -138,7 +132,7 @@ class MergedClassifier(MultiTaskEvaluation):
         if self.uses_grams:  # merged in merge_with_grams, after the Gram pass
             pool.check_backbones()
             self.set_heads_and_individual(pool, self.evaluate_individual)
-            self.gram_pass = GramPass(pool, self.tasks)
+            self.start_gram_pass(pool)
             return
         merged = self.merged_state(pool, self.method)
         self._install(merged)

@@ -24,7 +24,8 @@ from transformers import PreTrainedModel
 from common.architectures import ARCHITECTURES, architecture_of
 from datamodules.multitask import MultiTaskDataModule
 from datamodules.tasks import get_task
-from lightning_modules.evaluation import MultiTaskEvaluation, backbone_from_state, heads_from_state
+from lightning_modules.backbones import backbone_from_state, heads_from_state
+from lightning_modules.evaluation import MultiTaskEvaluation
 from lightning_modules.report import build_report
 from merging.errors import MergeError
 from merging.methods import MergeMethod

@@ -8,6 +8,9 @@ where the backbone runs in float64, ``--trainer.precision 64-true``). Sums, not
 means, so that they add up over batches and, with ``all_reduce_sum``, over processes: N
 processes that each see a disjoint part of the images hold, once reduced, the sums of one
 process that saw them all. ``mean_grams`` divides by the row counts at the end.
+
+This module is the math, with no Lightning; ``lightning_modules.gram_pass`` runs it over the
+data inside ``merge.py test`` (its one entry: ``MultiTaskEvaluation.start_gram_pass``).
 """
 
 from __future__ import annotations

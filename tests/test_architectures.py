@@ -17,7 +17,7 @@ import merge_fixtures as mf
 from common.architectures import ARCHITECTURES, architecture, backbone_features, supported_families
 from common.errors import CheckpointError
 from lightning_modules.adamerging import AdaMerging, EvalBatchNorm2d
-from lightning_modules.evaluation import backbone_from_state
+from lightning_modules.backbones import backbone_from_state
 from lightning_modules.python_api import merged_classifier, task_classnames
 from merging.engine import merge_backbone
 from merging.errors import MergeError
