@@ -29,11 +29,11 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from callbacks.wandb_report import wandb_loggers
 from common.files import check_output_location, write_files_atomically
 from datamodules.errors import check_setting
 from lightning_modules.backbones import backbone_from_state
 from lightning_modules.evaluation import ModelPoolSpec, MultiTaskEvaluation, check_pool_up_front
-from lightning_modules.wandb_logger import wandb_loggers
 from merging.coefficients import Coefficients, coefficients_heatmap, write_coefficients
 from merging.engine import TaskVectors
 from merging.errors import MergeError

@@ -18,25 +18,24 @@ import hashlib
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from jsonargparse.typing import Path_fr
-from lightning.pytorch import LightningModule
+from lightning.pytorch import Callback, LightningModule
 from torch import nn
 from torchmetrics import MeanMetric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from callbacks.report import INDIVIDUAL, ReportFiles, build_report, summarize
+from callbacks.wandb_report import WandbReport
 from common.architectures import backbone_features
 from common.files import check_output_location
 from datamodules.loaders import evaluates_nothing
 from datamodules.multitask import GRAM_SPLIT
 from lightning_modules.backbones import heads_from_state, load_backbone
 from lightning_modules.gram_pass import GramPass, check_gram_split
-from lightning_modules.report import INDIVIDUAL, build_report, summarize, table_rows, write_report
-from lightning_modules.wandb_logger import wandb_loggers
 from merging.engine import merge_backbone
 from merging.errors import MergeError
 from merging.switch import SwitchModule
@@ -160,7 +159,8 @@ class MultiTaskEvaluation(LightningModule, ABC):
         #: the scored (labelled) splits and loaders.
         self.evaluated_splits = [split for split in self.splits if split != GRAM_SPLIT]
         self.evaluated = [(split, task) for split, task in self.loaders if split != GRAM_SPLIT]
-        #: split -> row -> task -> {accuracy, loss, num_samples}, after a test run.
+        #: split -> row -> task -> {accuracy, loss, num_samples}, after a test run; ``report`` the
+        #: content of ``report.json``, which the callbacks (``configure_callbacks``) write.
         self.results: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
         self.report_dir = report_dir
         self.report_title = report_title
@@ -318,7 +318,8 @@ class MultiTaskEvaluation(LightningModule, ABC):
                     task_metric.reset()
         for split, results in self.results.items():
             self._log_results(results, split)
-        self.report = self._write(self.results["test"])
+        # On every process: the content is the same everywhere; the callbacks write it on rank 0.
+        self.report = build_report(self.results["test"], *self.report_header())
 
     def _partial(self) -> bool:
         """A deliberately partial run (``fast_dev_run``, ``limit_test_batches``): no full count to check."""
@@ -350,6 +351,12 @@ class MultiTaskEvaluation(LightningModule, ABC):
         for logger in self.trainer.loggers:
             logger.log_metrics(metrics, step=self.trainer.global_step)
 
+    def configure_callbacks(self) -> list[Callback]:
+        """The writers of ``report`` at the end of a test run: the report files (with ``report_dir``),
+        then the W&B table and figures."""
+        writers: list[Callback] = [ReportFiles(self.report_dir)] if self.report_dir is not None else []
+        return [*writers, WandbReport(self.report_dir)]
+
     def report_extra(self) -> dict[str, Any]:
         """More fields for ``report.json`` (method, pool, ...)."""
         return {}
@@ -367,25 +374,3 @@ class MultiTaskEvaluation(LightningModule, ABC):
             extra["validation"] = summarize(self.results["validation"])
         title = f"{self.report_title} (PARTIAL: limited test batches)" if self._partial() else self.report_title
         return title, extra
-
-    def _write(self, results: Mapping[str, Mapping[str, Mapping[str, float]]]) -> dict[str, Any] | None:
-        report = None
-        if self.trainer.is_global_zero:
-            title, extra = self.report_header()
-            if self.report_dir is None:
-                report = build_report(results, title, extra)
-            else:
-                report = write_report(results, self.report_dir, title, extra, self.report_sections())
-            self._log_to_wandb(report)
-            if self.report_dir is not None:
-                print(Path(self.report_dir, "report.md").read_text())
-        return report
-
-    def _log_to_wandb(self, report: Mapping[str, Any]) -> None:
-        """The Markdown table's columns (tasks abbreviated) as a W&B table, and both figures."""
-        for logger in wandb_loggers(self.trainer):
-            header, lines = table_rows(report)
-            logger.log_table(key="test/report", columns=header, data=lines)
-            if self.report_dir is not None:
-                logger.log_image(key="test/accuracy_chart", images=[str(Path(self.report_dir, "accuracy.png"))])
-                logger.log_image(key="test/accuracy_heatmap", images=[str(Path(self.report_dir, "accuracy_heatmap.png"))])

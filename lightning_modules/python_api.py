@@ -26,7 +26,6 @@ from datamodules.multitask import MultiTaskDataModule
 from datamodules.tasks import get_task
 from lightning_modules.backbones import backbone_from_state, heads_from_state
 from lightning_modules.evaluation import MultiTaskEvaluation
-from lightning_modules.report import build_report
 from merging.errors import MergeError
 from merging.methods import MergeMethod
 from merging.pool import PRETRAINED, ModelPool
@@ -146,10 +145,8 @@ class ModelEvaluation(MultiTaskEvaluation):
         return {"models": self.models} if self.models is not None else {}
 
     def final_report(self) -> dict[str, Any]:
-        """The report rank 0 wrote, or on another process the same content."""
-        if self.report is not None:
-            return self.report
-        return build_report(self.results["test"], *self.report_header())
+        """The report (the same content on every process)."""
+        return self.report
 
 
 def _check_heads(heads: SwitchModule, classnames: Mapping[str, list[str]], backbone: nn.Module) -> None:

@@ -1,20 +1,24 @@
 """A merged backbone with one task's own head, exported as a plain Hugging Face image
-classifier (``--model.export_dir`` of ``merge.py``)."""
+classifier (``--model.export_dir`` of ``merge.py``), by the ``MergedModelExport`` callback."""
 
 from __future__ import annotations
 
 import copy
 import shutil
 from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
 from safetensors.torch import save_file
 from transformers import PretrainedConfig
 
 from common.architectures import architecture_of
 from common.checkpoints import is_hub_id
+from common.files import write_atomically
+from datamodules.loaders import evaluates_nothing
 from merging.pool import PRETRAINED
 
 
@@ -99,3 +103,59 @@ def merged_model_card(task: str, merge: Mapping[str, Any], evaluation: Mapping[s
         "",
     ]
     return "\n".join(front + lines)
+
+
+class MergedModelExport(Callback):
+    """Rank 0 writes, for every evaluated task, the merged backbone with that task's own head as a
+    plain Hugging Face image classifier of the pool's family to ``<directory>/<task>``
+    (``write_classifier``, each whole or absent: ``write_atomically``), with a model card giving the
+    task's test accuracy from the module's ``report``; the other ranks wait for it. Written at the
+    end of the test run; in a run that evaluates nothing (``evaluates_nothing``) at its teardown,
+    right after merging, the card saying it was not evaluated.
+
+    The module (``MergedClassifier``) gives what is written: ``tasks``, ``classnames``, ``heads``,
+    ``merged_row()`` (the row's name and backbone), ``backbone_config``, ``merge_info()`` (the
+    method, its hyper-parameters, the pool) and ``processor_file()``. Its targets were checked
+    before anything was merged.
+
+    Args:
+        directory: the root of the exports (``--model.export_dir``).
+        overwrite: replace an existing ``<directory>/<task>``.
+    """
+
+    def __init__(self, directory: str, overwrite: bool) -> None:
+        self.directory = directory
+        self.overwrite = overwrite
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.export(trainer, pl_module, pl_module.report)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "test" and evaluates_nothing(trainer):
+            self.export(trainer, pl_module, None)
+
+    def export(self, trainer: Trainer, module: Any, report: Mapping[str, Any] | None) -> None:
+        """Every task's classifier (with its accuracy from ``report``, None where not evaluated)."""
+        if trainer.is_global_zero:
+            name, row = module.merged_row()
+            backbone = architecture_of(row.config).backbone_state(row)  # under the checkpoint keys
+            config, info = module.backbone_config, module.merge_info()
+            for task in module.tasks:
+                evaluation = None
+                if report is not None:
+                    evaluation = {**report["rows"][name]["tasks"][task], "partial": bool(report.get("partial"))}
+                card = merged_model_card(task, info, evaluation, architecture_of(config).name)
+                target = Path(self.directory, task)
+                head = module.heads.route(task).state_dict()
+                classifier = classifier_config(config, module.classnames[task])
+                write = partial(
+                    write_classifier,
+                    backbone=backbone,
+                    head=head,
+                    config=classifier,
+                    processor_file=module.processor_file(),
+                    card=card,
+                )
+                write_atomically(target, write, self.overwrite, flag="--model.overwrite true", what="model.export_dir")
+                print(f"exported the merged model with the {task} head to {target}")
+        trainer.strategy.barrier("export merged models")
