@@ -91,10 +91,24 @@ def check_pool_up_front(pool: Any, tasks: list[str]) -> None:
     pool.check_distinct(contents=False)
 
 
+class PerTaskBackbones(nn.ModuleDict):
+    """A row of one backbone per task (task -> backbone): each task is scored with its own. The
+    ``individual`` row (each fine-tuned model on its own task) is one; so is the model of a
+    mask-based method (EMR-Merging, TALL masks: a shared merged backbone with a per-task mask),
+    set as a row of ``Rows`` like any merged backbone."""
+
+
+def row_backbone(row: nn.Module, task: str) -> nn.Module:
+    """The backbone a row scores ``task`` with: its own for that task in a ``PerTaskBackbones``
+    row, otherwise the row's one backbone."""
+    return row[task] if isinstance(row, PerTaskBackbones) else row
+
+
 class Rows(nn.Module):
     """The evaluated backbones by row name, in order: a mapping whose names may hold any
     character (a method's name with its hyper-parameters, ``ties(top_k=0.2)``), which
-    ``nn.ModuleDict``'s keys may not ('.'). The backbones are submodules (``0``, ``1``, ...),
+    ``nn.ModuleDict``'s keys may not ('.'). A row is one backbone for every task, or one per task
+    (``PerTaskBackbones``). The backbones are submodules (``0``, ``1``, ...),
     so they follow the LightningModule to its device; setting a name again replaces its
     backbone in place."""
 
@@ -165,7 +179,9 @@ class MultiTaskEvaluation(LightningModule, ABC):
         self.report_dir = report_dir
         self.report_title = report_title
         self.rows = Rows()
-        self.individual = nn.ModuleDict()
+        #: the ``individual`` row, last in the report (a ``PerTaskBackbones`` row of its own, kept
+        #: apart from ``rows`` so that it follows every merged row whatever the order of ``build()``).
+        self.individual = PerTaskBackbones()
         self.heads: SwitchModule | None = None
         self.report: dict[str, Any] | None = None
         #: True where a merge needs the Gram pass (subclasses set it in ``__init__``); ``build()``
@@ -234,8 +250,12 @@ class MultiTaskEvaluation(LightningModule, ABC):
         with torch.inference_mode(False), torch.no_grad():
             self.merge_with_grams(grams)
 
+    def _evaluated_rows(self) -> list[tuple[str, nn.Module]]:
+        """Every scored row, name and backbone(s): ``rows``, then ``individual`` where it is filled."""
+        return [*self.rows.items(), *([(INDIVIDUAL, self.individual)] if len(self.individual) else [])]
+
     def _all_rows(self) -> list[str]:
-        return [*self.rows, *([INDIVIDUAL] if len(self.individual) else [])]
+        return [name for name, _ in self._evaluated_rows()]
 
     def _make_metrics(self) -> None:
         def per_task(factory: Any) -> nn.ModuleList:
@@ -272,7 +292,7 @@ class MultiTaskEvaluation(LightningModule, ABC):
 
     def _backbones(self, task: str) -> list[nn.Module]:
         """Each row's backbone for ``task``, in the order of ``_all_rows``."""
-        return [backbone for _, backbone in self.rows.items()] + ([self.individual[task]] if len(self.individual) else [])
+        return [row_backbone(row, task) for _, row in self._evaluated_rows()]
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor] | torch.Tensor, batch_idx: int, dataloader_idx: int = 0) -> None:
         split, task = self.loaders[dataloader_idx]
