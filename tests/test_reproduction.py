@@ -117,6 +117,11 @@ def assert_compared(content: dict, config: str, tasks: tuple[str, ...], sizes=RE
     assert content["gram_images"] == {task: sizes["train"] - held_out for task in tasks}
 
 
+#: The TALL20 fixture (twenty fine-tunes, then both merges) takes about 5 minutes on two idle cores;
+#: the tests that use it get room for a loaded machine beyond pyproject's 600 s.
+TALL20_TIMEOUT = pytest.mark.timeout(1800)
+
+
 @pytest.fixture(scope="module")
 def tall20(reproduction_home: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """The working directory after ``--tasks tall20``, and what the command printed."""
@@ -124,6 +129,7 @@ def tall20(reproduction_home: Path, tmp_path_factory: pytest.TempPathFactory) ->
     return cwd, reproduce(reproduction_home, cwd, "--tasks", "tall20", "--gpus", "2").stdout
 
 
+@TALL20_TIMEOUT
 def test_reproduce_tall20_fine_tunes_the_twenty_configs_and_merges_their_exports(tall20: tuple[Path, str]) -> None:
     cwd, printed = tall20
     reproduced = cwd / "outputs" / "reproduce"
@@ -156,6 +162,7 @@ def test_reproduce_tall20_fine_tunes_the_twenty_configs_and_merges_their_exports
     assert "| individual |" in printed
 
 
+@TALL20_TIMEOUT
 def test_the_eight_as_slurm_jobs_skip_the_finished_and_resume_the_interrupted(
     tall20: tuple[Path, str], reproduction_home: Path, tmp_path: Path
 ) -> None:
@@ -205,6 +212,7 @@ def test_the_eight_as_slurm_jobs_skip_the_finished_and_resume_the_interrupted(
     assert "| individual |" in merged.stdout
 
 
+@TALL20_TIMEOUT
 def test_an_interrupted_task_resumes_and_a_finished_one_is_skipped(tall20: tuple[Path, str], reproduction_home: Path) -> None:
     """Two tasks, as a comma-separated list, in TALL20's directory: eurosat's export is gone, its
     last checkpoint (step 1) is there. It resumes from that checkpoint; dtd is skipped."""
