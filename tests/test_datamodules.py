@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
+from lightning.pytorch.trainer.states import TrainerFn
 from PIL import Image as PILImage
 from PIL import ImageFile
 
@@ -679,7 +680,7 @@ def test_the_merge_side_checks_its_images_in_setup_and_only_the_rows_it_reads(tm
     assert 13 not in fewer.gram_rows(20)
     fewer.setup("test")  # row 13 is not read
     # merge and save only (limit_test_batches 0): nothing is read, so nothing is checked
-    gram.trainer = SimpleNamespace(testing=True, limit_test_batches=0, world_size=1)
+    gram.trainer = SimpleNamespace(state=SimpleNamespace(fn=TrainerFn.TESTING), testing=True, limit_test_batches=0, world_size=1)
     gram.setup("test")
     assert "gram_datasets" not in vars(gram)
 
