@@ -230,6 +230,8 @@ def _checkpoint_keys(model_type: str, config_json: str) -> tuple[tuple[str, str,
 
 
 _IMAGENET = "ImageNet mean/std"
+#: ConvNeXt's processor, which the ConvNeXt-V2 (224 px) and ResNet checkpoints use too.
+_CONVNEXT_PROCESSOR = f"ConvNextImageProcessor: shorter side to 224/0.875 = 256 (bicubic), centre crop 224, {_IMAGENET}"
 
 #: Every supported family by ``model_type``.
 ARCHITECTURES: dict[str, Architecture] = {
@@ -238,17 +240,17 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture(
             "convnext", "ConvNeXt", ConvNextForImageClassification, ConvNextModel, pooled, _last_hidden_size, "classifier",
             "facebook/convnext-base-224",
-            f"ConvNextImageProcessor: shorter side to 224/0.875 = 256 (bicubic), centre crop 224, {_IMAGENET}",
+            _CONVNEXT_PROCESSOR,
         ),
         Architecture(
             "convnextv2", "ConvNeXt-V2", ConvNextV2ForImageClassification, ConvNextV2Model, pooled, _last_hidden_size,
             "classifier", "facebook/convnextv2-base-22k-224",
-            f"ConvNextImageProcessor: shorter side to 224/0.875 = 256 (bicubic), centre crop 224, {_IMAGENET}",
+            _CONVNEXT_PROCESSOR,
         ),
         Architecture(
             "resnet", "ResNet", ResNetForImageClassification, ResNetModel, pooled_flat, _last_hidden_size, "classifier.1",
             "microsoft/resnet-50",
-            f"ConvNextImageProcessor: shorter side to 224/0.875 = 256 (bicubic), centre crop 224, {_IMAGENET}",
+            _CONVNEXT_PROCESSOR,
         ),
         Architecture(
             "vit", "ViT", ViTForImageClassification, ViTModel, cls_token, _hidden_size, "classifier",
