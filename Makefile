@@ -38,9 +38,11 @@ MERGE_ARGS ?=
 reproduce: $(BIN)/.installed
 	$(BIN)/python -m lightning_modules.reproduce --tasks $(TASKS) --gpus $(GPUS) --train-args "$(TRAIN_ARGS)" --merge-args "$(MERGE_ARGS)"
 
-## The whole test suite (offline, CPU), after the lint.
+## The whole test suite (offline, CPU), after the lint: TEST_WORKERS pytest processes (pytest-xdist),
+## each test file on one of them (its module fixtures built once), the longest files first.
+TEST_WORKERS ?= 2
 test: lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 ## One style: ruff's lint (and import order) and format check, configured in pyproject.toml.
 lint: $(BIN)/.installed

@@ -21,6 +21,27 @@ from transformers import ConvNextConfig
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = REPO_ROOT.parent / "shared"
 
+#: The test files that take longest (minutes: subprocess rehearsals, DDP, compilation), run first so
+#: that `make test`'s pytest workers (``-n 2 --dist loadfile``: a file to a worker) finish together
+#: instead of one of them starting the TALL20 rehearsal when the other is nearly done.
+LONGEST_FIRST = (
+    "test_reproduction.py",
+    "test_adamerging.py",
+    "test_train_cli.py",
+    "test_families_flow.py",
+    "test_slurm.py",
+    "test_merge_ddp.py",
+    "test_family_rehearsal.py",
+    "test_task_rehearsal.py",
+    "test_reproduce_benchmarks.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The files of ``LONGEST_FIRST`` first, in that order; the others after them, as collected."""
+    rank = {name: position for position, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a file kept
+
 
 def tiny_config(classnames: Sequence[str] | None = None, **overrides) -> ConvNextConfig:
     """The tests' one tiny ConvNeXt: one block per stage, 8-64 channels; ``overrides`` set any
