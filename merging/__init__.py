@@ -20,6 +20,7 @@ from merging.methods import (
     merge_function,
     register_method,
 )
+from merging.model_stock import ModelStock
 from merging.pool import ModelPool
 from merging.regmean import RegMean
 from merging.spectral import IsotropicCommon, IsotropicCommonTask, TaskSingularVectors
@@ -37,6 +38,7 @@ __all__ = [
     "MergeError",
     "MergeMethod",
     "ModelPool",
+    "ModelStock",
     "RegMean",
     "SimpleAverage",
     "SwitchModule",

@@ -1,0 +1,182 @@
+"""The data-free methods of their own modules (Model Stock, ...): exact values on hand-built
+tensors, the rules for non-matrix parameters, the streaming engine against the formulas on
+loaded checkpoints, and ``merge.py test --model.method <Name>``.
+
+The expected values are worked out by hand (exact in binary where the text says so) or
+computed here from the papers' formulas in float64 on whole tensors, never with the helpers of
+the modules under test. A result the project computes in float64 and rounds once is compared
+within ``float64_results_bound``; one it computes in float32 entry by entry with the same
+operations as the formula is compared bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import pytest
+import torch
+
+import merge_fixtures as mf
+from merge import main
+from merging import METHODS, ModelStock
+from merging.engine import merge_backbone
+from merging.errors import MergeError
+from merging.model_stock import model_stock
+from merging.pool import ModelPool
+from merging.saved import load_merged
+from tolerances import assert_within, float64_results_bound
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def t(values) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def close(result: torch.Tensor, expected) -> None:
+    """``result`` (computed in float64, rounded to float32) against an exact or float64 ``expected``."""
+    expected = torch.as_tensor(expected, dtype=torch.float64)
+    assert result.dtype == torch.float32 and result.shape == expected.shape
+    assert_within(result, expected, float64_results_bound(expected))
+
+
+def random(shape, seed: int) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def one_buffer(vectors):
+    """A stream that reuses one tensor, as the engine's reader with its scratch buffer does."""
+    buffer = torch.empty_like(vectors[0])
+    for vector in vectors:
+        buffer.copy_(vector)
+        yield buffer
+
+
+# --- Model Stock ----------------------------------------------------------------------------
+
+
+def reference_model_stock(pretrained: torch.Tensor, taus: list[torch.Tensor]) -> torch.Tensor:
+    """The paper's ratio with the mean pairwise angle, in float64 on whole tensors."""
+    flat = [tau.double().reshape(-1) for tau in taus]
+    angles = []
+    for i in range(len(flat)):
+        for j in range(i + 1, len(flat)):
+            cosine = torch.dot(flat[i], flat[j]) / (flat[i].norm() * flat[j].norm())
+            angles.append(torch.arccos(cosine.clamp(-1, 1)))
+    cosine = torch.cos(torch.stack(angles).mean())
+    count = len(taus)
+    ratio = count * cosine / (1 + (count - 1) * cosine)
+    return pretrained.double() + ratio * torch.stack([tau.double() for tau in taus]).mean(0)
+
+
+THETA0 = [0.5, -1.0, 2.0]
+
+
+def test_model_stock_two_tasks_at_the_3_4_5_angle():
+    # cos = (5*3) / (5*5) = 0.6, t = 2 * 0.6 / 1.6 = 0.75; mean tau = (4, 2, 0): theta_0 + (3, 1.5, 0).
+    close(model_stock(t(THETA0), [t([5.0, 0.0, 0.0]), t([3.0, 4.0, 0.0])]), [3.5, 0.5, 2.0])
+
+
+def test_model_stock_orthogonal_task_vectors_give_the_pretrained_model():
+    close(model_stock(t(THETA0), [t([1.0, 0.0, 0.0]), t([0.0, -2.0, 0.0])]), THETA0)
+
+
+def test_model_stock_parallel_task_vectors_give_their_average():
+    # cos = 1: t = T / T = 1, whatever the lengths.
+    close(model_stock(t(THETA0), [t([1.0, 2.0, 0.0]), t([3.0, 6.0, 0.0]), t([0.5, 1.0, 0.0])]), [2.0, 2.0, 2.0])
+
+
+def test_model_stock_averages_the_pairwise_angles_not_their_cosines():
+    # Angles 90, 45, 45 degrees: mean 60, cos 0.5, t = 3 * 0.5 / (1 + 2 * 0.5) = 0.75 (the mean of
+    # the cosines, 0.4714, would give 0.7279); mean tau = (2/3, 2/3, 0): theta_0 + (0.5, 0.5, 0).
+    result = model_stock(t(THETA0), [t([1.0, 0.0, 0.0]), t([0.0, 1.0, 0.0]), t([1.0, 1.0, 0.0])])
+    close(result, [1.0, -0.5, 2.0])
+
+
+def test_model_stock_a_zero_task_vector_meets_the_others_at_a_right_angle():
+    # Pairs with the zero vector: 90 degrees; the other pair: 0. Mean 60: t = 0.75 as above,
+    # mean tau = (2, 0, 0) / 3.
+    close(model_stock(t(THETA0), [t([0.0, 0.0, 0.0]), t([1.0, 0.0, 0.0]), t([1.0, 0.0, 0.0])]), [1.0, -1.0, 2.0])
+
+
+@pytest.mark.parametrize("shape", [(6, 4), (3, 2, 2, 2), (7,)])
+def test_model_stock_takes_one_angle_over_every_entry_of_a_tensor(shape):
+    pretrained = random(shape, 0)
+    taus = [random(shape, seed) + 0.5 for seed in (1, 2, 3, 4)]  # a shared direction: cos well above 0
+    expected = reference_model_stock(pretrained, taus)
+    close(model_stock(pretrained, taus), expected)
+    assert torch.equal(model_stock(pretrained, one_buffer(taus)), model_stock(pretrained, taus))
+
+
+def test_model_stock_needs_two_fine_tuned_models():
+    with pytest.raises(MergeError, match="Model Stock needs at least two fine-tuned models .*, got 1"):
+        model_stock(t(THETA0), [t([1.0, 0.0, 0.0])])
+    with pytest.raises(MergeError, match="got 1"):
+        ModelStock().prepare(["dtd"], ["convnext.x"])
+
+
+# --- Registration, the engine on loaded checkpoints, merge.py ------------------------------
+
+TASKS = ("eurosat", "dtd", "mnist")
+#: (class name, registry name, hyper-parameters, the reference of one tensor: computed in float64, or in
+#: float32 with the project's own operations, where the result must be the same bits)
+CASES = [
+    ("ModelStock", "model_stock", {}, lambda p, taus, params: reference_model_stock(p, taus)),
+]
+
+
+def test_methods_are_registered_and_described():
+    for cls, name, params, _ in CASES:
+        method = METHODS[name](**params)
+        assert type(method).__name__ == cls and method.name == name
+        assert method.describe() == name + (f"({', '.join(f'{k}={v:g}' for k, v in params.items())})" if params else "")
+        assert "arXiv" in type(method).__doc__ + sys.modules[type(method).__module__].__doc__
+
+
+@pytest.fixture(scope="module")
+def pool_dirs(tmp_path_factory) -> dict[str, str]:
+    return mf.make_pool(tmp_path_factory.mktemp("pool"), TASKS)
+
+
+@pytest.mark.parametrize("cls, name, params, reference", CASES, ids=[case[1] for case in CASES])
+def test_engine_equals_the_formula_on_loaded_state_dicts(pool_dirs, cls, name, params, reference):
+    pretrained = mf.backbone(mf.load_state(pool_dirs[mf.PRETRAINED]))
+    finetuned = [mf.backbone(mf.load_state(pool_dirs[task])) for task in TASKS]
+    merged = merge_backbone(ModelPool(pool_dirs), METHODS[name](**params), progress=False)
+    assert list(merged) == list(pretrained)
+    for key, theta0 in pretrained.items():
+        expected = reference(theta0, [model[key] - theta0 for model in finetuned], params)
+        assert merged[key].dtype == theta0.dtype and merged[key].shape == theta0.shape
+        if expected.dtype == torch.float32:
+            assert torch.equal(merged[key], expected), key
+        else:
+            assert_within(merged[key], expected, float64_results_bound(expected), key)
+        assert not torch.equal(merged[key], theta0), key
+
+
+@pytest.fixture(scope="module")
+def cli_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("datafree_cli")
+    pool = mf.make_pool(root / "models", TASKS[:2], seed=4)
+    data = {
+        task: str(mf.make_test_set(root / "data" / task, task, 4, pool[task], seed=20 + i)) for i, task in enumerate(TASKS[:2])
+    }
+    return pool, data
+
+
+@pytest.mark.parametrize("cls, name, params, reference", CASES, ids=[case[1] for case in CASES])
+def test_merge_py_merges_and_saves_with_the_method(cli_setup, tmp_path, quiet_cli, cls, name, params, reference):
+    pool, data = cli_setup
+    saved = tmp_path / "saved"
+    args = mf.merge_test_args(tmp_path, data, pool[mf.PRETRAINED], 4)
+    args += ["--model", "lightning_modules.merged.MergedClassifier", "--model.models", json.dumps(pool)]
+    args += ["--model.method", cls, *[item for key, value in params.items() for item in (f"--model.method.{key}", str(value))]]
+    main([*args, "--model.save_dir", str(saved), "--trainer.limit_test_batches", "0"])
+    model = load_merged(saved)
+    # The same merge code on the same machine: the same bits.
+    expected = merge_backbone(ModelPool(pool), METHODS[name](**params), progress=False)
+    assert sorted(model.backbone) == sorted(expected)
+    assert all(torch.equal(model.backbone[key], tensor) for key, tensor in expected.items())
+    assert math.isfinite(sum(float(tensor.sum()) for tensor in expected.values()))
