@@ -1,4 +1,4 @@
-"""The data-free methods FusionBench 0.2.33 has (Model Stock, ...) against its implementations,
+"""The data-free methods FusionBench 0.2.33 has (Model Stock, MagMax, ...) against its implementations,
 on tiny ConvNeXt pools.
 
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.fusionbench_datafree --fusionbench-python /tmp/fbvenv/bin/python
@@ -41,6 +41,8 @@ TINY = {"depths": [1, 1, 1, 1], "hidden_sizes": [8, 16, 32, 64]}
 #: (label, our class as module:name, its hyper-parameters, FusionBench's class in fusion_bench.method, its arguments)
 METHODS = [
     ("model_stock", "merging.model_stock:ModelStock", {}, "ModelStock", {}),
+    ("mag_max", "merging.magmax:MagMax", {"scaling_factor": 0.5}, "MagMaxAlgorithm", {"scaling_factor": 0.5}),
+    ("mag_max_1.0", "merging.magmax:MagMax", {"scaling_factor": 1.0}, "MagMaxAlgorithm", {"scaling_factor": 1.0}),
 ]
 
 

@@ -9,6 +9,7 @@ from common.errors import CheckpointError
 from merging.coefficients import Coefficients, LearnedCoefficients
 from merging.engine import merge_backbone
 from merging.errors import MergeError
+from merging.magmax import MagMax
 from merging.methods import (
     METHODS,
     DareTaskArithmetic,
@@ -34,6 +35,7 @@ __all__ = [
     "IsotropicCommonTask",
     "Coefficients",
     "LearnedCoefficients",
+    "MagMax",
     "METHODS",
     "MergeError",
     "MergeMethod",

@@ -20,9 +20,10 @@ import torch
 
 import merge_fixtures as mf
 from merge import main
-from merging import METHODS, ModelStock
+from merging import METHODS, MagMax, ModelStock
 from merging.engine import merge_backbone
 from merging.errors import MergeError
+from merging.magmax import mag_max
 from merging.model_stock import model_stock
 from merging.pool import ModelPool
 from merging.saved import load_merged
@@ -117,6 +118,51 @@ def test_model_stock_needs_two_fine_tuned_models():
         ModelStock().prepare(["dtd"], ["convnext.x"])
 
 
+# --- MagMax ---------------------------------------------------------------------------------
+
+
+def reference_mag_max(pretrained: torch.Tensor, taus: list[torch.Tensor], scaling_factor: float) -> torch.Tensor:
+    """Entry by entry the task vector of largest magnitude, the last of equal ones, in float32 with
+    the formula's two operations (``theta_0 + lambda * tau``): the project's result to the bit."""
+    stacked = torch.stack(taus)
+    magnitudes = stacked.abs()
+    # the last index of the maximum: argmax of the reversed stack, counted from the end
+    last = len(taus) - 1 - magnitudes.flip(0).argmax(dim=0)
+    return pretrained + scaling_factor * stacked.gather(0, last.unsqueeze(0)).squeeze(0)
+
+
+def test_mag_max_takes_the_largest_magnitude_entry_by_entry_and_the_later_task_on_a_tie():
+    # Entry 0: |-2| of task 1; entry 1: |-3| of task 0; entry 2: |-0.75| of task 2; entry 3: 2, -2
+    # and 1, a tie of tasks 0 and 1 that task 1 (-2) wins. Halved and added: exact in binary.
+    taus = [t([1.0, -3.0, 0.5, 2.0]), t([-2.0, 1.0, 0.25, -2.0]), t([0.5, 2.5, -0.75, 1.0])]
+    expected = t([-0.5, -2.5, 1.625, -1.0])
+    assert torch.equal(mag_max(t([0.5, -1.0, 2.0, 0.0]), taus, scaling_factor=0.5), expected)
+    assert torch.equal(mag_max(t([0.5, -1.0, 2.0, 0.0]), one_buffer(taus), scaling_factor=0.5), expected)
+    # Task 1 last: the tie of entry 3 goes to task 0 (+2) instead.
+    reordered = [taus[1], taus[2], taus[0]]
+    assert torch.equal(mag_max(t([0.5, -1.0, 2.0, 0.0]), reordered, scaling_factor=0.5), t([-0.5, -2.5, 1.625, 1.0]))
+
+
+def test_mag_max_of_one_task_is_task_arithmetic():
+    tau = random((5, 3), 1)
+    assert torch.equal(mag_max(random((5, 3), 0), [tau], scaling_factor=0.7), random((5, 3), 0) + 0.7 * tau)
+
+
+@pytest.mark.parametrize("shape", [(6, 4), (3, 2, 2, 2), (7,)])
+def test_mag_max_against_the_formula(shape):
+    pretrained, taus = random(shape, 0), [random(shape, seed) for seed in (1, 2, 3, 4, 5)]
+    assert torch.equal(mag_max(pretrained, taus, scaling_factor=0.3), reference_mag_max(pretrained, taus, 0.3))
+
+
+def test_mag_max_is_elementwise_and_needs_its_scaling_factor():
+    assert MagMax.elementwise and MagMax.uses_pretrained and not MagMax.propagates_non_finite
+    assert MagMax(scaling_factor=0.5).describe() == "mag_max(scaling_factor=0.5)"
+    with pytest.raises(TypeError, match="scaling_factor"):
+        MagMax()
+    with pytest.raises(MergeError, match="no fine-tuned model"):
+        mag_max(t([1.0]), [], scaling_factor=1.0)
+
+
 # --- Registration, the engine on loaded checkpoints, merge.py ------------------------------
 
 TASKS = ("eurosat", "dtd", "mnist")
@@ -124,6 +170,7 @@ TASKS = ("eurosat", "dtd", "mnist")
 #: float32 with the project's own operations, where the result must be the same bits)
 CASES = [
     ("ModelStock", "model_stock", {}, lambda p, taus, params: reference_model_stock(p, taus)),
+    ("MagMax", "mag_max", {"scaling_factor": 0.6}, lambda p, taus, params: reference_mag_max(p, taus, **params)),
 ]
 
 
