@@ -1,4 +1,4 @@
-"""The data-free methods FusionBench 0.2.33 has (Model Stock, MagMax, ...) against its implementations,
+"""The data-free methods FusionBench 0.2.33 has (Model Stock, MagMax, WUDI) against its implementations,
 on tiny ConvNeXt pools.
 
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.fusionbench_datafree --fusionbench-python /tmp/fbvenv/bin/python
@@ -43,6 +43,8 @@ METHODS = [
     ("model_stock", "merging.model_stock:ModelStock", {}, "ModelStock", {}),
     ("mag_max", "merging.magmax:MagMax", {"scaling_factor": 0.5}, "MagMaxAlgorithm", {"scaling_factor": 0.5}),
     ("mag_max_1.0", "merging.magmax:MagMax", {"scaling_factor": 1.0}, "MagMaxAlgorithm", {"scaling_factor": 1.0}),
+    ("wudi_300", "merging.wudi:WUDIMerging", {"iter_num": 300}, "WUDIMerging", {"iter_num": 300}),
+    ("wudi_400", "merging.wudi:WUDIMerging", {"iter_num": 400}, "WUDIMerging", {"iter_num": 400}),
 ]
 
 

@@ -26,6 +26,7 @@ from merging.pool import ModelPool
 from merging.regmean import RegMean
 from merging.spectral import IsotropicCommon, IsotropicCommonTask, TaskSingularVectors
 from merging.switch import SwitchModule
+from merging.wudi import WUDIMerging
 
 __all__ = [
     "CheckpointError",
@@ -47,6 +48,7 @@ __all__ = [
     "TaskArithmetic",
     "TaskSingularVectors",
     "TiesMerging",
+    "WUDIMerging",
     "merge_backbone",
     "merge_function",
     "register_method",

@@ -20,13 +20,14 @@ import torch
 
 import merge_fixtures as mf
 from merge import main
-from merging import METHODS, MagMax, ModelStock
+from merging import METHODS, MagMax, ModelStock, WUDIMerging
 from merging.engine import merge_backbone
 from merging.errors import MergeError
 from merging.magmax import mag_max
 from merging.model_stock import model_stock
 from merging.pool import ModelPool
 from merging.saved import load_merged
+from merging.wudi import wudi_merge
 from tolerances import assert_within, float64_results_bound
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -163,6 +164,70 @@ def test_mag_max_is_elementwise_and_needs_its_scaling_factor():
         mag_max(t([1.0]), [], scaling_factor=1.0)
 
 
+# --- WUDI-Merging ---------------------------------------------------------------------------
+
+
+def reference_wudi(pretrained: torch.Tensor, taus: list[torch.Tensor], iter_num: int, lr: float) -> torch.Tensor:
+    """The paper's loss as written, differentiated by autograd, and torch's Adam, in float64
+    (FusionBench's ``wudi_merging``, transcribed)."""
+    stacked = torch.stack([tau.double() for tau in taus])
+    merged = torch.nn.Parameter(stacked.sum(0))
+    optimizer = torch.optim.Adam([merged], lr=lr, weight_decay=0)
+    squared_norms = stacked.flatten(1).norm(dim=1) ** 2
+    for _ in range(iter_num):
+        products = (merged.unsqueeze(0) - stacked) @ stacked.transpose(1, 2)
+        loss = (products.square().sum((1, 2)) / squared_norms).sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return pretrained.double() + merged.detach()
+
+
+def test_wudi_orthogonal_task_vectors_do_not_interfere_and_stay_summed():
+    # Rows (and columns) orthogonal: (tau_m - tau_t) tau_t^T = 0 at tau_m = tau_1 + tau_2, the gradient
+    # is 0 and Adam does not move (0 / (0 + eps)).
+    taus = [t([[1.0, 0.0], [0.0, 0.0]]), t([[0.0, 0.0], [0.0, 2.0]])]
+    result = wudi_merge(t([[0.5, 0.5], [0.5, 0.5]]), taus, iter_num=5, lr=0.25, device=torch.device("cpu"))
+    assert torch.equal(result, t([[1.5, 0.5], [0.5, 2.5]]))
+
+
+def test_wudi_one_adam_step_by_hand():
+    # tau_1 = (1, 0), tau_2 = (1, 1) (1 x 2): G_1 = [[1, 0], [0, 0]], G_2 = [[1, 1], [1, 1]] / 2, at
+    # tau_m = (2, 1) the gradient 2 sum_t (tau_m - tau_t) G_t = 2 ((1, 1) G_1 + (1, 0) G_2) = (3, 1); Adam's
+    # first step is lr g / (|g| + eps).
+    result = wudi_merge(t([[0.0, 0.0]]), [t([[1.0, 0.0]]), t([[1.0, 1.0]])], iter_num=1, lr=0.25, dtype=torch.float64)
+    close(result, [[2 - 0.25 * 3 / (3 + 1e-8), 1 - 0.25 * 1 / (1 + 1e-8)]])
+
+
+@pytest.mark.parametrize("shape", [(6, 4), (3, 8)])
+def test_wudi_closed_form_gradient_takes_the_steps_of_autograd_on_the_papers_loss(shape):
+    pretrained = random(shape, 0)
+    taus = [random(shape, seed) * 0.1 for seed in (1, 2, 3)] + [torch.zeros(shape)]  # a zero task vector adds nothing
+    expected = reference_wudi(pretrained, taus[:3], iter_num=20, lr=1e-2)
+    close(wudi_merge(pretrained, taus, iter_num=20, lr=1e-2, dtype=torch.float64), expected)
+    close(wudi_merge(pretrained, one_buffer(taus), iter_num=20, lr=1e-2, dtype=torch.float64), expected)
+    assert (expected - reference_wudi(pretrained, taus[:3], iter_num=0, lr=1e-2)).abs().max() > 1e-2  # the steps moved it
+
+
+def test_wudi_without_steps_is_the_sum_and_other_tensors_get_the_mean_task_vector():
+    pretrained, taus = random((5, 3), 0), [random((5, 3), seed) for seed in (1, 2)]
+    close(wudi_merge(pretrained, taus, iter_num=0), pretrained.double() + taus[0].double() + taus[1].double())
+    # Not a matrix: theta_0 + (1/T) sum_t tau_t, whatever iter_num.
+    close(wudi_merge(t([1.0, -2.0]), [t([0.5, 1.0]), t([1.5, -3.0])], iter_num=7), [2.0, -3.0])
+    conv = random((2, 1, 3, 3), 3)
+    close(wudi_merge(conv, [2 * conv, -4 * conv], iter_num=7), conv.double() * 0)  # powers of two: exact
+
+
+def test_wudi_options_are_checked_up_front():
+    assert WUDIMerging(iter_num=300).describe() == "wudi(iter_num=300, lr=1e-05)"
+    for bad in (-1, 1.5, True):
+        with pytest.raises(MergeError, match=f"iter_num must be an integer >= 0, got {bad}"):
+            WUDIMerging(iter_num=bad)
+    for bad in (0.0, -1e-5, math.nan, math.inf):
+        with pytest.raises(MergeError, match="lr must be a finite number > 0"):
+            WUDIMerging(iter_num=1, lr=bad)
+
+
 # --- Registration, the engine on loaded checkpoints, merge.py ------------------------------
 
 TASKS = ("eurosat", "dtd", "mnist")
@@ -171,6 +236,9 @@ TASKS = ("eurosat", "dtd", "mnist")
 CASES = [
     ("ModelStock", "model_stock", {}, lambda p, taus, params: reference_model_stock(p, taus)),
     ("MagMax", "mag_max", {"scaling_factor": 0.6}, lambda p, taus, params: reference_mag_max(p, taus, **params)),
+    # the function on whole tensors (its float64 steps are checked against autograd above): the engine
+    # streams a matrix's task vectors into it in the same order, so the same bits
+    ("WUDIMerging", "wudi", {"iter_num": 30, "lr": 1e-3}, lambda p, taus, params: wudi_merge(p, taus, **params)),
 ]
 
 
