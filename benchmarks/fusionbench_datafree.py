@@ -79,9 +79,12 @@ def merge_ours(root: Path, num_tasks: int, out: Path, methods: list[tuple]) -> N
         save_file({key: tensor.contiguous() for key, tensor in merged.items()}, str(out / f"ours_{label}.safetensors"))
 
 
-def compare(root: Path, num_tasks: int, out: Path, methods: list[tuple]) -> dict[str, dict[str, float]]:
-    """Per method: the largest |ours - FusionBench| over the matrices and over the other
-    parameters, against FusionBench as it runs (float32) and run on float64 models."""
+def compare(
+    root: Path, num_tasks: int, out: Path, methods: list[tuple], reference: str = "fusionbench"
+) -> dict[str, dict[str, float]]:
+    """Per method: the largest |ours - reference| over the matrices and over the other
+    parameters, against the reference as it runs (float32) and run on float64 models
+    (``{reference}_{label}[_float64].safetensors`` in ``out``)."""
     import torch
     from safetensors.torch import load_file
 
@@ -91,12 +94,12 @@ def compare(root: Path, num_tasks: int, out: Path, methods: list[tuple]) -> dict
         ours = load_file(str(out / f"ours_{label}.safetensors"))
         row = {"update": 0.0}
         for suffix in ("", "_float64"):
-            theirs = load_file(str(out / f"fusionbench_{label}{suffix}.safetensors"))
+            theirs = load_file(str(out / f"{reference}_{label}{suffix}.safetensors"))
             if set(ours) != set(theirs):
                 raise SystemExit(f"{label}: different keys: {sorted(set(ours) ^ set(theirs))}")
             for key, tensor in ours.items():
                 if not torch.isfinite(theirs[key]).all():
-                    raise SystemExit(f"{label}: FusionBench's '{key}' is not finite")
+                    raise SystemExit(f"{label}: the reference's '{key}' is not finite")
                 column = ("matrices" if tensor.ndim == 2 else "other") + suffix
                 difference = float((tensor.double() - theirs[key].double()).abs().max())
                 row[column] = max(row.get(column, 0.0), difference)

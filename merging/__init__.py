@@ -6,6 +6,7 @@ merged = merge_backbone(pool, TiesMerging(top_k=0.2, scaling_factor=0.3))
 """
 
 from common.errors import CheckpointError
+from merging.cart import CART
 from merging.coefficients import Coefficients, LearnedCoefficients
 from merging.engine import merge_backbone
 from merging.errors import MergeError
@@ -29,6 +30,7 @@ from merging.switch import SwitchModule
 from merging.wudi import WUDIMerging
 
 __all__ = [
+    "CART",
     "CheckpointError",
     "DareTaskArithmetic",
     "DareTies",

@@ -20,7 +20,8 @@ import torch
 
 import merge_fixtures as mf
 from merge import main
-from merging import METHODS, MagMax, ModelStock, WUDIMerging
+from merging import CART, METHODS, MagMax, ModelStock, WUDIMerging
+from merging.cart import cart_merge, cart_rank
 from merging.engine import merge_backbone
 from merging.errors import MergeError
 from merging.magmax import mag_max
@@ -228,6 +229,71 @@ def test_wudi_options_are_checked_up_front():
             WUDIMerging(iter_num=1, lr=bad)
 
 
+# --- CART -----------------------------------------------------------------------------------
+
+
+def reference_cart(pretrained: torch.Tensor, taus: list[torch.Tensor], rank_ratio: float, scaling_factor: float):
+    """The authors' static CART merge, in float64 with full SVDs (``torch.linalg.svd``)."""
+    average = pretrained.double() + torch.stack([tau.double() for tau in taus]).mean(0)
+    if pretrained.ndim != 2:
+        return average
+    keep = 0 if rank_ratio == 0 else max(1, int(rank_ratio * min(pretrained.shape)))
+    low_rank = torch.zeros_like(average)
+    for tau in taus:
+        u, s, vh = torch.linalg.svd(pretrained.double() + tau.double() - average, full_matrices=False)
+        low_rank += (u[:, :keep] * s[:keep]) @ vh[:keep]
+    return average + scaling_factor * low_rank
+
+
+# tau_1 = diag(3, 0), tau_2 = diag(0, 3), tau_3 = diag(0, 1.5): the average diag(1, 1.5), the centered
+# vectors diag(2, -1.5), diag(-1, 1.5) and diag(-1, 0), whose top components (k = 1) are diag(2, 0),
+# diag(0, 1.5) and diag(-1, 0): their sum diag(1, 1.5), times lambda = 2, on the average: diag(3, 4.5).
+CART_TAUS = [[[3.0, 0.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 3.0]], [[0.0, 0.0], [0.0, 1.5]]]
+
+
+def test_cart_by_hand_on_diagonal_matrices_and_rotated_ones():
+    zero = torch.zeros(2, 2)
+    close(cart_merge(zero, [t(tau) for tau in CART_TAUS], rank_ratio=0.5, scaling_factor=2.0), [[3.0, 0.0], [0.0, 4.5]])
+    # Turned by a quarter on the left (exact in binary), every SVD turns with it: R diag(3, 4.5).
+    quarter = t([[0.0, -1.0], [1.0, 0.0]])
+    turned = [quarter @ t(tau) for tau in CART_TAUS]
+    close(cart_merge(zero, turned, rank_ratio=0.5, scaling_factor=2.0), [[0.0, -4.5], [3.0, 0.0]])
+
+
+@pytest.mark.parametrize(("rank", "ratio", "expected"), [(64, 0.12, 7), (8, 0.12, 1), (8, 0.0, 0), (8, 1.0, 8), (32, 0.32, 10)])
+def test_cart_rank_is_the_authors(rank, ratio, expected):
+    assert cart_rank(rank, ratio) == expected
+
+
+@pytest.mark.parametrize("shape", [(6, 4), (3, 8)])
+def test_cart_against_full_svds(shape):
+    pretrained, taus = random(shape, 0), [random(shape, seed) for seed in (1, 2, 3, 4)]
+    for rank_ratio, scaling_factor in [(0.34, 1.5), (0.5, 2.0), (0.0, 2.0)]:
+        expected = reference_cart(pretrained, taus, rank_ratio, scaling_factor)
+        close(cart_merge(pretrained, taus, rank_ratio, scaling_factor), expected)
+        close(cart_merge(pretrained, one_buffer(taus), rank_ratio, scaling_factor), expected)
+    average = pretrained.double() + torch.stack([tau.double() for tau in taus]).mean(0)
+    assert (reference_cart(pretrained, taus, 0.34, 1.5) - average).abs().max() > 0.1  # the components count
+    # The whole rank: the centered vectors sum to zero, and so does the sum of their full SVDs.
+    close(cart_merge(pretrained, taus, 1.0, 2.0), average)
+
+
+def test_cart_of_two_models_and_of_non_matrices_is_the_average():
+    pretrained, taus = random((6, 4), 0), [random((6, 4), 1), random((6, 4), 2)]
+    average = pretrained.double() + (taus[0].double() + taus[1].double()) / 2
+    close(cart_merge(pretrained, taus, 0.5, 3.0), average)  # c_2 = -c_1: their top components cancel
+    close(cart_merge(t([1.0, -2.0]), [t([0.5, 1.0]), t([1.5, -3.0]), t([1.0, -1.0])], 0.5, 2.0), [2.0, -3.0])
+
+
+def test_cart_options_are_checked_up_front():
+    assert CART(rank_ratio=0.12, scaling_factor=2.0).describe() == "cart(rank_ratio=0.12, scaling_factor=2)"
+    for bad in (-0.1, 1.5, math.nan):
+        with pytest.raises(MergeError, match="rank_ratio must be in"):
+            CART(rank_ratio=bad, scaling_factor=1.0)
+    with pytest.raises(MergeError, match="scaling_factor must be a finite number"):
+        CART(rank_ratio=0.1, scaling_factor=math.inf)
+
+
 # --- Registration, the engine on loaded checkpoints, merge.py ------------------------------
 
 TASKS = ("eurosat", "dtd", "mnist")
@@ -239,6 +305,7 @@ CASES = [
     # the function on whole tensors (its float64 steps are checked against autograd above): the engine
     # streams a matrix's task vectors into it in the same order, so the same bits
     ("WUDIMerging", "wudi", {"iter_num": 30, "lr": 1e-3}, lambda p, taus, params: wudi_merge(p, taus, **params)),
+    ("CART", "cart", {"rank_ratio": 0.3, "scaling_factor": 1.5}, lambda p, taus, params: reference_cart(p, taus, **params)),
 ]
 
 
