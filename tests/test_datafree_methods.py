@@ -1,12 +1,14 @@
-"""The data-free methods of their own modules (Model Stock, ...): exact values on hand-built
-tensors, the rules for non-matrix parameters, the streaming engine against the formulas on
-loaded checkpoints, and ``merge.py test --model.method <Name>``.
+"""The data-free methods of their own modules (Model Stock, MagMax, WUDI, CART): exact values on
+hand-built tensors, the rules for non-matrix parameters, the streaming engine against the
+formulas on loaded checkpoints, ``merge.py test --model.method <Name>``, and bad input.
 
 The expected values are worked out by hand (exact in binary where the text says so) or
-computed here from the papers' formulas in float64 on whole tensors, never with the helpers of
-the modules under test. A result the project computes in float64 and rounds once is compared
-within ``float64_results_bound``; one it computes in float32 entry by entry with the same
-operations as the formula is compared bit for bit.
+computed here from the papers' formulas in float64 on whole tensors (WUDI: the paper's loss
+differentiated by autograd, and torch's Adam), never with the helpers of the modules under
+test; the one exception is WUDI's float32 run through the engine, checked against its own
+function on whole tensors, the same bits. A result the project computes in float64 and rounds
+once is compared within ``float64_results_bound``; one it computes in float32 entry by entry
+with the same operations as the formula is compared bit for bit.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import pytest
 import torch
 
 import merge_fixtures as mf
+import test_bad_input
 from merge import main
 from merging import CART, METHODS, MagMax, ModelStock, WUDIMerging
 from merging.cart import cart_merge, cart_rank
@@ -32,6 +35,7 @@ from merging.wudi import wudi_merge
 from tolerances import assert_within, float64_results_bound
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+workdir = test_bad_input.workdir  # an empty working directory, where whatever a failed run writes shows
 
 
 def t(values) -> torch.Tensor:
@@ -362,3 +366,27 @@ def test_merge_py_merges_and_saves_with_the_method(cli_setup, tmp_path, quiet_cl
     assert sorted(model.backbone) == sorted(expected)
     assert all(torch.equal(model.backbone[key], tensor) for key, tensor in expected.items())
     assert math.isfinite(sum(float(tensor.sum()) for tensor in expected.values()))
+
+
+BAD_INPUT = {
+    "Model Stock on one fine-tuned model": (
+        ["--model.method", "ModelStock"], 1, "Model Stock needs at least two fine-tuned models (the angle between them), got 1"
+    ),
+    "a negative WUDI step count": (["--model.method", "WUDIMerging", "--model.method.iter_num", "-1"], 2,
+                                   "iter_num must be an integer >= 0, got -1"),
+    "a CART rank ratio above 1": (["--model.method", "CART", "--model.method.rank_ratio", "1.5",
+                                   "--model.method.scaling_factor", "1"], 2, "rank_ratio must be in [0, 1], got 1.5"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", BAD_INPUT)
+def test_bad_input_is_one_error_line_and_nothing_written(cli_setup, workdir, capsys, case):
+    method, num_tasks, message = BAD_INPUT[case]
+    pool, data = cli_setup
+    tasks = TASKS[:num_tasks]
+    models = {mf.PRETRAINED: pool[mf.PRETRAINED], **{task: pool[task] for task in tasks}}
+    args = mf.merge_test_args(workdir, {task: data[task] for task in tasks}, pool[mf.PRETRAINED], 4)
+    args += ["--model", "lightning_modules.merged.MergedClassifier", "--model.models", json.dumps(models), *method]
+    args += ["--model.report_dir", str(workdir / "report")]
+    test_bad_input.assert_contains(test_bad_input.one_error_line(main, args, capsys), message)
+    assert not list(workdir.iterdir())
