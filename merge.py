@@ -1,4 +1,4 @@
-"""Merge fine-tuned ConvNeXt backbones and evaluate the merged model on every task.
+"""Merge fine-tuned backbones (ConvNeXt, or a pool of another one family) and evaluate the merged model on every task.
 
     python merge.py test --config configs/merge/convnext-base-224_8-tasks.yaml
     python merge.py test --config configs/merge/convnext-base-224_8-tasks.yaml \

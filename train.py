@@ -1,4 +1,5 @@
-"""Fine-tune ConvNeXt on one task and export it in Hugging Face format.
+"""Fine-tune an image classifier (ConvNeXt by default; ResNet, ViT, DINOv2, ... with
+``--model.model_name_or_path`` and ``--data.processor``) on one task and export it in Hugging Face format.
 
 python train.py fit --config configs/train/dtd.yaml
 python train.py fit --config configs/quickstart/digits.yaml

@@ -1,13 +1,15 @@
-"""Preprocessing speed: ImagePreprocessor against the Hugging Face ConvNeXt processor.
+"""Preprocessing speed: ImagePreprocessor against each family's Hugging Face image processor.
 
-    HF_HUB_OFFLINE=1 python -m benchmarks.preprocessing [--seconds 3] [--rows 400]
+    HF_HUB_OFFLINE=1 python -m benchmarks.preprocessing [--seconds 3] [--rows 400] [--families convnext vit]
 
-On the real DTD JPEGs in ``../shared/data/dtd-10class-sample`` (sizes 300-640 px), with
-facebook/convnext-base-224's processor settings, it prints images/s of one process with one
-thread (what one DataLoader worker gets), for decoded images in memory and end to end from
-the JPEG bytes, with the largest absolute difference between the two outputs; then the
-images/s of the test DataLoader of ``ImageClassificationDataModule`` with 0 and 2 workers on
-a local ``save_to_disk`` dataset of those JPEGs. It measures and prints; it asserts nothing.
+For each family's processor settings (``FAMILIES``: ConvNeXt's, which ResNet-50 and the 224-px
+ConvNeXt-V2 checkpoints share, ViT's, Swin's and DINOv2's), it prints images/s of one process
+with one thread (what one DataLoader worker gets) on decoded images in memory, the real DTD
+JPEGs in ``../shared/data/dtd-10class-sample`` (sizes 300-640 px) and the GTSRB PPMs (35 px),
+with the largest absolute difference between the two outputs; then, with ConvNeXt's settings,
+end to end from the JPEG bytes, and the images/s of the test DataLoader of
+``ImageClassificationDataModule`` with 0 and 2 workers on a local ``save_to_disk`` dataset of
+those JPEGs. It measures and prints; it asserts nothing.
 """
 
 from __future__ import annotations
@@ -23,9 +25,24 @@ import torch
 from PIL import Image
 
 from datamodules import ImageClassificationDataModule, ImagePreprocessor
+from datamodules.preprocessing import BIT, VIT
 from datamodules.tasks import TASKS
 
-SAMPLE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dtd-10class-sample"
+DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SAMPLE_DIR = DATA_DIR / "dtd-10class-sample"
+GTSRB_DIR = DATA_DIR / "gtsrb-test-430"
+
+#: Each family's processor settings, as the hub checkpoints named hold them.
+FAMILIES = {
+    # facebook/convnext-base-224, microsoft/resnet-50, facebook/convnextv2-*-224
+    "convnext": ImagePreprocessor(),
+    # google/vit-base-patch16-224
+    "vit": ImagePreprocessor(size=(224, 224), crop_pct=None, resample=2, mean=(0.5,) * 3, std=(0.5,) * 3, processor_type=VIT),
+    # microsoft/swin-tiny-patch4-window7-224
+    "swin": ImagePreprocessor(size=(224, 224), crop_pct=None, resample=3, processor_type=VIT),
+    # facebook/dinov2-base
+    "dinov2": ImagePreprocessor(size=256, crop_pct=None, crop_size=(224, 224), convert_rgb=True, processor_type=BIT),
+}
 
 
 def rates(functions: dict[str, Callable], inputs: list, seconds: float) -> dict[str, float]:
@@ -49,7 +66,7 @@ def compare(name: str, ours: Callable, theirs: Callable, inputs: list, seconds: 
     rate = rates({"ours": ours, "theirs": theirs}, inputs, seconds)
     difference = max(float((ours(item) - theirs(item)).abs().max()) for item in inputs)
     print(
-        f"{name:<24} ImagePreprocessor {rate['ours']:7.1f} img/s | HF processor {rate['theirs']:7.1f} img/s | "
+        f"{name:<32} ImagePreprocessor {rate['ours']:7.1f} img/s | HF processor {rate['theirs']:7.1f} img/s | "
         f"speed-up {rate['ours'] / rate['theirs']:4.2f}x | max abs diff {difference:.2e}"
     )
 
@@ -80,11 +97,20 @@ def loader_rate(path: str, processor: str, workers: int, batch_size: int) -> flo
     return count / (time.perf_counter() - start)
 
 
+def decoded(files: list[Path]) -> list[Image.Image]:
+    images = []
+    for file in files:
+        with Image.open(file) as image:
+            images.append(image.convert("RGB"))
+    return images
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=6.0, help="time per comparison")
     parser.add_argument("--rows", type=int, default=400, help="rows of the DataLoader benchmark's dataset")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--families", nargs="+", choices=list(FAMILIES), default=list(FAMILIES))
     args = parser.parse_args()
 
     files = sorted(SAMPLE_DIR.glob("*/*.jpg"))
@@ -93,35 +119,37 @@ def main() -> None:
     from transformers import AutoImageProcessor
 
     torch.set_num_threads(1)  # one DataLoader worker's share
+    samples = {"DTD JPEGs": decoded(files), "GTSRB PPMs": decoded(sorted(GTSRB_DIR.glob("*.ppm")))}
+    for name, images in samples.items():
+        sizes = sorted({image.size for image in images})
+        print(f"{len(images)} {name}, {sizes[0]} to {sizes[-1]} px; torch threads 1")
     with tempfile.TemporaryDirectory() as tmp:
-        processor_dir = Path(tmp) / "processor"
-        ImagePreprocessor().to_processor().save_pretrained(processor_dir)  # convnext-base-224's settings
-        ours = ImagePreprocessor.from_pretrained(str(processor_dir))
-        theirs = AutoImageProcessor.from_pretrained(str(processor_dir))
+        for family in args.families:
+            processor_dir = Path(tmp) / family
+            FAMILIES[family].to_processor().save_pretrained(processor_dir)
+            ours = ImagePreprocessor.from_pretrained(str(processor_dir))
+            theirs = AutoImageProcessor.from_pretrained(str(processor_dir))
 
-        def hf(image: Image.Image) -> torch.Tensor:
-            return theirs(images=image, return_tensors="pt")["pixel_values"][0]
+            def hf(image: Image.Image, theirs=theirs) -> torch.Tensor:
+                return theirs(images=image, return_tensors="pt")["pixel_values"][0]
 
-        encoded = [file.read_bytes() for file in files]
-        decoded = []
-        for data in encoded:
-            with Image.open(io.BytesIO(data)) as image:
-                decoded.append(image.convert("RGB"))
-        sizes = sorted({image.size for image in decoded})
-        print(f"{len(files)} DTD JPEGs, {sizes[0]} to {sizes[-1]} px; {type(theirs).__name__}; torch threads 1")
-        compare("decoded, in memory", ours, hf, decoded, args.seconds)
-        compare(
-            "end to end, JPEG bytes",
-            lambda data: ours(Image.open(io.BytesIO(data))),
-            lambda data: hf(Image.open(io.BytesIO(data))),
-            encoded,
-            args.seconds,
-        )
-
-        path = write_dataset(files, args.rows, Path(tmp) / "dataset")
-        for workers in (0, 2):
-            rate = loader_rate(path, str(processor_dir), workers, args.batch_size)
-            print(f"DataLoader, {workers} worker(s), batch {args.batch_size}, {args.rows} JPEGs: {rate:7.1f} img/s")
+            print(f"{family}: {type(theirs).__name__}")
+            for name, images in samples.items():
+                compare(f"  {name}, decoded", ours, hf, images, args.seconds)
+            if family != "convnext":
+                continue
+            encoded = [file.read_bytes() for file in files]
+            compare(
+                "  DTD end to end, JPEG bytes",
+                lambda data, ours=ours: ours(Image.open(io.BytesIO(data))),
+                lambda data, hf=hf: hf(Image.open(io.BytesIO(data))),
+                encoded,
+                args.seconds,
+            )
+            path = write_dataset(files, args.rows, Path(tmp) / "dataset")
+            for workers in (0, 2):
+                rate = loader_rate(path, str(processor_dir), workers, args.batch_size)
+                print(f"  DataLoader, {workers} worker(s), batch {args.batch_size}, {args.rows} JPEGs: {rate:7.1f} img/s")
 
 
 if __name__ == "__main__":

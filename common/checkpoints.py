@@ -1,6 +1,6 @@
-"""Where a checkpoint lives (a Hugging Face hub id or a local directory) and whether it is the
-ConvNeXt and the head a run needs, checked up front; both the fine-tuning and the merging
-side use these."""
+"""Where a checkpoint lives (a Hugging Face hub id or a local directory) and whether it is an
+image classifier of a supported family (``common.architectures``) with the backbone and the head
+a run needs, checked up front; both the fine-tuning and the merging side use these."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-import torch
-from transformers import ConvNextConfig, ConvNextModel
+from transformers import AutoConfig
 
+from common.architectures import ARCHITECTURES, Architecture, architecture, supported_families
 from common.errors import CheckpointError
 from common.names import plain_label
 from common.reader import CheckpointReader
@@ -19,10 +19,6 @@ from common.reader import CheckpointReader
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 #: What a checkpoint needs to be merged or fine-tuned; model cards and the rest are skipped.
 _CHECKPOINT_FILES = ["*.json", "*.safetensors"]
-#: Key prefix of the backbone in a ``ConvNextForImageClassification`` checkpoint.
-BACKBONE_PREFIX = "convnext."
-#: The ConvNeXt classes whose checkpoints hold a ``ConvNextModel`` backbone.
-_CONVNEXT_ARCHITECTURES = ("ConvNextForImageClassification", "ConvNextModel")
 
 
 def is_hub_id(name: str) -> bool:
@@ -69,54 +65,62 @@ def _read_config(directory: Path, source: str) -> dict[str, Any]:
     return config
 
 
-def check_convnext_checkpoint(directory: Path, source: str, weights: bool = True) -> None:
-    """The checkpoint in ``directory`` (named ``source``) must be a ConvNeXt whose backbone loads whole.
+def check_checkpoint(directory: Path, source: str, weights: bool = True) -> Architecture:
+    """The checkpoint in ``directory`` (named ``source``) must be an image classifier (or bare
+    backbone) of a supported family whose backbone loads whole; returns its architecture record.
 
-    transformers loads any checkpoint into ``ConvNextForImageClassification`` with only a
-    warning about missing and unexpected keys, leaving those weights random: another
-    architecture would be fine-tuned or merged from noise. Checked: the config's
-    ``model_type`` and ``architectures``, then (``weights``) every backbone tensor's key and
-    shape against the ones the config asks for, and the head's class count (``check_head_config``).
+    transformers loads any checkpoint into a ``*ForImageClassification`` with only a warning
+    about missing and unexpected keys, leaving those weights random: another architecture would
+    be fine-tuned or merged from noise. Checked: the config's ``model_type`` (a family of
+    ``common.architectures``) and ``architectures`` (that family's classifier or backbone), then
+    (``weights``) every backbone tensor's key and shape against the ones the config asks for, and
+    the head's class count (``check_head_config``).
     """
     config = _read_config(directory, source)
     model_type, architectures = config.get("model_type"), config.get("architectures") or []
-    if model_type != "convnext" or any(name not in _CONVNEXT_ARCHITECTURES for name in architectures):
-        kind = ", ".join(map(str, architectures)) or "no architectures named"
+    kind = ", ".join(map(str, architectures)) or "no architectures named"
+    if model_type not in ARCHITECTURES:
         raise CheckpointError(
-            f"checkpoint '{source}' is a '{model_type}' model ({kind}), not a ConvNeXt ({' or '.join(_CONVNEXT_ARCHITECTURES)})"
+            f"checkpoint '{source}' is a '{model_type}' model ({kind}), not one of the supported families: {supported_families()}"
+        )
+    record = ARCHITECTURES[model_type]
+    if any(name not in record.class_names for name in architectures):
+        raise CheckpointError(
+            f"checkpoint '{source}' is a '{model_type}' model ({kind}), not a {record.name} image classifier "
+            f"({' or '.join(record.class_names)})"
         )
     if weights:
-        _check_backbone_weights(directory, source)
+        _check_backbone_weights(directory, source, record)
         check_head_config(directory, source)
+    return record
 
 
-def _config_backbone(directory: Path) -> dict[str, tuple[int, ...]]:
-    """Key -> shape of the backbone the checkpoint's config describes."""
-    with torch.device("meta"):  # shapes only: nothing allocated, nothing initialised
-        model = ConvNextModel(ConvNextConfig.from_pretrained(directory))
-    return {BACKBONE_PREFIX + key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
+def _config_backbone(directory: Path, record: Architecture) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of the backbone the checkpoint's config describes, in the network's order."""
+    return record.checkpoint_shapes(AutoConfig.from_pretrained(directory))
 
 
 def network_order(directory: Path) -> list[str]:
     """The backbone keys of the checkpoint's config in the order the network defines them (its
     ``state_dict``: embeddings, stage by stage and block by block, final norm), unlike a
     safetensors file's alphabetical order, where ``layers.10`` comes before ``layers.2``."""
-    return list(_config_backbone(directory))
+    return list(_config_backbone(directory, architecture(_read_config(directory, str(directory)).get("model_type"))))
 
 
-def _check_backbone_weights(directory: Path, source: str) -> None:
-    expected = _config_backbone(directory)
+def _check_backbone_weights(directory: Path, source: str, record: Architecture) -> None:
+    expected = _config_backbone(directory, record)
+    prefix = record.prefix
     with CheckpointReader(directory) as reader:
-        # transformers also loads a bare ConvNextModel checkpoint, whose keys have no prefix.
-        stored = {BACKBONE_PREFIX + key.removeprefix(BACKBONE_PREFIX): key for key in reader.keys()}
-        stored = {key: name for key, name in stored.items() if not name.startswith("classifier.")}
+        # transformers also loads a bare backbone checkpoint (facebook/dinov2-base), whose keys have no prefix.
+        stored = {prefix + key.removeprefix(prefix): key for key in reader.keys()}
+        stored = {key: name for key, name in stored.items() if not record.is_head_key(name)}
         missing = sorted(expected.keys() - stored.keys())
         unexpected = sorted(stored[key] for key in stored.keys() - expected.keys())
         problems = [f"{len(keys)} {kind} weight(s) ({', '.join(keys[:3])})"
                     for kind, keys in (("missing", missing), ("unexpected", unexpected)) if keys]  # fmt: skip
         if problems:
             raise CheckpointError(
-                f"checkpoint '{source}' does not hold the backbone its ConvNeXt config describes: {'; '.join(problems)}"
+                f"checkpoint '{source}' does not hold the backbone its {record.name} config describes: {'; '.join(problems)}"
             )
         for key, shape in expected.items():
             if reader.shape(stored[key]) != shape:
@@ -141,20 +145,17 @@ def check_head_labels(config: Any, classnames: list[str], source: str) -> None:
         )
 
 
-#: The head of a ``ConvNextForImageClassification`` checkpoint: one row per class.
-HEAD_WEIGHT = "classifier.weight"
-
-
 def check_head_config(directory: Path, source: str) -> None:
     """The class count ``config.json`` gives (``num_labels``, ``id2label``) must be the head's
     number of rows, where the checkpoint has a head: transformers otherwise stops loading it with
     a size-mismatch ``RuntimeError``, and every check of the head against a task would name the
     config's count for weights of another size. Reads the config and the weights' header only."""
     config = _read_config(directory, source)
+    head_weight = architecture(config.get("model_type")).head_keys[0]
     with CheckpointReader(directory) as reader:
-        if HEAD_WEIGHT not in reader:
+        if head_weight not in reader:
             return
-        rows, file = reader.shape(HEAD_WEIGHT)[0], reader.path_of(HEAD_WEIGHT)
+        rows, file = reader.shape(head_weight)[0], reader.path_of(head_weight)
     counts = {}
     if isinstance(config.get("num_labels"), int):
         counts["num_labels"] = config["num_labels"]
@@ -166,5 +167,5 @@ def check_head_config(directory: Path, source: str) -> None:
     if wrong:
         raise CheckpointError(
             f"checkpoint '{source}': its config.json ('{directory / 'config.json'}') gives {' and '.join(wrong)}, "
-            f"but its head '{HEAD_WEIGHT}' in '{file}' has {rows} rows"
+            f"but its head '{head_weight}' in '{file}' has {rows} rows"
         )

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from datamodules.errors import DataError
@@ -27,6 +28,15 @@ OWN_SAMPLING = (
     "set trainer.use_distributed_sampler=false: the training data is ordered and sharded by its "
     "DataModule (Lightning's sampler would replace the seeded order)"
 )
+
+
+def evaluates_nothing(trainer: Any) -> bool:
+    """Whether ``trainer``'s test run evaluates nothing: ``merge.py test --trainer.limit_test_batches 0``
+    (merge and write only) reads no batch. Decided here, once, for everyone who asks: the CLI before
+    the run starts (a run that would do nothing is refused), the multi-task DataModule (which then
+    reads no data) and the merge-side models (which then write right after merging). Asked before
+    ``Trainer.test`` starts or during it; never while fitting (AdaMerging's ``merge.py fit``)."""
+    return trainer is not None and trainer.state.fn in (None, TrainerFn.TESTING) and trainer.limit_test_batches == 0
 
 
 def check_split_over_devices(batch_size: int, trainer: Any, option: str, accumulate: int = 1) -> None:

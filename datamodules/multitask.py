@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from datamodules.classification import check_holdout, split_train_val
 from datamodules.errors import DataError, check_setting
 from datamodules.images import check_images
-from datamodules.loaders import distributed_context, evaluation_dataloader, step_stream_dataloader
+from datamodules.loaders import distributed_context, evaluates_nothing, evaluation_dataloader, step_stream_dataloader
 from datamodules.preprocessing import ImagePreprocessor, load_image_processor
 from datamodules.sources import check_path, checked_label_mapping, get_split, load_task_dataset, split_name
 from datamodules.tasks import TaskInfo, get_task
@@ -147,13 +147,8 @@ class MultiTaskDataModule(LightningDataModule):
     def test_splits(self) -> dict[str, HFDataset]:
         return {task.name: get_split(self._load(task), "test", task, self.paths.get(task.name)) for task in self.tasks}
 
-    def _evaluates_nothing(self) -> bool:
-        """``merge.py test --trainer.limit_test_batches 0`` (merge and save only) reads no data."""
-        trainer = self.trainer
-        return trainer is not None and trainer.testing and trainer.limit_test_batches == 0
-
     def prepare_data(self) -> None:
-        if self._evaluates_nothing():
+        if evaluates_nothing(self.trainer):
             return
         for task in self.tasks:
             self._load(task)
@@ -161,7 +156,7 @@ class MultiTaskDataModule(LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Build (and so check: labels, images) every split the stage reads, before the model is
         merged or anything is written; a run that evaluates nothing reads nothing."""
-        if self._evaluates_nothing():
+        if evaluates_nothing(self.trainer):
             return
         if stage in ("test", None):
             self.evaluation_datasets  # noqa: B018  (a cached property: built here, once)

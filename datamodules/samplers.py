@@ -56,6 +56,9 @@ class StepStreamSampler(Sampler[int]):
         self.fresh_draws = fresh_draws
         self.epoch = 0
         self.resume_step = 0
+        #: steps between the run's epoch starts and ``epoch * steps_per_epoch`` (``_epoch_start``),
+        #: fixed at the first pass after ``resume_step`` is set
+        self._shift: int | None = None
 
     @property
     def rank_batch_size(self) -> int:
@@ -72,8 +75,19 @@ class StepStreamSampler(Sampler[int]):
         # The whole epoch, also when resumed part-way: Lightning counts the batches it already saw.
         return self.steps_per_epoch * self.rank_batch_size
 
+    def _epoch_start(self) -> int:
+        """The optimizer step this epoch starts at: ``epoch * steps_per_epoch``, unless the run was
+        resumed from one whose epochs were shorter. A step-based run's one epoch spans its
+        ``max_steps``, so a finished run resumed with more steps starts its next epoch at the step
+        it stopped, before ``epoch * steps_per_epoch``: the stream goes on from there (not from
+        that later step, skipping samples), and the epochs after it follow on."""
+        start = self.epoch * self.steps_per_epoch
+        if self._shift is None:
+            self._shift = min(0, self.resume_step - start) if self.resume_step > 0 else 0
+        return start + self._shift
+
     def __iter__(self) -> Iterator[int]:
-        first_epoch_step = self.epoch * self.steps_per_epoch
+        first_epoch_step = self._epoch_start()
         first = max(first_epoch_step, self.resume_step)
         last = first_epoch_step + self.steps_per_epoch
         if self.fresh_draws:

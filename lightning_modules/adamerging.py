@@ -1,13 +1,21 @@
-"""AdaMerging (Yang et al., ICLR 2024) for ConvNeXt: learn the merging coefficients on
-unlabelled test images by minimising the entropy of each task's predictions.
+"""AdaMerging (Yang et al., ICLR 2024) for any family of ``common.architectures`` (ConvNeXt,
+ResNet, ViT, ...): learn the merging coefficients on unlabelled test images by minimising the
+entropy of each task's predictions.
 
 Merged backbone: ``theta = theta_0 + sum_t lambda_t * tau_t`` (task-wise, one lambda per
 task) or ``theta_k = theta_0,k + sum_t lambda_{t,k} * tau_{t,k}`` (layer-wise, one lambda
-per task and parameter tensor ``k``). Only the lambdas train: the pretrained backbone and
-the task vectors are frozen tensors on the device, once each, and every step runs the
-backbone with ``torch.func.functional_call`` on the merged parameters (no model copies).
-The training data are the tasks' test images *without labels* (``MultiTaskDataModule``
-drops the label column before any loader exists).
+per task and backbone tensor ``k``: every tensor the other methods merge, ``ModelPool.merge_keys``,
+BatchNorm's running statistics included; its integer ``num_batches_tracked`` is the pretrained
+model's). Only the lambdas train: the pretrained backbone and the task vectors are frozen tensors
+on the device, once each, and every step runs the backbone with ``torch.func.functional_call`` on
+the merged tensors (no model copies). The backbone runs in eval mode while the coefficients train,
+as it is evaluated: the entropy minimised is that of the model that is scored (BatchNorm normalises
+with the merged running statistics; FusionBench's ResNet AdaMerging runs BatchNorm in train mode,
+on each batch's own statistics). Eval-mode BatchNorm is a per-channel affine map of its weights
+*and* running statistics, so the merged statistics' coefficients learn too: torch's fused
+``batch_norm`` refuses a gradient for them, and ``EvalBatchNorm2d`` computes the same map in
+differentiable operations while the coefficients train. The training data are the tasks' test images *without labels*
+(``MultiTaskDataModule`` drops the label column before any loader exists).
 """
 
 from __future__ import annotations
@@ -21,14 +29,15 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from callbacks.wandb_report import wandb_loggers
 from common.files import check_output_location, write_files_atomically
 from datamodules.errors import check_setting
-from lightning_modules.evaluation import ModelPoolSpec, MultiTaskEvaluation, backbone_from_state, check_pool_up_front
-from lightning_modules.wandb_logger import wandb_loggers
+from lightning_modules.backbones import backbone_from_state
+from lightning_modules.evaluation import ModelPoolSpec, MultiTaskEvaluation, check_pool_up_front
 from merging.coefficients import Coefficients, coefficients_heatmap, write_coefficients
 from merging.engine import TaskVectors
 from merging.errors import MergeError
-from merging.pool import BACKBONE_PREFIX, PRETRAINED, ModelPool
+from merging.pool import PRETRAINED, ModelPool
 
 
 def prediction_entropy(logits: Tensor) -> Tensor:
@@ -36,6 +45,34 @@ def prediction_entropy(logits: Tensor) -> Tensor:
     float32 (the bf16 logits of a mixed-precision run), float64 kept (``--trainer.precision 64-true``)."""
     log_probabilities = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
     return -(log_probabilities.exp() * log_probabilities).sum(dim=-1).mean()
+
+
+class EvalBatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` in eval mode, ``(x - mean) / sqrt(var + eps) * weight + bias``, written in
+    operations autograd differentiates with respect to the running statistics too (the fused
+    kernel does not), with the same parameter and buffer names, so ``functional_call`` can hand it
+    merged running statistics that carry the coefficients' graph."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        if self.training or self.running_mean is None or self.running_var is None:
+            return super().forward(input)
+        shape = (1, -1) + (1,) * (input.dim() - 2)
+        normalised = (input - self.running_mean.view(shape)) * torch.rsqrt(self.running_var.view(shape) + self.eps)
+        if self.weight is None:
+            return normalised
+        return normalised * self.weight.view(shape) + self.bias.view(shape)
+
+    @classmethod
+    def replacing(cls, module: nn.Module) -> None:
+        """Every ``nn.BatchNorm2d`` inside ``module`` replaced by one of these, holding its tensors."""
+        for name, child in list(module.named_children()):
+            if type(child) is nn.BatchNorm2d:
+                layer = cls(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
+                layer.load_state_dict(child.state_dict())
+                layer.train(child.training).requires_grad_(False)
+                setattr(module, name, layer)
+            else:
+                cls.replacing(child)
 
 
 class AdaMerging(MultiTaskEvaluation):
@@ -111,7 +148,7 @@ class AdaMerging(MultiTaskEvaluation):
         self.evaluate_individual = evaluate_individual
         self.row_name = f"adamerging({granularity}-wise)"
         self.merge_tasks = self.pool.task_names
-        self.keys = [key for key in self.pool.backbone_keys]
+        self.keys = list(self.pool.merge_keys)
         width = len(self.keys) if granularity == "layer" else 1
         self.coefficients = nn.Parameter(torch.full((len(self.merge_tasks), width), float(init_value)))
         if coefficients is not None:
@@ -124,13 +161,22 @@ class AdaMerging(MultiTaskEvaluation):
         self.backbone: nn.Module | None = None
         self.task_vectors = nn.Module()
 
+    @property
+    def family(self) -> Any:
+        """The pool's architecture record (``common.architectures``)."""
+        return self.pool.architecture
+
     def build(self) -> None:
         pool = self.pool
         pool.check_backbones()
         self.check_pool(pool)
         vectors = TaskVectors(pool)
         theta0 = {key: vectors.pretrained_tensor(key) for key in self.keys}
-        self.backbone = backbone_from_state(pool.config(PRETRAINED), theta0).requires_grad_(False)
+        counters = {key: vectors.pretrained.read(key) for key in pool.counter_keys}
+        self.backbone = backbone_from_state(pool.config(PRETRAINED), {**theta0, **counters}).requires_grad_(False)
+        EvalBatchNorm2d.replacing(self.backbone)  # the running statistics' coefficients get a gradient
+        #: checkpoint key -> name in the backbone module, for ``functional_call``.
+        self.module_names = pool.architecture.checkpoint_keys(self.backbone.config)
         for index, key in enumerate(self.keys):
             # Each task vector is copied into its row of the stacked tensor as it is read (one
             # transient tensor at a time): no list of copies and no second copy by torch.stack.
@@ -153,13 +199,20 @@ class AdaMerging(MultiTaskEvaluation):
     def merged_parameters(self) -> dict[str, Tensor]:
         """``theta_0 + sum_t lambda_{t,k} tau_{t,k}`` for every backbone tensor ``k``."""
         lambdas = self.applied_coefficients().expand(len(self.merge_tasks), len(self.keys))
-        pretrained = dict(self.backbone.named_parameters())
+        pretrained = {**dict(self.backbone.named_parameters()), **dict(self.backbone.named_buffers())}
         merged = {}
         for index, key in enumerate(self.keys):
-            name = key.removeprefix(BACKBONE_PREFIX)
+            name = self.module_names[key]
             vectors = getattr(self.task_vectors, f"k{index}")
             merged[name] = pretrained[name] + torch.tensordot(lambdas[:, index], vectors, dims=1)
         return merged
+
+    def train(self, mode: bool = True) -> AdaMerging:
+        """Lightning's train mode, but for the backbone, which stays in eval mode (see the module's docstring)."""
+        super().train(mode)
+        if self.backbone is not None:
+            self.backbone.eval()
+        return self
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         """The summed entropy of the tasks, backpropagated task by task: each task's forward and
@@ -175,9 +228,10 @@ class AdaMerging(MultiTaskEvaluation):
         gradients: dict[str, Tensor] | None = None
         total = torch.zeros((), device=self.coefficients.device)
         for task in self.tasks:
-            features = functional_call(self.backbone, weights, (batch[task],)).pooler_output
+            features = self.family.features(functional_call(self.backbone, weights, (batch[task],)))
             entropy = prediction_entropy(self.heads(features, task))
-            task_gradients = torch.autograd.grad(entropy, list(weights.values()))
+            # A tensor the forward never reads (DINOv2's mask_token, for masked pre-training) has a zero gradient.
+            task_gradients = torch.autograd.grad(entropy, list(weights.values()), materialize_grads=True)
             if gradients is None:
                 gradients = dict(zip(weights, task_gradients))
             else:
@@ -217,7 +271,7 @@ class AdaMerging(MultiTaskEvaluation):
         writers = {  # both files or neither
             "coefficients.json": partial(write_coefficients, coefficients=applied, tasks=tasks, keys=keys, granularity=self.granularity),
             "coefficients.png": partial(coefficients_heatmap, coefficients=applied, tasks=tasks, keys=keys,
-                                        network_keys=self.pool.network_keys),
+                                        network_keys=[key for key in self.pool.network_keys if key in set(keys)]),
         }  # fmt: skip
         write_files_atomically(output, writers, "model.output_dir")
         print(f"wrote {output / 'coefficients.json'} and {output / 'coefficients.png'}")
@@ -225,10 +279,12 @@ class AdaMerging(MultiTaskEvaluation):
             logger.log_image(key="adamerging/coefficients", images=[str(output / "coefficients.png")])
 
     def on_test_start(self) -> None:
+        keys = {name: key for key, name in self.module_names.items()}
         with torch.no_grad():
-            merged = {BACKBONE_PREFIX + name: tensor.detach().clone() for name, tensor in self.merged_parameters().items()}
+            merged = {keys[name]: tensor.detach().clone() for name, tensor in self.merged_parameters().items()}
         self.verify_identical_across_ranks(merged, "merged weights")
-        self.rows[self.row_name] = backbone_from_state(self.pool.config(PRETRAINED), merged)
+        state = {**self.family.backbone_state(self.backbone), **merged}  # the counters: the pretrained model's
+        self.rows[self.row_name] = backbone_from_state(self.pool.config(PRETRAINED), state)
 
     def report_extra(self) -> dict[str, Any]:
         return {

@@ -1,19 +1,21 @@
-"""Fine-tuning: a Hugging Face ConvNeXt classifier trained with plain SGD."""
+"""Fine-tuning: a Hugging Face image classifier (ConvNeXt by default, or any family of
+``common.architectures``) trained with plain SGD."""
 
 from __future__ import annotations
 
 import math
 from typing import Any
 
+import numpy as np
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable
 from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
-from transformers import AutoConfig, ConvNextForImageClassification
+from transformers import AutoConfig, PreTrainedModel
 
-from common.checkpoints import check_convnext_checkpoint, check_head_labels, resolve_model_dir
+from common.checkpoints import check_checkpoint, check_head_labels, resolve_model_dir
 from common.errors import CheckpointError
 from datamodules.errors import check_setting
 from lightning_modules.errors import TrainingError
@@ -32,17 +34,21 @@ def label_maps(classnames: list[str]) -> tuple[dict[int, str], dict[str, int]]:
 
 
 class ImageClassifier(LightningModule):
-    """ConvNeXt (``ConvNextForImageClassification``) fine-tuned with SGD and cross-entropy.
+    """An image classifier of the checkpoint's family (``ConvNextForImageClassification`` for the
+    default ``facebook/convnext-base-224``; ``ResNetForImageClassification`` for ``microsoft/resnet-50``,
+    ...: ``common.architectures``) fine-tuned with SGD and cross-entropy.
 
     Args:
         num_classes: number of classes of the task (linked from the DataModule).
         classnames: class names in label order (linked from the DataModule); written into the
             model config as ``id2label`` / ``label2id``.
-        model_name_or_path: hub id or local checkpoint directory to start from.
+        model_name_or_path: hub id or local checkpoint directory to start from, of a supported
+            family (ConvNeXt, ConvNeXt-V2, ResNet, ViT, DINOv2, Swin); give ``data.processor`` the
+            same, so the images are preprocessed as that model's were.
         pretrained: load the checkpoint's weights; false builds the architecture from its
             config with random weights.
-        new_head: replace the classifier by a freshly initialised ``Linear`` of the task's
-            size (fine-tuning). False keeps the checkpoint's own head, which must be for this
+        new_head: replace the classifier by a freshly initialised head of the task's size, the
+            family's layout (a ``Linear``; ResNet's ``Flatten`` and ``Linear``): fine-tuning. False keeps the checkpoint's own head, which must be for this
             task (evaluating an exported model).
         lr: SGD learning rate (the recipe's lives in ``configs/train/base.yaml``, as every
             tuned value: none is repeated here as a default).
@@ -51,7 +57,7 @@ class ImageClassifier(LightningModule):
         scheduler: learning-rate scheduler, stepped every optimizer step; default none (constant).
         label_smoothing: cross-entropy label smoothing.
         channels_last: keep activations in channels-last memory format (faster convolutions on GPUs).
-        compile: compile the ConvNeXt with ``torch.compile`` (in place: the same parameters and
+        compile: compile the model with ``torch.compile`` (in place: the same parameters and
             state-dict keys, so checkpoints and exports are unchanged); the first steps pay the
             compilation. ``benchmarks/compile_check.py`` measures speed and numerics against eager.
     """
@@ -98,15 +104,15 @@ class ImageClassifier(LightningModule):
         self.test_loss = MeanMetric()
 
     @staticmethod
-    def _build(source: str, pretrained: bool, new_head: bool, classnames: list[str]) -> ConvNextForImageClassification:
+    def _build(source: str, pretrained: bool, new_head: bool, classnames: list[str]) -> PreTrainedModel:
         directory = resolve_model_dir(source)
-        check_convnext_checkpoint(directory, source, weights=pretrained)
+        family = check_checkpoint(directory, source, weights=pretrained)
         if pretrained:
-            model = ConvNextForImageClassification.from_pretrained(directory, dtype=torch.float32)
+            model = family.classifier_class.from_pretrained(directory, dtype=torch.float32)
         else:
-            model = ConvNextForImageClassification(AutoConfig.from_pretrained(directory))
+            model = family.classifier_class(AutoConfig.from_pretrained(directory))
         if new_head:
-            model.classifier = nn.Linear(model.config.hidden_sizes[-1], len(classnames))
+            family.replace_head(model, len(classnames))
         else:
             check_head_labels(model.config, classnames, source)
         model.config.num_labels = len(classnames)
@@ -125,9 +131,28 @@ class ImageClassifier(LightningModule):
             pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
         return self.model(pixel_values=pixel_values).logits
 
+    def on_fit_start(self) -> None:
+        # ``seed_everything``'s seed (the same in a resumed run): the root of every step's randomness.
+        self._base_seed = torch.initial_seed()
+
+    def _step_seed(self, batch_idx: int) -> int:
+        """The seed of this forward pass's randomness (dropout, stochastic depth): the run's seed,
+        the optimizer step and the micro-batch within it, so a resumed run draws what the
+        uninterrupted one drew. The global generator's own state would not do: every DataLoader
+        iterator (a validation's, the sanity check's) draws from it, and a resumed run makes
+        other iterators than the run it continues."""
+        micro_batch = batch_idx % self.trainer.accumulate_grad_batches
+        return int(np.random.SeedSequence([self._base_seed, self.global_step, micro_batch]).generate_state(1, np.uint64)[0] >> 1)
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
-        logits = self(images)
+        accelerator = self.device.type != "cpu"
+        # Forked: the global generators go on as they would have for everything else.
+        with torch.random.fork_rng(
+            devices=[self.device] if accelerator else [], device_type=self.device.type if accelerator else None
+        ):
+            torch.manual_seed(self._step_seed(batch_idx))
+            logits = self(images)
         loss = self.loss(logits, labels)
         self.log("train/loss", loss, prog_bar=True)
         self.log_dict(self.train_metrics(logits, labels))

@@ -13,8 +13,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from lightning_modules.evaluation import ModelPoolSpec, MultiTaskEvaluation, backbone_from_state, check_pool_up_front
-from lightning_modules.grams import GramPass
+from lightning_modules.backbones import backbone_from_state
+from lightning_modules.evaluation import ModelPoolSpec, MultiTaskEvaluation, check_pool_up_front
 from merging.errors import MergeError
 from merging.methods import MergeMethod
 from merging.pool import PRETRAINED, ModelPool
@@ -120,7 +120,7 @@ class MethodComparison(MultiTaskEvaluation):
                 self.rows[method.describe()] = self._merged_backbone(method)
         self.set_heads_and_individual(pool, self.evaluate_individual)
         if self.uses_grams:
-            self.gram_pass = GramPass(pool, self.tasks)
+            self.start_gram_pass(pool)
 
     def _merged_backbone(self, method: MergeMethod, grams: dict[str, list[Tensor]] | None = None) -> nn.Module:
         return backbone_from_state(self.pool.config(PRETRAINED), self.merged_state(self.pool, method, grams))
@@ -128,7 +128,9 @@ class MethodComparison(MultiTaskEvaluation):
     def merge_with_grams(self, grams: dict[str, list[Tensor]]) -> None:
         for method in self.methods:
             if method.needs_grams:
-                self.rows[method.describe()] = self._merged_backbone(method, grams).to(self.device)
+                # In the module's dtype too (``--trainer.precision 64-true`` converted the module, and
+                # the rows built before the Gram pass with it, before this merge).
+                self.rows[method.describe()] = self._merged_backbone(method, grams).to(self.device, self.dtype)
 
     def selection(self) -> list[dict[str, Any]]:
         """Per method with several grid points: the choice on validation and the best on test."""

@@ -18,22 +18,24 @@ import hashlib
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from jsonargparse.typing import Path_fr
-from lightning.pytorch import LightningModule
+from lightning.pytorch import Callback, LightningModule
 from torch import nn
 from torchmetrics import MeanMetric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
-from transformers import ConvNextConfig, ConvNextModel
 
+from callbacks.report import INDIVIDUAL, ReportFiles, build_report, summarize
+from callbacks.wandb_report import WandbReport
+from common.architectures import backbone_features
 from common.files import check_output_location
+from datamodules.loaders import evaluates_nothing
 from datamodules.multitask import GRAM_SPLIT
-from lightning_modules.report import INDIVIDUAL, build_report, summarize, table_rows, write_report
-from lightning_modules.wandb_logger import wandb_loggers
+from lightning_modules.backbones import heads_from_state, load_backbone
+from lightning_modules.gram_pass import GramPass, check_gram_split
 from merging.engine import merge_backbone
 from merging.errors import MergeError
 from merging.switch import SwitchModule
@@ -44,37 +46,13 @@ from merging.switch import SwitchModule
 ModelPoolSpec = dict[str, str | dict[str, Any]] | Path_fr | str
 
 
-def backbone_from_state(config: ConvNextConfig, state: Mapping[str, torch.Tensor]) -> ConvNextModel:
-    """A ``ConvNextModel`` holding ``state`` (keys ``convnext.*``), built without a random init."""
-    with torch.device("meta"):
-        model = ConvNextModel(config)
-    stripped = {key.removeprefix("convnext."): tensor for key, tensor in state.items()}
-    model.load_state_dict(stripped, assign=True, strict=True)
-    return model
-
-
-def load_backbone(pool: Any, task: str) -> ConvNextModel:
-    """Task ``task``'s fine-tuned backbone from ``pool``, frozen."""
-    reader = pool.reader(task)
-    state = {key: reader.read(key) for key in pool.backbone_keys}
-    return backbone_from_state(pool.config(task), state).requires_grad_(False)
-
-
-def heads_from_state(heads: Mapping[str, Mapping[str, torch.Tensor]]) -> SwitchModule:
-    routes = {}
-    for task, head in heads.items():
-        linear = nn.Linear(head["weight"].shape[1], head["weight"].shape[0])
-        linear.load_state_dict({"weight": head["weight"], "bias": head["bias"]})
-        routes[task] = linear
-    return SwitchModule(routes)
-
-
 def state_digest(state: Mapping[str, torch.Tensor]) -> str:
     """A hash of every tensor's bytes, to check that all processes hold the same weights."""
     digest = hashlib.blake2b(digest_size=16)
     for key in sorted(state):
         digest.update(key.encode())
-        digest.update(state[key].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        # Flattened first: a 0-d tensor (BatchNorm's counter) has no byte view of its own.
+        digest.update(state[key].detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -113,10 +91,24 @@ def check_pool_up_front(pool: Any, tasks: list[str]) -> None:
     pool.check_distinct(contents=False)
 
 
+class PerTaskBackbones(nn.ModuleDict):
+    """A row of one backbone per task (task -> backbone): each task is scored with its own. The
+    ``individual`` row (each fine-tuned model on its own task) is one; so is the model of a
+    mask-based method (EMR-Merging, TALL masks: a shared merged backbone with a per-task mask),
+    set as a row of ``Rows`` like any merged backbone."""
+
+
+def row_backbone(row: nn.Module, task: str) -> nn.Module:
+    """The backbone a row scores ``task`` with: its own for that task in a ``PerTaskBackbones``
+    row, otherwise the row's one backbone."""
+    return row[task] if isinstance(row, PerTaskBackbones) else row
+
+
 class Rows(nn.Module):
     """The evaluated backbones by row name, in order: a mapping whose names may hold any
     character (a method's name with its hyper-parameters, ``ties(top_k=0.2)``), which
-    ``nn.ModuleDict``'s keys may not ('.'). The backbones are submodules (``0``, ``1``, ...),
+    ``nn.ModuleDict``'s keys may not ('.'). A row is one backbone for every task, or one per task
+    (``PerTaskBackbones``). The backbones are submodules (``0``, ``1``, ...),
     so they follow the LightningModule to its device; setting a name again replaces its
     backbone in place."""
 
@@ -181,12 +173,15 @@ class MultiTaskEvaluation(LightningModule, ABC):
         #: the scored (labelled) splits and loaders.
         self.evaluated_splits = [split for split in self.splits if split != GRAM_SPLIT]
         self.evaluated = [(split, task) for split, task in self.loaders if split != GRAM_SPLIT]
-        #: split -> row -> task -> {accuracy, loss, num_samples}, after a test run.
+        #: split -> row -> task -> {accuracy, loss, num_samples}, after a test run; ``report`` the
+        #: content of ``report.json``, which the callbacks (``configure_callbacks``) write.
         self.results: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
         self.report_dir = report_dir
         self.report_title = report_title
         self.rows = Rows()
-        self.individual = nn.ModuleDict()
+        #: the ``individual`` row, last in the report (a ``PerTaskBackbones`` row of its own, kept
+        #: apart from ``rows`` so that it follows every merged row whatever the order of ``build()``).
+        self.individual = PerTaskBackbones()
         self.heads: SwitchModule | None = None
         self.report: dict[str, Any] | None = None
         #: True where a merge needs the Gram pass (subclasses set it in ``__init__``); ``build()``
@@ -207,9 +202,10 @@ class MultiTaskEvaluation(LightningModule, ABC):
         pool.check_heads(self.classnames)
 
     def check_test_does_something(self, trainer: Any) -> None:
-        """``merge.py test --trainer.limit_test_batches 0`` evaluates nothing: refused, unless the
-        model writes something else (``MergedClassifier``'s ``save_dir``)."""
-        if trainer.limit_test_batches == 0:
+        """A run that evaluates nothing (``datamodules.loaders.evaluates_nothing``: ``merge.py test
+        --trainer.limit_test_batches 0``) is refused, unless the model writes something else
+        (``MergedClassifier``'s ``save_dir``)."""
+        if evaluates_nothing(trainer):
             name = type(self).__name__
             raise MergeError(f"trainer.limit_test_batches 0 evaluates nothing, and {name} saves nothing: nothing would be done")
 
@@ -227,19 +223,16 @@ class MultiTaskEvaluation(LightningModule, ABC):
             raise MergeError(
                 f"the data module evaluates splits {data_splits}, the model expects {self.splits}: pass splits=data.splits"
             )
-        self._check_gram_split()  # before build() loads any model
+        check_gram_split(self.uses_grams, self.splits, type(self).__name__)  # before build() loads any model
         if self.heads is None:
             self.build()
             self._make_metrics()
 
-    def _check_gram_split(self) -> None:
-        needs, given = self.uses_grams, GRAM_SPLIT in self.splits
-        if needs and not given:
-            raise MergeError("this merge needs unlabelled train images for its Gram matrices: set data.gram_images (e.g. 256)")
-        if given and not needs:
-            raise MergeError(
-                f"data.gram_images is set, but {type(self).__name__} with these methods merges without data: drop it"
-            )
+    def start_gram_pass(self, pool: Any) -> None:
+        """The one entry to the Gram pass (``lightning_modules.gram_pass``) for a merge that needs it:
+        the pool's fine-tuned backbones read the ``gram`` loaders' images first, and
+        ``merge_with_grams`` builds the waiting rows once they are read."""
+        self.gram_pass = GramPass(pool, self.tasks)
 
     def merge_with_grams(self, grams: dict[str, list[torch.Tensor]]) -> None:
         """Build the rows that wait for the Gram pass, from ``grams`` (per Linear weight key,
@@ -257,8 +250,12 @@ class MultiTaskEvaluation(LightningModule, ABC):
         with torch.inference_mode(False), torch.no_grad():
             self.merge_with_grams(grams)
 
+    def _evaluated_rows(self) -> list[tuple[str, nn.Module]]:
+        """Every scored row, name and backbone(s): ``rows``, then ``individual`` where it is filled."""
+        return [*self.rows.items(), *([(INDIVIDUAL, self.individual)] if len(self.individual) else [])]
+
     def _all_rows(self) -> list[str]:
-        return [*self.rows, *([INDIVIDUAL] if len(self.individual) else [])]
+        return [name for name, _ in self._evaluated_rows()]
 
     def _make_metrics(self) -> None:
         def per_task(factory: Any) -> nn.ModuleList:
@@ -295,7 +292,7 @@ class MultiTaskEvaluation(LightningModule, ABC):
 
     def _backbones(self, task: str) -> list[nn.Module]:
         """Each row's backbone for ``task``, in the order of ``_all_rows``."""
-        return [backbone for _, backbone in self.rows.items()] + ([self.individual[task]] if len(self.individual) else [])
+        return [row_backbone(row, task) for _, row in self._evaluated_rows()]
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor] | torch.Tensor, batch_idx: int, dataloader_idx: int = 0) -> None:
         split, task = self.loaders[dataloader_idx]
@@ -307,7 +304,7 @@ class MultiTaskEvaluation(LightningModule, ABC):
         images, labels = batch
         key = f"{split}/{task}"
         for row, backbone in enumerate(self._backbones(task)):
-            logits = self.heads(backbone(pixel_values=images).pooler_output, task)
+            logits = self.heads(backbone_features(backbone, images), task)
             loss = nn.functional.cross_entropy(logits, labels)
             self.accuracy[row][key].update(logits, labels)
             self.mean_loss[row][key].update(loss, weight=labels.numel())
@@ -341,7 +338,8 @@ class MultiTaskEvaluation(LightningModule, ABC):
                     task_metric.reset()
         for split, results in self.results.items():
             self._log_results(results, split)
-        self.report = self._write(self.results["test"])
+        # On every process: the content is the same everywhere; the callbacks write it on rank 0.
+        self.report = build_report(self.results["test"], *self.report_header())
 
     def _partial(self) -> bool:
         """A deliberately partial run (``fast_dev_run``, ``limit_test_batches``): no full count to check."""
@@ -373,6 +371,12 @@ class MultiTaskEvaluation(LightningModule, ABC):
         for logger in self.trainer.loggers:
             logger.log_metrics(metrics, step=self.trainer.global_step)
 
+    def configure_callbacks(self) -> list[Callback]:
+        """The writers of ``report`` at the end of a test run: the report files (with ``report_dir``),
+        then the W&B table and figures."""
+        writers: list[Callback] = [ReportFiles(self.report_dir)] if self.report_dir is not None else []
+        return [*writers, WandbReport(self.report_dir)]
+
     def report_extra(self) -> dict[str, Any]:
         """More fields for ``report.json`` (method, pool, ...)."""
         return {}
@@ -390,25 +394,3 @@ class MultiTaskEvaluation(LightningModule, ABC):
             extra["validation"] = summarize(self.results["validation"])
         title = f"{self.report_title} (PARTIAL: limited test batches)" if self._partial() else self.report_title
         return title, extra
-
-    def _write(self, results: Mapping[str, Mapping[str, Mapping[str, float]]]) -> dict[str, Any] | None:
-        report = None
-        if self.trainer.is_global_zero:
-            title, extra = self.report_header()
-            if self.report_dir is None:
-                report = build_report(results, title, extra)
-            else:
-                report = write_report(results, self.report_dir, title, extra, self.report_sections())
-            self._log_to_wandb(report)
-            if self.report_dir is not None:
-                print(Path(self.report_dir, "report.md").read_text())
-        return report
-
-    def _log_to_wandb(self, report: Mapping[str, Any]) -> None:
-        """The Markdown table's columns (tasks abbreviated) as a W&B table, and both figures."""
-        for logger in wandb_loggers(self.trainer):
-            header, lines = table_rows(report)
-            logger.log_table(key="test/report", columns=header, data=lines)
-            if self.report_dir is not None:
-                logger.log_image(key="test/accuracy_chart", images=[str(Path(self.report_dir, "accuracy.png"))])
-                logger.log_image(key="test/accuracy_heatmap", images=[str(Path(self.report_dir, "accuracy_heatmap.png"))])

@@ -2,26 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch import Callback
 from torch import nn
 from transformers import PretrainedConfig
 
-from common.checkpoints import BACKBONE_PREFIX
-from common.files import check_export_target, check_output_location, write_atomically
-from lightning_modules.evaluation import (
-    ModelPoolSpec,
-    MultiTaskEvaluation,
-    backbone_from_state,
-    check_pool_up_front,
-    heads_from_state,
-)
-from lightning_modules.grams import GramPass
-from lightning_modules.merged_export import classifier_config, merged_model_card, write_classifier
+from callbacks.merged_export import MergedModelExport
+from common.files import check_export_target, check_output_location
+from datamodules.loaders import evaluates_nothing
+from lightning_modules.backbones import backbone_from_state, heads_from_state
+from lightning_modules.evaluation import ModelPoolSpec, MultiTaskEvaluation, check_pool_up_front
 from merging.errors import MergeError
 from merging.methods import MergeMethod, SimpleAverage
 from merging.pool import PRETRAINED, ModelPool
@@ -46,8 +39,8 @@ class MergedClassifier(MultiTaskEvaluation):
         merged_model: evaluate this saved merged model (a ``save_dir``) instead of merging.
         save_dir: write the merged model (backbone + all heads) here; with
             ``--trainer.limit_test_batches 0`` it is merged and saved without evaluating.
-        export_dir: write, for every evaluated task, a plain Hugging Face
-            ``ConvNextForImageClassification`` to ``<export_dir>/<task>``: the merged backbone
+        export_dir: write, for every evaluated task, a plain Hugging Face image classifier of the
+            pool's family (``ConvNextForImageClassification``, ...) to ``<export_dir>/<task>``: the merged backbone
             with that task's own head and class names, the image processor and a model card
             (method, hyper-parameters, model pool, the task's test accuracy). Written after the
             evaluation; with ``--trainer.limit_test_batches 0`` right after merging, not evaluated.
@@ -97,49 +90,61 @@ class MergedClassifier(MultiTaskEvaluation):
         self.overwrite = overwrite
         self.channels_last = channels_last
         self.uses_grams = merged_model is None and self.method.needs_grams
-        self._backbone_config: PretrainedConfig | None = None  # set by build(), for the exports
+        self.backbone_config: PretrainedConfig | None = None  # set by build(), for the exports
         self._saved_info: dict[str, Any] = {}  # merge.json of the saved merged model
         if merged_model is not None:
             self.report_title = f"Saved merged model: {merged_model}"
 
-    def _evaluates_nothing(self) -> bool:
-        return self.trainer is not None and self.trainer.testing and self.trainer.limit_test_batches == 0
-
     def check_test_does_something(self, trainer: Any) -> None:
-        if trainer.limit_test_batches == 0 and self.uses_grams:
+        if not evaluates_nothing(trainer):
+            return
+        if self.uses_grams:
             raise MergeError(
                 f"{self.method.describe()} merges from a pass over train images, and trainer.limit_test_batches 0 reads "
                 "no data: merge and save with --trainer.limit_test_batches 1.0 (and --model.save_dir)"
             )
-        if trainer.limit_test_batches == 0 and self.save_dir is None and self.export_dir is None:
+        if self.save_dir is None and self.export_dir is None:
             raise MergeError(
                 "trainer.limit_test_batches 0 evaluates nothing, and no model.save_dir or model.export_dir is given: "
                 "nothing would be done (give --model.save_dir or --model.export_dir to merge and write only)"
             )
 
     def build(self) -> None:
-        if self.trainer is not None and self.trainer.testing:
-            self.check_test_does_something(self.trainer)
+        self.check_test_does_something(self.trainer)
         if self.export_dir is not None:
-            self._processor_file()  # a missing image processor stops the run before merging
+            self.processor_file()  # a missing image processor stops the run before merging
         if self.merged_model is not None:
             self._load_saved()
         else:
             self._merge()
         if self.channels_last:
             self.to(memory_format=torch.channels_last)
-        if self.export_dir is not None and self._evaluates_nothing():
-            self._export(None)
+
+    def configure_callbacks(self) -> list[Callback]:
+        """The report's writers and, with ``export_dir``, the per-task exports (after the report)."""
+        callbacks = super().configure_callbacks()
+        if self.export_dir is not None:
+            callbacks.append(MergedModelExport(self.export_dir, self.overwrite))
+        return callbacks
+
+    def merged_row(self) -> tuple[str, nn.Module]:
+        """The row's name and the merged backbone, for the exports."""
+        (name, row), *_ = self.rows.items()  # the one merged row
+        return name, row
+
+    def merge_info(self) -> dict[str, Any]:
+        """What the exports' model cards say of the merge: the saved merge's ``merge.json``, or this one's."""
+        return self._saved_info if self.merged_model is not None else self._info()
 
     def _merge(self) -> None:
         pool = self.pool
         self.check_pool(pool)
-        self._backbone_config = pool.config(PRETRAINED)
+        self.backbone_config = pool.config(PRETRAINED)
         self.rows[self.method.describe()] = nn.Module()  # the merged backbone comes in _install
         if self.uses_grams:  # merged in merge_with_grams, after the Gram pass
             pool.check_backbones()
             self.set_heads_and_individual(pool, self.evaluate_individual)
-            self.gram_pass = GramPass(pool, self.tasks)
+            self.start_gram_pass(pool)
             return
         merged = self.merged_state(pool, self.method)
         self._install(merged)
@@ -155,7 +160,7 @@ class MergedClassifier(MultiTaskEvaluation):
         """The merged backbone as the row, on the module's device, in its dtype (float64 with
         ``--trainer.precision 64-true``, which converted the module before a Gram pass merged) and
         memory format."""
-        backbone = backbone_from_state(self._backbone_config, merged).to(self.device, self.dtype)
+        backbone = backbone_from_state(self.backbone_config, merged).to(self.device, self.dtype)
         self.rows[self.method.describe()] = backbone.to(memory_format=torch.channels_last) if self.channels_last else backbone
 
     def _save(self, merged: dict[str, torch.Tensor]) -> None:
@@ -163,7 +168,7 @@ class MergedClassifier(MultiTaskEvaluation):
         if self.save_dir is not None and (self.trainer is None or self.trainer.is_global_zero):
             all_heads = {task: pool.head(task) for task in pool.task_names}
             directory = pool.directory(PRETRAINED)
-            config, info = self._backbone_config, self._info()
+            config, info = self.backbone_config, self._info()
             save_merged(self.save_dir, merged, all_heads, config, directory, info, self.overwrite, what="model.save_dir")
             print(f"saved the merged model to {self.save_dir}")
         if self.trainer is not None:
@@ -182,48 +187,18 @@ class MergedClassifier(MultiTaskEvaluation):
                 raise MergeError(
                     f"head '{task}' of '{self.merged_model}' has {rows} classes, the task has {len(self.classnames[task])}"
                 )
-        self._backbone_config = saved.config
+        self.backbone_config = saved.config
         self._saved_info = saved.info
         self.rows[saved.info.get("method", "merged")] = backbone_from_state(saved.config, saved.backbone)
         self.heads = heads_from_state({task: saved.heads[task] for task in self.tasks})
 
-    def _processor_file(self) -> Path:
+    def processor_file(self) -> Path:
         """The image processor the exports carry: the pretrained model's, or the saved merge's."""
         directory = Path(self.merged_model) if self.merged_model is not None else self.pool.directory(PRETRAINED)
         path = directory / "preprocessor_config.json"
         if not path.is_file():
             raise MergeError(f"no preprocessor_config.json in '{directory}': an export needs the image processor")
         return path
-
-    def on_test_epoch_end(self) -> None:
-        super().on_test_epoch_end()
-        if self.export_dir is not None:
-            self._export(self.report)
-
-    def _export(self, report: Mapping[str, Any] | None) -> None:
-        """Rank 0 writes every task's classifier (with its accuracy from ``report``, where
-        evaluated); the other ranks wait for it."""
-        if self.trainer is None or self.trainer.is_global_zero:
-            (name, row), *_ = self.rows.items()  # the one row: the merged backbone
-            backbone = {BACKBONE_PREFIX + key: tensor for key, tensor in row.state_dict().items()}
-            info = self._saved_info if self.merged_model is not None else self._info()
-            for task in self.tasks:
-                evaluation = None
-                if report is not None:
-                    evaluation = {**report["rows"][name]["tasks"][task], "partial": bool(report.get("partial"))}
-                self._export_task(task, backbone, self._backbone_config, merged_model_card(task, info, evaluation))
-        if self.trainer is not None:
-            self.trainer.strategy.barrier("export merged models")
-
-    def _export_task(self, task: str, backbone: dict[str, torch.Tensor], config: PretrainedConfig, card: str) -> None:
-        target = Path(self.export_dir, task)
-        head = self.heads.route(task).state_dict()
-        config = classifier_config(config, self.classnames[task])
-        write = partial(
-            write_classifier, backbone=backbone, head=head, config=config, processor_file=self._processor_file(), card=card
-        )
-        write_atomically(target, write, self.overwrite, flag="--model.overwrite true", what="model.export_dir")
-        print(f"exported the merged model with the {task} head to {target}")
 
     def _info(self) -> dict[str, Any]:
         return {

@@ -2,8 +2,8 @@
 ``merge.py test`` as a function call.
 
     pool = model_pool("configs/merge/pools/convnext-base-224_8-tasks.yaml")
-    model = pool.load_model("_pretrained_")           # a ConvNextForImageClassification
-    merged = merge_backbone(pool, SimpleAverage())    # {"convnext.*": tensor}
+    model = pool.load_model("_pretrained_")           # a ConvNextForImageClassification (a pool's family)
+    merged = merge_backbone(pool, SimpleAverage())    # the backbone's tensors by checkpoint key
     report = evaluate(merged, pool.task_names, pool)  # Trainer.test, every test sample once
 
 ``evaluate`` runs the modules ``merge.py test`` runs (``MultiTaskDataModule``, a
@@ -19,21 +19,22 @@ from typing import Any
 import torch
 from lightning.pytorch import Trainer
 from torch import nn
-from transformers import ConvNextForImageClassification, ConvNextModel
+from transformers import PreTrainedModel
 
-from common.checkpoints import BACKBONE_PREFIX
+from common.architectures import ARCHITECTURES, architecture_of
 from datamodules.multitask import MultiTaskDataModule
 from datamodules.tasks import get_task
-from lightning_modules.evaluation import MultiTaskEvaluation, backbone_from_state, heads_from_state
-from lightning_modules.report import build_report
+from lightning_modules.backbones import backbone_from_state, heads_from_state
+from lightning_modules.evaluation import MultiTaskEvaluation
 from merging.errors import MergeError
 from merging.methods import MergeMethod
 from merging.pool import PRETRAINED, ModelPool
 from merging.saved import save_merged
 from merging.switch import SwitchModule
 
-#: What ``evaluate`` evaluates: a ``convnext.*`` state dict (``merge_backbone``'s), a ``ConvNextModel``,
-#: or a ``ConvNextForImageClassification`` (its ``convnext``; its ``classifier`` where that is a ``SwitchModule``).
+#: What ``evaluate`` evaluates: a backbone state dict (``merge_backbone``'s), a family's backbone
+#: (``ConvNextModel``, ``ResNetModel``, ...), or its ``*ForImageClassification`` (its backbone; its
+#: ``classifier`` where that is a ``SwitchModule``).
 Model = Mapping[str, torch.Tensor] | nn.Module
 
 
@@ -54,12 +55,14 @@ def model_pool(models: Mapping[str, str | Mapping[str, Any]] | str | Path) -> Mo
     return ModelPool(models if isinstance(models, Mapping) else str(models), classnames=task_classnames)
 
 
-def merged_classifier(pool: ModelPool, task: str, backbone: Mapping[str, torch.Tensor]) -> ConvNextForImageClassification:
-    """``task``'s fine-tuned classifier from ``pool`` with ``backbone`` (``convnext.*`` tensors, as
-    ``merge_backbone`` returns them) in place of its own: what ``merge.py --model.export_dir``
-    writes for the task; ``pool.save_model`` saves it."""
+def merged_classifier(pool: ModelPool, task: str, backbone: Mapping[str, torch.Tensor]) -> PreTrainedModel:
+    """``task``'s fine-tuned classifier from ``pool`` with ``backbone`` (the backbone's tensors by
+    checkpoint key, as ``merge_backbone`` returns them) in place of its own: what
+    ``merge.py --model.export_dir`` writes for the task; ``pool.save_model`` saves it."""
     model = pool.load_model(task)
-    model.convnext.load_state_dict({key.removeprefix(BACKBONE_PREFIX): tensor for key, tensor in backbone.items()})
+    family = pool.architecture
+    merged = family.backbone_from_state(model.config, backbone)
+    family.backbone_of(model).load_state_dict(merged.state_dict())
     return model
 
 
@@ -76,7 +79,7 @@ def save_merged_model(
 
     Args:
         directory: where it goes.
-        backbone: the merged ``convnext.*`` tensors.
+        backbone: the merged backbone's tensors (``merge_backbone``'s).
         pool: the model pool it was merged from (heads, config, image processor).
         method: the merge method, recorded in ``merge.json`` (None: recorded as ``merged``).
         overwrite: replace an existing ``directory``.
@@ -105,7 +108,7 @@ class ModelEvaluation(MultiTaskEvaluation):
     Args:
         tasks: the evaluated tasks, in the DataModule's order.
         classnames: class names per task.
-        backbone: the backbone evaluated (a ``ConvNextModel``).
+        backbone: the backbone evaluated (a family's base model, ``ConvNextModel``, ...).
         heads: one head per task.
         name: the report's row name.
         report_dir: where the report files go (None: none are written).
@@ -142,15 +145,14 @@ class ModelEvaluation(MultiTaskEvaluation):
         return {"models": self.models} if self.models is not None else {}
 
     def final_report(self) -> dict[str, Any]:
-        """The report rank 0 wrote, or on another process the same content."""
-        if self.report is not None:
-            return self.report
-        return build_report(self.results["test"], *self.report_header())
+        """The report (the same content on every process)."""
+        return self.report
 
 
 def _check_heads(heads: SwitchModule, classnames: Mapping[str, list[str]], backbone: nn.Module) -> None:
     """A head per task, and each ``Linear`` one of the task's class count on the backbone's features."""
-    features = getattr(getattr(backbone, "config", None), "hidden_sizes", [None])[-1]
+    config = getattr(backbone, "config", None)
+    features = architecture_of(config).feature_size(config) if config is not None else None
     for task, names in classnames.items():
         head = heads.route(task)
         if not isinstance(head, nn.Linear):
@@ -161,23 +163,30 @@ def _check_heads(heads: SwitchModule, classnames: Mapping[str, list[str]], backb
             raise MergeError(f"the head for task '{task}' takes {head.in_features} features, but the backbone gives {features}")
 
 
+def _classifiers() -> tuple[type, ...]:
+    return tuple(record.classifier_class for record in ARCHITECTURES.values())
+
+
 def _backbone(model: Model, pool: ModelPool | None) -> nn.Module:
-    if isinstance(model, ConvNextForImageClassification):
-        return model.convnext
-    if isinstance(model, ConvNextModel):
+    if isinstance(model, _classifiers()):
+        return architecture_of(model.config).backbone_of(model)
+    if isinstance(model, tuple(record.backbone_class for record in ARCHITECTURES.values())):
         return model
     if isinstance(model, Mapping):
         if pool is None:
             raise MergeError("a backbone given as tensors needs its config: pass pool= (the model pool it was merged from)")
         return backbone_from_state(pool.config(PRETRAINED), model)
+    names = ", ".join(
+        f"{record.classifier_class.__name__}, {record.backbone_class.__name__}" for record in ARCHITECTURES.values()
+    )
     raise MergeError(
-        f"cannot evaluate a {type(model).__name__}: give a ConvNextForImageClassification, a ConvNextModel or "
-        "a state dict of convnext.* tensors"
+        f"cannot evaluate a {type(model).__name__}: give an image classifier or backbone of a supported family "
+        f"({names}) or a backbone state dict (merge_backbone's)"
     )
 
 
 def _heads(model: Model, heads: SwitchModule | Mapping[str, nn.Module] | None, pool: ModelPool | None, data) -> SwitchModule:
-    if heads is None and isinstance(model, ConvNextForImageClassification) and isinstance(model.classifier, SwitchModule):
+    if heads is None and isinstance(model, _classifiers()) and isinstance(getattr(model, "classifier", None), SwitchModule):
         heads = model.classifier  # FusionBench's way: the merged model's classifier, switched per task
     if heads is None:
         if pool is None:
@@ -212,9 +221,10 @@ def evaluate(
     every process runs the calling script, as Lightning launches it).
 
     Args:
-        model: a ``convnext.*`` state dict (``merge_backbone``'s; built with ``pool``'s config), a
-            ``ConvNextModel``, or a ``ConvNextForImageClassification`` (its backbone; its
-            ``classifier`` is the heads where it is a ``SwitchModule``, as in FusionBench's example).
+        model: a backbone state dict (``merge_backbone``'s; built with ``pool``'s config), a family's
+            backbone (``ConvNextModel``, ``ResNetModel``, ...), or its ``*ForImageClassification``
+            (its backbone; its ``classifier`` is the heads where it is a ``SwitchModule``, as in
+            FusionBench's example).
             Used as it is: the trainer moves it to its device.
         tasks: the tasks, in report order (registry names, any spelling).
         pool: the model pool: the config for a state dict, the fine-tuned heads where ``heads``

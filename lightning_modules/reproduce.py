@@ -381,6 +381,10 @@ def main(args: Sequence[str] | None = None) -> int:
         "(default: as many as the cluster runs)",
     )  # fmt: skip
     parser.add_argument("--launcher", choices=["local", "slurm"], default="local", help="run here, or as SLURM jobs")
+    parser.add_argument(
+        "--fine-tune-only", action="store_true",
+        help="only the fine-tunes (local launcher): merge later by running the command again without it",
+    )  # fmt: skip
     parser.add_argument("--submit", action="store_true", help="slurm: submit the jobs with sbatch (else only write them)")
     parser.add_argument("--sbatch-args", default="", help="slurm: extra sbatch options for both jobs (one string)")
     parser.add_argument("--train-args", default="", help="extra options for every train.py fit (one string)")
@@ -389,6 +393,8 @@ def main(args: Sequence[str] | None = None) -> int:
     options = parser.parse_args(with_option_values_attached(sys.argv[1:] if args is None else args))
     if options.gpus is not None and options.gpus < 1:
         fail(f"--gpus must be 1 or more, got {options.gpus}")
+    if options.fine_tune_only and options.launcher == "slurm":
+        fail("--fine-tune-only is for the local launcher: with --launcher slurm, submit fine-tune.sbatch alone")
     if options.launcher != "slurm":
         for given, option in ((options.submit, "--submit"), (options.sbatch_args, "--sbatch-args")):
             if given:
@@ -410,6 +416,9 @@ def main(args: Sequence[str] | None = None) -> int:
     if failed:
         say(f"fine-tunes failed: {', '.join(failed)}; fix and rerun: finished tasks are skipped, interrupted ones resume")
         return 1
+    if options.fine_tune_only:
+        say(f"fine-tunes done ({len(plans)} tasks); --fine-tune-only: no merges")
+        return 0
     write_merge_configs(steps, plans, options.output_dir)
     return run_merges(steps, options.output_dir, merge_args)
 

@@ -18,7 +18,7 @@ from lightning_modules.resume import check_resume_file, is_local, one_last_check
 
 class SaveConfigOfCompletedRuns(SaveConfigCallback):
     """Lightning's ``config.yaml``, taken back if the run fails: a run refused after the file was
-    written (a pool checkpoint that is not a ConvNeXt, found in the model's setup; AdaMerging
+    written (a pool checkpoint of no supported family, found in the model's setup; AdaMerging
     without ``max_steps`` or a training set smaller than one batch, found when Lightning asks for
     the loaders) leaves none, as the README promises, and the file an earlier run left there is
     put back. Lightning calls ``on_exception`` for any exception inside fit, validate or test."""

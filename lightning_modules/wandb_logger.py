@@ -6,7 +6,6 @@ import netrc
 import os
 from urllib.parse import urlparse
 
-from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 
 
@@ -19,11 +18,6 @@ def wandb_credentials_available() -> bool:
         return netrc.netrc().authenticators(host) is not None
     except (FileNotFoundError, netrc.NetrcParseError):
         return False
-
-
-def wandb_loggers(trainer: Trainer) -> list[LightningWandbLogger]:
-    """The trainer's W&B loggers (ours or Lightning's), for tables and images."""
-    return [logger for logger in trainer.loggers if isinstance(logger, LightningWandbLogger)]
 
 
 class WandbLogger(LightningWandbLogger):

@@ -1,7 +1,7 @@
 """Model pool, merge methods and the switched heads.
 
 from merging import ModelPool, TiesMerging, merge_backbone
-pool = ModelPool({"_pretrained_": "facebook/convnext-base-224", "dtd": "path/to/dtd-model"})
+pool = ModelPool({"_pretrained_": "facebook/convnext-base-224", "dtd": "path/to/dtd-model"})  # or any one family
 merged = merge_backbone(pool, TiesMerging(top_k=0.2, scaling_factor=0.3))
 """
 

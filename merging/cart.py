@@ -15,7 +15,9 @@ Every other parameter is ``theta_avg``, the simple average: the authors' code gi
 rounding). Which parameters are matrices: the authors' code cuts the weights of CLIP's
 attention and MLP blocks (keys with ``attn`` or ``mlp``, without ``ln`` or ``bias``); a ConvNeXt
 has no attention, and its 2-D tensors are exactly the blocks' MLP weights (``pwconv1``,
-``pwconv2``), so those are cut here (as ``merging.spectral`` picks them).
+``pwconv2``), so those are cut here (as ``merging.spectral`` picks them: every 2-D tensor, on
+any family; a ViT's attention and MLP weights; a ResNet has none, so CART is the simple average
+there, which the run says in one line before merging).
 
 With two models ``c_2 = -c_1``, whose top components are those of ``c_1`` negated: the sum
 vanishes and CART is the simple average, whatever ``lambda`` and ``rank_ratio``.
@@ -29,7 +31,7 @@ float64, and the result is rounded once. Against the authors' code: ``benchmarks
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -97,3 +99,14 @@ class CART(MergeMethod):
 
     def merge(self, pretrained: Tensor | None, tensors: Iterable[Tensor], statistics: Sequence[float]) -> Tensor:
         return cart_merge(pretrained, tensors, self.rank_ratio, self.scaling_factor)
+
+    def special_keys(
+        self, shapes: Mapping[str, tuple[int, ...]], grams: Mapping[str, Sequence[Tensor]] | None
+    ) -> list[str] | None:
+        return [key for key, shape in shapes.items() if len(shape) == 2]
+
+    def plain_merge_note(self, num_tasks: int) -> str:
+        return (
+            "none of its tensors is a 2-D weight matrix (its convolutions are 4-D kernels), so nothing is cut to low "
+            "rank and every tensor is the average of the fine-tuned models: this merge is the simple average"
+        )

@@ -13,6 +13,12 @@ each whole task vector; it runs one model at a time. RegMean merges each Linear 
 the stream of fine-tuned weights and the tasks' Gram matrices, which the caller gathered on
 data (``grams``), on the Grams' device. ``TaskVectors`` is the one reader of the pool's
 tensors and task vectors, for the merges here and for AdaMerging's stacked task vectors.
+
+What is merged is every floating-point backbone tensor (``ModelPool.merge_keys``: parameters and
+BatchNorm's running statistics); integer counters (BatchNorm's ``num_batches_tracked``) are the
+pretrained model's (``ModelPool.counter_keys``). Where a method treats some tensors by a rule of
+its own (``MergeMethod.special_keys``: 2-D matrices, Linear weights) and the pool's family has none
+(a ResNet's are all 4-D kernels), one line says, before merging, what the merge then is.
 """
 
 from __future__ import annotations
@@ -215,12 +221,17 @@ def _numel(shape: tuple[int, ...]) -> int:
 def merge_backbone(
     pool: ModelPool, method: MergeMethod, progress: bool = True, grams: Mapping[str, Sequence[Tensor]] | None = None
 ) -> dict[str, Tensor]:
-    """The merged ``convnext.*`` tensors of ``pool`` under ``method``, in the pretrained dtype.
+    """The merged backbone tensors of ``pool`` under ``method`` (every key behind the family's
+    backbone prefix: ``ModelPool.backbone_keys``), in the pretrained dtype; the
+    integer counters are the pretrained model's (``ModelPool.counter_keys``).
 
     A method with ``needs_grams`` (RegMean) also takes ``grams``: per Linear weight key, the
     Gram matrix of that layer's inputs in each fine-tuned model, in the order of
     ``pool.task_names``; those keys go through ``method.merge_linear``, the others through
     ``method.merge``.
+
+    ``progress`` shows the progress bar and the line of ``MergeMethod.plain_merge_note`` where the
+    family has none of the tensors the method treats specially (on the first process only).
 
     Raises ``CheckpointError`` naming the file and key of any NaN/Inf input; the check runs
     on the outputs where the method is a plain sum (a non-finite input always shows there)
@@ -229,10 +240,20 @@ def merge_backbone(
     """
     pool.check_mergeable()
     pool.check_backbones()
-    keys = pool.backbone_keys
+    keys = pool.merge_keys
     _check_grams(method, grams, keys, len(pool.task_names))
     run = _Merge(pool, method, grams or {})
     method.prepare(pool.task_names, keys)
+    if progress:
+        _say_what_is_special(pool, method, keys, grams)
+    merged = _merge_keys(pool, method, run, keys, progress)
+    for key in pool.counter_keys:
+        merged[key] = run.pretrained.read(key)
+    return {key: merged[key] for key in pool.backbone_keys}
+
+
+def _merge_keys(pool: ModelPool, method: MergeMethod, run: _Merge, keys: list[str], progress: bool) -> dict[str, Tensor]:
+    """``keys`` merged by ``method`` over ``run``'s inputs."""
     statistics: list[float] = []
     merged: dict[str, Tensor] = {}
     workers = torch.get_num_threads()
@@ -261,6 +282,17 @@ def merge_backbone(
                 for future in futures:
                     future.cancel()
     return merged
+
+
+def _say_what_is_special(
+    pool: ModelPool, method: MergeMethod, keys: list[str], grams: Mapping[str, Sequence[Tensor]] | None
+) -> None:
+    """One line, before merging, where ``method`` would treat some tensors by its own rule and the
+    pool's backbone has none of them: the merge is then a plainer one, which the line names."""
+    reader = pool.reader(PRETRAINED)
+    special = method.special_keys({key: reader.shape(key) for key in keys}, grams)
+    if special is not None and not special:
+        print(f"{method.describe()} on this {pool.architecture.name} backbone: {method.plain_merge_note(len(pool.task_names))}")
 
 
 def _check_grams(method: MergeMethod, grams: Mapping[str, Sequence[Tensor]] | None, keys: list[str], num_tasks: int) -> None:

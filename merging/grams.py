@@ -2,12 +2,15 @@
 
 A forward pre-hook on every ``nn.Linear`` flattens the layer's input over every dimension but
 the last (batch and spatial positions: ConvNeXt's ``pwconv1``/``pwconv2`` get
-``(batch, height, width, channels)``), one row per input vector ``x``, and adds ``X^T X`` and
+``(batch, height, width, channels)``, a ViT's layers ``(batch, tokens, channels)``), one row per input vector ``x``, and adds ``X^T X`` and
 the number of rows to that layer's running sums, on the input's device, in float32 (float64
 where the backbone runs in float64, ``--trainer.precision 64-true``). Sums, not
 means, so that they add up over batches and, with ``all_reduce_sum``, over processes: N
 processes that each see a disjoint part of the images hold, once reduced, the sums of one
 process that saw them all. ``mean_grams`` divides by the row counts at the end.
+
+This module is the math, with no Lightning; ``lightning_modules.gram_pass`` runs it over the
+data inside ``merge.py test`` (its one entry: ``MultiTaskEvaluation.start_gram_pass``).
 """
 
 from __future__ import annotations
@@ -18,20 +21,22 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from common.checkpoints import BACKBONE_PREFIX
+from common.architectures import architecture_of
 from merging.errors import MergeError
 
 
 def linear_layers(backbone: nn.Module) -> dict[str, nn.Linear]:
-    """``{"convnext.<module>.weight": module}`` for every ``nn.Linear`` of a ``ConvNextModel``:
-    the keys its weights have in a ``ConvNextForImageClassification`` checkpoint."""
-    return {
-        f"{BACKBONE_PREFIX}{name}.weight": module for name, module in backbone.named_modules() if isinstance(module, nn.Linear)
-    }
+    """``{checkpoint key of its weight: module}`` for every ``nn.Linear`` of a family's backbone
+    (``Architecture.checkpoint_keys``: a ConvNeXt's ``pwconv1``/``pwconv2`` weights, a ViT's
+    ``encoder.layer.<i>.attention.attention.query.weight`` and the rest, behind the family's prefix):
+    the keys the weights have in the family's classifier checkpoints, in the network's order. A
+    ResNet has none."""
+    keys = {name: key for key, name in architecture_of(backbone.config).checkpoint_keys(backbone.config).items()}
+    return {keys[f"{name}.weight"]: module for name, module in backbone.named_modules() if isinstance(module, nn.Linear)}
 
 
 class GramAccumulator(nn.Module):
-    """Runs ``backbone`` (a frozen ``ConvNextModel``) and sums ``X^T X`` of each Linear layer's inputs.
+    """Runs ``backbone`` (a frozen backbone of a family, ``ConvNextModel``, ``ViTModel``, ...) and sums ``X^T X`` of each Linear layer's inputs.
 
     Args:
         backbone: the model whose Linear layers are hooked; it becomes a submodule (moved with it).

@@ -16,7 +16,7 @@ import hashlib
 import inspect
 import sys
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -203,6 +203,19 @@ class MergeMethod(ABC):
         """The merged weight of one Linear layer from each task's weight and input Gram matrix
         (methods with ``needs_grams``)."""
         raise NotImplementedError
+
+    def special_keys(
+        self, shapes: Mapping[str, tuple[int, ...]], grams: Mapping[str, Sequence[Tensor]] | None
+    ) -> list[str] | None:
+        """The keys (of ``shapes``, the tensors to merge) that this method merges by a rule of its
+        own, where it treats only some tensors so (the spectral methods' 2-D matrices, RegMean's
+        Linear weights, which ``grams`` holds); None where every tensor gets the same rule. An empty
+        list makes the engine print ``plain_merge_note`` before merging."""
+        return None
+
+    def plain_merge_note(self, num_tasks: int) -> str:
+        """What this method's merge is where ``special_keys`` finds none (one line)."""
+        return "every tensor gets the same rule"
 
     def hyperparameters(self) -> dict[str, float | int | bool]:
         return {}

@@ -3,7 +3,8 @@
 Besides the merge's streaming reads, a pool loads its entries as Hugging Face classifiers
 (``load_model``, with FusionBench's ``pretrained`` and ``dataset_name``), their image processor
 (``load_processor``) and saves a classifier (``save_model``), as FusionBench's
-``ConvNextForImageClassificationPool`` does.
+``ConvNextForImageClassificationPool`` (and its ResNet and DINOv2 pools) do. Every entry is of one
+family (``common.architectures``: ConvNeXt, ResNet, ViT, ...), the pretrained model's.
 """
 
 from __future__ import annotations
@@ -18,12 +19,11 @@ from typing import Any
 
 import torch
 import yaml
-from torch import nn
-from transformers import AutoConfig, AutoImageProcessor, ConvNextForImageClassification, PretrainedConfig
+from transformers import AutoConfig, AutoImageProcessor, PretrainedConfig, PreTrainedModel
 
+from common.architectures import Architecture
 from common.checkpoints import (
-    BACKBONE_PREFIX,
-    check_convnext_checkpoint,
+    check_checkpoint,
     check_head_config,
     check_head_labels,
     check_model_source,
@@ -37,7 +37,6 @@ from common.reader import CheckpointReader
 from merging.errors import MergeError
 
 PRETRAINED = "_pretrained_"
-HEAD_KEYS = ("classifier.weight", "classifier.bias")
 
 #: Where a pool finds a task's class names, in label order, to size and label a head for an
 #: entry's ``dataset_name``: a mapping task -> names, or a function of the task's name (the task
@@ -196,6 +195,7 @@ class ModelPool:
                     self.task_classnames(loading.dataset_name)
         self._readers: dict[str, CheckpointReader] = {}
         self._directories: dict[str, Path] = {}
+        self._families: dict[str, Architecture] = {}
 
     def check_mergeable(self) -> None:
         """What a merge needs of the pool besides its files: fine-tuned models, and checkpoint
@@ -231,16 +231,45 @@ class ModelPool:
         return [name for name in self.sources if name != PRETRAINED]
 
     def directory(self, name: str) -> Path:
-        """The checkpoint's local directory, checked to be a ConvNeXt on first use. The
-        pretrained backbone is checked against its config; every fine-tuned one is compared
-        with the pretrained one by ``check_backbones`` (which names both files)."""
+        """The checkpoint's local directory, checked on first use to be an image classifier of a
+        supported family, the pretrained model's. The pretrained backbone is checked against its
+        config; every fine-tuned one is compared with the pretrained one by ``check_backbones``
+        (which names both files)."""
         if name not in self._directories:
             directory = resolve_model_dir(self.sources[name])
-            check_convnext_checkpoint(directory, self.sources[name], weights=name == PRETRAINED)
+            family = check_checkpoint(directory, self.sources[name], weights=name == PRETRAINED)
             if name != PRETRAINED:  # (the pretrained one's head: checked with its weights above)
+                self._check_family(name, family)
                 check_head_config(directory, self.sources[name])
+            self._families[name] = family
             self._directories[name] = directory
         return self._directories[name]
+
+    def _check_family(self, name: str, family: Architecture) -> None:
+        """A fine-tuned entry is of the pretrained model's family: one error naming both."""
+        pretrained = self.architecture
+        if family is not pretrained:
+            raise MergeError(
+                f"the model pool mixes families: {PRETRAINED} ('{self.sources[PRETRAINED]}') is a {pretrained.name}, "
+                f"{name} ('{self.sources[name]}') a {family.name}; every model of a pool is fine-tuned from its "
+                f"{PRETRAINED}, so all are of one family"
+            )
+
+    @property
+    def architecture(self) -> Architecture:
+        """The pool's family (``common.architectures``): the pretrained model's."""
+        self.directory(PRETRAINED)
+        return self._families[PRETRAINED]
+
+    @property
+    def backbone_prefix(self) -> str:
+        """The backbone's key prefix in the pool's checkpoints (ConvNeXt's ``convnext`` and a dot, ResNet's ``resnet`` and a dot, ...: ``Architecture.prefix``)."""
+        return self.architecture.prefix
+
+    @property
+    def head_keys(self) -> tuple[str, str]:
+        """The head's weight and bias keys in the pool's checkpoints."""
+        return self.architecture.head_keys
 
     def reader(self, name: str) -> CheckpointReader:
         if name not in self._readers:
@@ -257,29 +286,31 @@ class ModelPool:
             raise MergeError(f"no model '{name}' in the model pool (models: {', '.join(self.sources)})")
         return key
 
-    def load_model(self, name: str) -> ConvNextForImageClassification:
-        """The entry ``name`` (``_pretrained_`` or a task) as a Hugging Face
-        ``ConvNextForImageClassification`` in float32 and eval mode, as FusionBench's ConvNeXt pool
-        builds it: the checkpoint's weights, or (``pretrained: false``) its architecture with random
-        weights. With a ``dataset_name``, the head is that task's, ``num_labels``, ``id2label`` and
+    def load_model(self, name: str) -> PreTrainedModel:
+        """The entry ``name`` (``_pretrained_`` or a task) as its family's Hugging Face
+        ``*ForImageClassification`` (``ConvNextForImageClassification``, ...) in float32 and eval mode,
+        as FusionBench's ConvNeXt pool builds it: the checkpoint's weights, or (``pretrained: false``)
+        its architecture with random weights. With a ``dataset_name``, the head is that task's, ``num_labels``, ``id2label`` and
         ``label2id`` its class names: a fine-tuned entry keeps its own trained head, which must be
         the task's (class count and labels); any other (``_pretrained_``'s 1,000 ImageNet classes, or
-        random weights) is replaced by a freshly initialised ``Linear`` of the task's size, the
-        fine-tuning recipe's start. The forward is the model's own (``.logits`` of its output)."""
+        random weights) is replaced by a freshly initialised head of the task's size
+        (``Architecture.new_head``), the fine-tuning recipe's start. The forward is the model's own (``.logits`` of its output)."""
         name = self._entry(name)
         loading, source = self.loading[name], self.sources[name]
         directory = resolve_model_dir(source)
-        check_convnext_checkpoint(directory, source, weights=loading.pretrained)
+        family = check_checkpoint(directory, source, weights=loading.pretrained)
+        if name != PRETRAINED:
+            self._check_family(name, family)
         if loading.pretrained:
-            model = ConvNextForImageClassification.from_pretrained(directory, dtype=torch.float32)
+            model = family.classifier_class.from_pretrained(directory, dtype=torch.float32)
         else:
-            model = ConvNextForImageClassification(AutoConfig.from_pretrained(directory))
+            model = family.classifier_class(AutoConfig.from_pretrained(directory))
         if loading.dataset_name is not None:
             classnames = self.task_classnames(loading.dataset_name)
             if name != PRETRAINED and loading.pretrained:
                 check_head_labels(model.config, classnames, source)
             else:
-                model.classifier = nn.Linear(model.config.hidden_sizes[-1], len(classnames))
+                family.replace_head(model, len(classnames))
             model.config.num_labels = len(classnames)
             model.config.id2label = dict(enumerate(classnames))
             model.config.label2id = {label: index for index, label in enumerate(classnames)}
@@ -297,7 +328,7 @@ class ModelPool:
         except Exception as error:  # a broken file: one line naming it
             raise CheckpointError(f"cannot load the image processor of '{source}': {type(error).__name__}: {error}") from error
 
-    def save_model(self, model: ConvNextForImageClassification, directory: str | Path, overwrite: bool = False) -> None:
+    def save_model(self, model: PreTrainedModel, directory: str | Path, overwrite: bool = False) -> None:
         """``model`` as a Hugging Face checkpoint in ``directory`` (``save_pretrained``: weights,
         ``config.json``) with the pool's image processor, so that ``from_pretrained`` and
         ``pipeline("image-classification")`` load it; whole or not at all, and an existing
@@ -312,10 +343,27 @@ class ModelPool:
 
     @cached_property
     def backbone_keys(self) -> list[str]:
-        keys = [key for key in self.reader(PRETRAINED).keys() if key.startswith(BACKBONE_PREFIX)]
+        prefix = self.backbone_prefix
+        keys = [key for key in self.reader(PRETRAINED).keys() if key.startswith(prefix)]
         if not keys:
-            raise CheckpointError(f"checkpoint '{self.sources[PRETRAINED]}' has no '{BACKBONE_PREFIX}*' backbone tensors")
+            raise CheckpointError(f"checkpoint '{self.sources[PRETRAINED]}' has no '{prefix}*' backbone tensors")
         return keys
+
+    @cached_property
+    def counter_keys(self) -> list[str]:
+        """The backbone tensors that are integer counters, not weights (BatchNorm's
+        ``num_batches_tracked``, which no forward of a trained model reads): no method merges
+        them, and a merged backbone keeps the pretrained model's."""
+        reader = self.reader(PRETRAINED)
+        return [key for key in self.backbone_keys if not reader.dtype(key).is_floating_point]
+
+    @property
+    def merge_keys(self) -> list[str]:
+        """The backbone tensors a method merges: every floating-point one (parameters, and buffers
+        such as BatchNorm's running mean and variance, which are part of the network's function as
+        its weights are: FusionBench averages them with the rest of the state dict)."""
+        counters = set(self.counter_keys)
+        return [key for key in self.backbone_keys if key not in counters]
 
     @cached_property
     def network_keys(self) -> list[str]:
@@ -329,7 +377,7 @@ class ModelPool:
         expected = {key: reference.shape(key) for key in self.backbone_keys}
         for task in self.task_names:
             reader = self.reader(task)
-            keys = {key for key in reader.keys() if key.startswith(BACKBONE_PREFIX)}
+            keys = {key for key in reader.keys() if key.startswith(self.backbone_prefix)}
             missing, extra = sorted(expected.keys() - keys), sorted(keys - expected.keys())
             if missing or extra:
                 detail = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
@@ -342,17 +390,17 @@ class ModelPool:
                     )
 
     def head(self, task: str) -> dict[str, torch.Tensor]:
-        """The fine-tuned classifier of ``task``: ``{"weight", "bias"}``."""
+        """The fine-tuned classifier of ``task``: ``{"weight", "bias"}`` of its head's ``Linear``
+        (``classifier.*``; ResNet's ``classifier.1.*``)."""
         reader = self.reader(task)
-        for key in HEAD_KEYS:
+        keys = dict(zip(("weight", "bias"), self.head_keys))
+        for key in keys.values():
             if key not in reader:
                 raise CheckpointError(f"checkpoint '{reader.directory}' ({task}) has no '{key}'")
-        head = {key.split(".")[-1]: reader.read(key).to(torch.float32) for key in HEAD_KEYS}
-        for key, tensor in head.items():
+        head = {name: reader.read(key).to(torch.float32) for name, key in keys.items()}
+        for name, tensor in head.items():
             if not torch.isfinite(tensor).all():
-                raise CheckpointError(
-                    f"non-finite values (NaN/Inf) in 'classifier.{key}' of '{reader.path_of('classifier.' + key)}'"
-                )
+                raise CheckpointError(f"non-finite values (NaN/Inf) in '{keys[name]}' of '{reader.path_of(keys[name])}'")
         return head
 
     def check_distinct(self, contents: bool = True) -> None:
@@ -363,7 +411,7 @@ class ModelPool:
         file: the same directory (resolved) or hub id twice. Then, with ``contents``, copies:
         weight files of the same names and sizes whose first and last MiB are equal. Reading
         2 MiB per file instead of hashing whole checkpoints (350 MB each for convnext-base) is
-        enough: safetensors stores tensors in key order, ``classifier.*`` first, and two
+        enough: safetensors stores tensors in key order, ``classifier.*`` first (before every family's backbone prefix), and two
         fine-tunes differ there (each head trained from its own random start) and in the
         backbone tensors that follow, as a fine-tune differs from its pretrained model."""
         _check_distinct_sources(self.sources)
@@ -387,11 +435,11 @@ class ModelPool:
         for task, names in classnames.items():
             if task not in self.sources or task == PRETRAINED:
                 raise MergeError(f"no fine-tuned model for task '{task}' in the model pool (tasks: {', '.join(self.task_names)})")
-            reader = self.reader(task)
-            shape = reader.shape(HEAD_KEYS[0]) if HEAD_KEYS[0] in reader else None
+            reader, head_weight = self.reader(task), self.head_keys[0]
+            shape = reader.shape(head_weight) if head_weight in reader else None
             if shape is None or shape[0] != len(names):
                 raise MergeError(
-                    f"head of '{reader.path_of(HEAD_KEYS[0])}' is {list(shape) if shape else 'missing'}, "
+                    f"head of '{reader.path_of(head_weight)}' is {list(shape) if shape else 'missing'}, "
                     f"but task '{task}' has {len(names)} classes"
                 )
             check_head_labels(self.config(task), names, self.sources[task])

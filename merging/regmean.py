@@ -3,7 +3,8 @@ ICLR 2023): the closed-form merge of every Linear layer from the Gram matrices o
 
 For a Linear layer ``y = x W^T`` (``W``: out x in), task ``t``'s fine-tuned weight ``W_t`` and
 the matrix ``X_t`` of the inputs that layer sees in model ``t`` on task ``t``'s images (one row
-per input vector: ConvNeXt's ``pwconv1``/``pwconv2`` see one per image and spatial position),
+per input vector: ConvNeXt's ``pwconv1``/``pwconv2`` see one per image and spatial position, a
+ViT's Linear layers one per image and token),
 the merged weight solves ``min_W sum_t ||X_t W^T - X_t W_t^T||^2``:
 
     W* = ( (sum_t G~_t)^{-1} sum_t G~_t W_t^T )^T,    G_t = X_t^T X_t / N_t,
@@ -18,13 +19,24 @@ The paper writes ``G_t = X_t^T X_t``; the authors' code and FusionBench average 
 rows instead (``X_t^T X_t / N_t``), so every task weighs the same whatever its number of
 images. With equal ``N_t`` the two are the same merge (a common factor cancels).
 
-Every parameter that is not a Linear weight (convolutions, LayerNorms, biases, layer scale)
-is the simple average ``(1/T) sum_t theta_t``, as in the paper and in FusionBench, which
-averages all but the ``.weight`` of the modules it hooked (``nn.Linear``).
+Every parameter that is not a Linear weight (convolutions, LayerNorms, biases, layer scale,
+embeddings) is the simple average ``(1/T) sum_t theta_t``, as in the paper and in FusionBench,
+which averages all but the ``.weight`` of the modules it hooked (``nn.Linear``); so are
+BatchNorm's running statistics (its integer ``num_batches_tracked`` is the pretrained model's).
 
 Which parameters are Linear weights: those of ``nn.Linear`` modules of the backbone
-(``merging.grams.linear_layers``), found by module type as FusionBench finds them; in a
-ConvNeXt these are exactly each block's ``pwconv1`` and ``pwconv2``.
+(``merging.grams.linear_layers``), found by module type as FusionBench finds them. Per family
+(``common.architectures``):
+
+- ConvNeXt and ConvNeXt-V2: exactly each block's ``pwconv1`` and ``pwconv2``;
+- ViT and DINOv2: every Linear of every layer, the attention's query, key, value and output
+  projections and the MLP's two layers (the inputs of each: the layer's tokens, CLS included);
+  the patch embedding (a convolution), the CLS token, the position embeddings, the LayerNorms
+  and DINOv2's layer scale are averaged;
+- Swin: the attention's query, key, value and output projections, the MLP's layers and the
+  patch-merging reductions;
+- ResNet: none (every layer is a convolution): RegMean is then the simple average of every
+  tensor, and the run says so in one line before merging.
 
 The solve runs in float64 on the device of the Grams (``torch.linalg.solve``: an LU solve,
 more accurate than FusionBench's explicit ``torch.inverse`` in float32); results are float32.
@@ -32,7 +44,7 @@ more accurate than FusionBench's explicit ``torch.inverse`` in float32); results
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -85,8 +97,8 @@ def regmean(weights: Iterable[Tensor], grams: Sequence[Tensor], reduce_non_diago
 
 @register_method
 class RegMean(MergeMethod):
-    """RegMean (Jin et al., ICLR 2023): each Linear weight (ConvNeXt's ``pwconv1``/``pwconv2``)
-    in closed form from the Gram matrices of its inputs in every fine-tuned model on its own
+    """RegMean (Jin et al., ICLR 2023): each Linear weight (ConvNeXt's ``pwconv1``/``pwconv2``, a
+    ViT's query, key, value, output and MLP layers; a ResNet has none) in closed form from the Gram matrices of its inputs in every fine-tuned model on its own
     task's unlabelled train images, every other parameter the simple average (see
     ``merging.regmean``). Needs the Gram pass: set ``data.gram_images``.
 
@@ -111,6 +123,17 @@ class RegMean(MergeMethod):
 
     def merge(self, pretrained: Tensor | None, tensors: Iterable[Tensor], statistics: Sequence[float]) -> Tensor:
         return simple_average(tensors)
+
+    def special_keys(
+        self, shapes: Mapping[str, tuple[int, ...]], grams: Mapping[str, Sequence[Tensor]] | None
+    ) -> list[str] | None:
+        return list(grams or {})
+
+    def plain_merge_note(self, num_tasks: int) -> str:
+        return (
+            "none of its layers is an nn.Linear (its layers are convolutions), so no Gram matrix is used and every "
+            "tensor is the simple average: this merge is the simple average"
+        )
 
     def merge_linear(self, weights: Iterable[Tensor], grams: Sequence[Tensor]) -> Tensor:
         return regmean(weights, grams, self.reduce_non_diagonal_ratio)

@@ -1,7 +1,8 @@
 """A merged model on disk: the merged backbone and every task's head, evaluable again.
 
-Layout: ``model.safetensors`` (``convnext.*`` backbone, ``heads.<task>.weight|bias``),
-``config.json`` (the backbone's ConvNeXt config), ``preprocessor_config.json``,
+Layout: ``model.safetensors`` (the backbone under its checkpoint keys, behind the family's prefix,
+``Architecture.prefix``; ``heads.<task>.weight|bias``), ``config.json`` (the pretrained
+model's config, whose ``model_type`` names the family), ``preprocessor_config.json``,
 ``merge.json`` (method, hyper-parameters, model pool, tasks and their labels).
 """
 

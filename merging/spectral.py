@@ -9,11 +9,32 @@ every other parameter. Notation as in ``merging.methods``: ``theta_0`` the pretr
 Which parameters are matrices: exactly those whose tensor is 2-D (``len(shape) == 2``), as in
 the papers' code and in FusionBench 0.2.33 (``TaskSingularVectorMerging``,
 ``IsotropicMergingInCommonSubspace`` and ``IsotropicMergingInCommonAndTaskSubspace`` with their
-default ``exclude_keys``: none). In a ConvNeXt backbone these are the ``pwconv1`` / ``pwconv2``
-Linear weights (``4C x C`` and ``C x 4C``); the 4-D convolutions (4x4 patch embedding, 2x2
-downsampling, 7x7 depthwise), the LayerNorms, the layer-scale vectors and every bias are not,
-and get the papers' rule for non-matrix parameters, the mean task vector:
-``theta = theta_0 + alpha * (1/T) sum_t tau_t``.
+default ``exclude_keys``: none); every other parameter gets the papers' rule for non-matrix
+parameters, the mean task vector: ``theta = theta_0 + alpha * (1/T) sum_t tau_t``. Per family
+(``common.architectures``):
+
+- ConvNeXt and ConvNeXt-V2: the matrices are the ``pwconv1`` / ``pwconv2`` Linear weights
+  (``4C x C`` and ``C x 4C``); the 4-D convolutions (4x4 patch embedding, 2x2 downsampling, 7x7
+  depthwise), the LayerNorms, the layer-scale vectors (V2: the GRN vectors) and every bias are not.
+- ViT and DINOv2: the query, key, value, attention-output and both MLP Linear weights
+  (``C x C``, ``4C x C``, ``C x 4C``); the patch embedding (a 4-D convolution), the CLS token
+  (``1 x 1 x C``) and the position embeddings (``1 x (N + 1) x C``) are not matrices here and get
+  the mean, as do the LayerNorms, biases and DINOv2's layer scale. (The papers' CLIP code stores
+  OpenCLIP's position embedding as an ``(N + 1) x C`` matrix and decomposes it; transformers'
+  ViT holds it 3-D, so it is averaged, as FusionBench does for the same model.) DINOv2's
+  ``mask_token`` is ``1 x C`` and unused in classification: a zero task vector, rank-1 at most.
+- Swin: the attention and MLP Linear weights, the patch-merging reductions, and the 2-D relative
+  position bias tables (``(2w - 1)^2 x heads``), which the ``len(shape) == 2`` rule takes too.
+- ResNet: none. Every weight is a 4-D convolution kernel (or a BatchNorm vector), so every
+  tensor gets the mean task vector and the merge is task arithmetic with ``lambda = alpha / T``;
+  the run says so in one line before merging. With ``conv_as_matrix`` (off by default, as in the
+  papers) each 4-D kernel ``(out, in, k, k)`` is read as the ``out x (in k k)`` matrix of its
+  im2col form (the map the convolution applies to each patch), merged as a matrix and reshaped
+  back; in a ConvNeXt that also takes the patch embedding, the downsampling and the depthwise
+  ``(C, 1, 7, 7)`` kernels (``C x 49``).
+
+BatchNorm's running statistics are 1-D and get the mean task vector too; its integer
+``num_batches_tracked`` is the pretrained model's (``merging.engine``).
 
 Orthogonalisation ("whitening") of a matrix ``M = U S P^T`` is its orthogonal polar factor
 ``U P^T``: the nearest matrix with orthonormal columns (or rows). Everything runs in float64
@@ -40,7 +61,7 @@ same, non-matrix rule and scaling included, and so are the sizes (``tsv_rank``,
 columns up to ``r``; those carry zero singular values and change nothing, so they are left out
 here. FusionBench's SVDs run in float32: on tiny ConvNeXt pools its results differ from these
 by up to about 1e-5, and by one float32 rounding (< 3e-7) when it is run on float64 models.
-The authors' CLIP code also averages CLIP's 2-D ``text_projection``; ConvNeXt has nothing like it.
+The authors' CLIP code also averages CLIP's 2-D ``text_projection``; none of the families here has one.
 
 The functions take one parameter's tensors, like those of ``merging.methods``; the classes at
 the end are the ``MergeMethod``s that ``merging.engine`` streams a backbone through.
@@ -50,7 +71,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from abc import abstractmethod
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import scipy.linalg
@@ -306,17 +328,56 @@ def _check_scaling_factor(scaling_factor: float) -> None:
 
 class _Spectral(MergeMethod):
     """What the three share: task vectors in, every input checked (an SVD does not pass a NaN
-    on as a NaN, it fails), whole tensors, and ``T`` learnt in ``prepare``."""
+    on as a NaN, it fails), whole tensors, ``T`` learnt in ``prepare``, and ``conv_as_matrix``."""
 
     propagates_non_finite = False
     scaling_factor: float
+    conv_as_matrix: bool = False
     _num_tasks: int | None = None
 
     def prepare(self, tasks: Sequence[str], keys: Sequence[str]) -> None:
         self._num_tasks = len(tasks)
 
     def hyperparameters(self) -> dict[str, float | int | bool]:
-        return {"scaling_factor": self.scaling_factor}
+        return {"scaling_factor": self.scaling_factor, **self._conv_option()}
+
+    def _conv_option(self) -> dict[str, bool]:
+        # Named only when on, so that every method's name in the reports is the paper's by default.
+        return {"conv_as_matrix": True} if self.conv_as_matrix else {}
+
+    def _is_matrix(self, shape: tuple[int, ...]) -> bool:
+        return len(shape) == 2 or (self.conv_as_matrix and len(shape) == 4)
+
+    def special_keys(
+        self, shapes: Mapping[str, tuple[int, ...]], grams: Mapping[str, Sequence[Tensor]] | None
+    ) -> list[str] | None:
+        return [key for key, shape in shapes.items() if self._is_matrix(shape)]
+
+    def plain_merge_note(self, num_tasks: int) -> str:
+        note = (
+            "none of its tensors is a 2-D weight matrix (its convolutions are 4-D kernels), so every tensor gets the "
+            f"mean task vector: this merge is task arithmetic with scaling_factor {self.scaling_factor:g}/{num_tasks} = "
+            f"{self.scaling_factor / num_tasks:g}"
+        )
+        if not self.conv_as_matrix:
+            note += "; --model.method.conv_as_matrix true reads each convolution kernel as an (out, in x k x k) matrix instead"
+        return note
+
+    def merge(self, pretrained: Tensor | None, tensors: Iterable[Tensor], statistics: Sequence[float]) -> Tensor:
+        if self.conv_as_matrix and pretrained.ndim == 4:
+            shape = pretrained.shape
+            rows = (tau.reshape(shape[0], -1) for tau in tensors)
+            return self.merge_tensor(pretrained.reshape(shape[0], -1), rows).reshape(shape)
+        return self.merge_tensor(pretrained, tensors)
+
+    @abstractmethod
+    def merge_tensor(self, pretrained: Tensor, task_vectors: Iterable[Tensor]) -> Tensor:
+        """The method's merge of one parameter (a matrix, or any other tensor)."""
+
+
+def _check_conv_as_matrix(conv_as_matrix: bool) -> None:
+    if not isinstance(conv_as_matrix, bool):
+        raise MergeError(f"conv_as_matrix must be true or false, got {conv_as_matrix!r}")
 
 
 @register_method
@@ -329,16 +390,20 @@ class TaskSingularVectors(_Spectral):
 
     Args:
         scaling_factor: alpha, applied to the merged task vector (the paper's default 1.0).
+        conv_as_matrix: also read each 4-D convolution kernel ``(out, in, k, k)`` as an
+            ``out x (in k k)`` matrix (off: the paper's 2-D matrices only; a ResNet then has none).
     """
 
     name = "tsv_m"
 
-    def __init__(self, scaling_factor: float = 1.0) -> None:
+    def __init__(self, scaling_factor: float = 1.0, conv_as_matrix: bool = False) -> None:
         _check_scaling_factor(scaling_factor)
+        _check_conv_as_matrix(conv_as_matrix)
         self.scaling_factor = scaling_factor
+        self.conv_as_matrix = conv_as_matrix
 
-    def merge(self, pretrained: Tensor | None, tensors: Iterable[Tensor], statistics: Sequence[float]) -> Tensor:
-        return tsv_merge(pretrained, tensors, self.scaling_factor, self._num_tasks)
+    def merge_tensor(self, pretrained: Tensor, task_vectors: Iterable[Tensor]) -> Tensor:
+        return tsv_merge(pretrained, task_vectors, self.scaling_factor, self._num_tasks)
 
 
 @register_method
@@ -352,16 +417,20 @@ class IsotropicCommon(_Spectral):
         scaling_factor: alpha, applied to the merged task vector. The paper picks it on
             held-out validation data per backbone and number of tasks; 1.0 is FusionBench's
             configured default (its CLIP examples use 1.5).
+        conv_as_matrix: also read each 4-D convolution kernel ``(out, in, k, k)`` as an
+            ``out x (in k k)`` matrix (off: the paper's 2-D matrices only; a ResNet then has none).
     """
 
     name = "iso_c"
 
-    def __init__(self, scaling_factor: float = 1.0) -> None:
+    def __init__(self, scaling_factor: float = 1.0, conv_as_matrix: bool = False) -> None:
         _check_scaling_factor(scaling_factor)
+        _check_conv_as_matrix(conv_as_matrix)
         self.scaling_factor = scaling_factor
+        self.conv_as_matrix = conv_as_matrix
 
-    def merge(self, pretrained: Tensor | None, tensors: Iterable[Tensor], statistics: Sequence[float]) -> Tensor:
-        return iso_c(pretrained, tensors, self.scaling_factor, self._num_tasks)
+    def merge_tensor(self, pretrained: Tensor, task_vectors: Iterable[Tensor]) -> Tensor:
+        return iso_c(pretrained, task_vectors, self.scaling_factor, self._num_tasks)
 
 
 @register_method
@@ -378,22 +447,26 @@ class IsotropicCommonTask(_Spectral):
         scaling_factor: alpha, applied to the merged task vector. The paper picks it on
             held-out validation data per backbone and number of tasks; 1.0 is FusionBench's
             configured default (its CLIP examples use 1.5).
+        conv_as_matrix: also read each 4-D convolution kernel ``(out, in, k, k)`` as an
+            ``out x (in k k)`` matrix (off: the paper's 2-D matrices only; a ResNet then has none).
     """
 
     name = "iso_cts"
 
-    def __init__(self, common_space_fraction: float = 0.8, scaling_factor: float = 1.0) -> None:
+    def __init__(self, common_space_fraction: float = 0.8, scaling_factor: float = 1.0, conv_as_matrix: bool = False) -> None:
         if not 0 <= common_space_fraction <= 1:
             raise MergeError(f"common_space_fraction must be in [0, 1], got {common_space_fraction}")
         _check_scaling_factor(scaling_factor)
+        _check_conv_as_matrix(conv_as_matrix)
         self.common_space_fraction = common_space_fraction
         self.scaling_factor = scaling_factor
+        self.conv_as_matrix = conv_as_matrix
 
     def hyperparameters(self) -> dict[str, float | int | bool]:
-        return {"common_space_fraction": self.common_space_fraction, "scaling_factor": self.scaling_factor}
+        return {"common_space_fraction": self.common_space_fraction, "scaling_factor": self.scaling_factor, **self._conv_option()}
 
-    def merge(self, pretrained: Tensor | None, tensors: Iterable[Tensor], statistics: Sequence[float]) -> Tensor:
-        return iso_cts(pretrained, tensors, self.common_space_fraction, self.scaling_factor, self._num_tasks)
+    def merge_tensor(self, pretrained: Tensor, task_vectors: Iterable[Tensor]) -> Tensor:
+        return iso_cts(pretrained, task_vectors, self.common_space_fraction, self.scaling_factor, self._num_tasks)
 
 
 #: The spectral methods by name, merged into ``merging.METHODS``.

@@ -15,6 +15,9 @@ rows of ``tau_t``), minimised from ``tau_m = sum_t tau_t`` by ``iter_num`` steps
 (learning rate ``lr``, the reference's 1e-5, betas (0.9, 0.999), eps 1e-8, no weight decay);
 ``theta = theta_0 + tau_m``, no scaling factor. Every other parameter (convolutions,
 LayerNorms, biases, layer scales): ``theta = theta_0 + (1/T) sum_t tau_t``, as FusionBench does.
+Other families (``common.architectures``): the same ``len(shape) == 2`` rule, so a ViT's attention
+and MLP weights are optimised; a ResNet's backbone has no 2-D tensor (its convolutions are 4-D
+kernels), so the merge is the simple average there, which the run says in one line before merging.
 
 The gradient, in closed form: with ``G_t = tau_t^T tau_t / ||tau_t||_F^2`` (``n x n``),
 
@@ -36,7 +39,7 @@ process's GPU before the merge), the CPU otherwise; results come back to the CPU
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -140,3 +143,15 @@ class WUDIMerging(MergeMethod):
 
     def merge(self, pretrained: Tensor | None, tensors: Iterable[Tensor], statistics: Sequence[float]) -> Tensor:
         return wudi_merge(pretrained, tensors, self.iter_num, self.lr)
+
+    def special_keys(
+        self, shapes: Mapping[str, tuple[int, ...]], grams: Mapping[str, Sequence[Tensor]] | None
+    ) -> list[str] | None:
+        return [key for key, shape in shapes.items() if len(shape) == 2]
+
+    def plain_merge_note(self, num_tasks: int) -> str:
+        return (
+            "none of its tensors is a 2-D weight matrix (its convolutions are 4-D kernels), so no interference loss is "
+            f"optimised and every tensor gets the mean task vector: this merge is task arithmetic with scaling_factor "
+            f"1/{num_tasks} = {1 / num_tasks:g}, the simple average"
+        )

@@ -44,6 +44,83 @@ CONVNEXT_BASE_PREPROCESSOR = {
     "size": 224,
 }
 
+# Each family's image processor, the ``preprocessor_config.json`` of the hub checkpoint in
+# ``PREPROCESSOR_SOURCES`` (no hub here: written by hand). The legacy files (``feature_extractor_type``,
+# an int ``size``) are the 2021-22 conversions' and were never rewritten on the hub; the others
+# are what ``save_pretrained`` wrote: ConvNeXt-V2's conversion script
+# (``convert_convnextv2_to_pytorch.py``: ``ConvNextImageProcessor(size=224, crop_pct=224 / 256,
+# ImageNet mean/std, BICUBIC)`` for every 224-px checkpoint) and DINOv2's ``BitImageProcessor``.
+PREPROCESSORS = {
+    "convnext": CONVNEXT_BASE_PREPROCESSOR,
+    "convnextv2": {
+        "crop_pct": 0.875,
+        "do_normalize": True,
+        "do_rescale": True,
+        "do_resize": True,
+        "image_mean": [0.485, 0.456, 0.406],
+        "image_processor_type": "ConvNextImageProcessor",
+        "image_std": [0.229, 0.224, 0.225],
+        "resample": 3,
+        "rescale_factor": 0.00392156862745098,
+        "size": {"shortest_edge": 224},
+    },
+    # ResNet has no processor of its own: AutoImageProcessor maps it to ConvNextImageProcessor.
+    "resnet": {
+        "crop_pct": 0.875,
+        "do_normalize": True,
+        "do_resize": True,
+        "feature_extractor_type": "ConvNextFeatureExtractor",
+        "image_mean": [0.485, 0.456, 0.406],
+        "image_std": [0.229, 0.224, 0.225],
+        "resample": 3,
+        "size": 224,
+    },
+    # An int size with ViT's default_to_square: {"height": 224, "width": 224}, bilinear, mean and std 0.5.
+    "vit": {
+        "do_normalize": True,
+        "do_resize": True,
+        "feature_extractor_type": "ViTFeatureExtractor",
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+        "resample": 2,
+        "size": 224,
+    },
+    "dinov2": {
+        "crop_size": {"height": 224, "width": 224},
+        "do_center_crop": True,
+        "do_convert_rgb": True,
+        "do_normalize": True,
+        "do_rescale": True,
+        "do_resize": True,
+        "image_mean": [0.485, 0.456, 0.406],
+        "image_processor_type": "BitImageProcessor",
+        "image_std": [0.229, 0.224, 0.225],
+        "resample": 3,
+        "rescale_factor": 0.00392156862745098,
+        "size": {"shortest_edge": 256},
+    },
+    # ViTImageProcessor too, with ImageNet's mean and std and bicubic.
+    "swin": {
+        "do_normalize": True,
+        "do_resize": True,
+        "feature_extractor_type": "ViTFeatureExtractor",
+        "image_mean": [0.485, 0.456, 0.406],
+        "image_std": [0.229, 0.224, 0.225],
+        "resample": 3,
+        "size": 224,
+    },
+}
+
+#: The hub checkpoint whose processor each entry of ``PREPROCESSORS`` is.
+PREPROCESSOR_SOURCES = {
+    "convnext": "facebook/convnext-base-224",
+    "convnextv2": "facebook/convnextv2-tiny-1k-224",
+    "resnet": "microsoft/resnet-50",
+    "vit": "google/vit-base-patch16-224",
+    "dinov2": "facebook/dinov2-base",
+    "swin": "microsoft/swin-tiny-patch4-window7-224",
+}
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 

@@ -9,6 +9,10 @@ what the real ones carry:
   names for a fine-tuned one, 1,000 labels for the pretrained one), ``model.safetensors``,
   ``preprocessor_config.json`` with facebook/convnext-base-224's real 224-pixel settings, laid
   out as the hub cache does (``hub/models--<owner>--<name>/snapshots/<rev>/`` and ``refs/main``);
+- another family (``add_resnet``): ``microsoft/resnet-50``, a ResNet with 8-16 channels
+  (``tests/families.py``) and 1,000 labels, with the hub checkpoint's own ``preprocessor_config.json``
+  (``ConvNextFeatureExtractor``: shorter side 224 / 0.875, centre crop 224, bicubic, ImageNet
+  mean and std; ``conftest.PREPROCESSORS``);
 - datasets (``standin``): the dataset's own split names (``food101``: ``train`` and
   ``validation``; ``pcam``: ``train``, ``valid``, ``test``), its own columns (``fer2013``'s
   webdataset: ``__key__``, ``__url__``, ``jpg`` and an integer ``cls``; ``oxford_iiit_pet``'s
@@ -29,7 +33,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -37,12 +41,14 @@ import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value, load_dataset
 from datasets.naming import camelcase_to_snakecase
 from PIL import Image as PILImage
-from transformers import ConvNextConfig, ConvNextForImageClassification
+from transformers import ConvNextConfig, ConvNextForImageClassification, PreTrainedModel, ResNetForImageClassification
 
-from conftest import CONVNEXT_BASE_PREPROCESSOR, REPO_ROOT, tiny_config
+import families
+from conftest import CONVNEXT_BASE_PREPROCESSOR, PREPROCESSORS, REPO_ROOT, tiny_config
 from datamodules.tasks import BENCHMARK_TASKS, FUSIONBENCH_TASKS, get_task
 
 PRETRAINED_ID = "facebook/convnext-base-224"
+RESNET_ID = "microsoft/resnet-50"
 REVISION = "0" * 40
 
 
@@ -55,11 +61,13 @@ def _config(classnames: list[str]) -> ConvNextConfig:
     return tiny_config(classnames)
 
 
-def _save_model(home: Path, repo_id: str, model: ConvNextForImageClassification) -> Path:
+def _save_model(
+    home: Path, repo_id: str, model: PreTrainedModel, processor: Mapping[str, object] = CONVNEXT_BASE_PREPROCESSOR
+) -> Path:
     repo = home / "hub" / f"models--{repo_id.replace('/', '--')}"
     snapshot = repo / "snapshots" / REVISION
     model.save_pretrained(snapshot)
-    (snapshot / "preprocessor_config.json").write_text(json.dumps(CONVNEXT_BASE_PREPROCESSOR))
+    (snapshot / "preprocessor_config.json").write_text(json.dumps(processor))
     (repo / "refs").mkdir(exist_ok=True)
     (repo / "refs" / "main").write_text(REVISION)
     return snapshot
@@ -83,6 +91,17 @@ def add_models(home: Path, tasks: tuple[str, ...] = BENCHMARK_TASKS, seed: int =
                 state[key] = value + 0.05 * torch.randn(value.shape, generator=generator)
         finetuned.load_state_dict(state, strict=True)
         _save_model(home, finetuned_id(task), finetuned)
+
+
+def add_resnet(home: Path, seed: int = 0) -> Path:
+    """``microsoft/resnet-50``'s stand-in: the tiny ResNet of ``tests/families.py`` (BatchNorm
+    statistics drawn, as a trained model has them) with an ImageNet-sized head and the hub
+    checkpoint's image processor; returns its snapshot."""
+    config = families.family_config("resnet", [f"imagenet class {i}" for i in range(1000)])
+    torch.manual_seed(seed)
+    model = ResNetForImageClassification(config)
+    families.as_if_trained(model, torch.Generator().manual_seed(seed))
+    return _save_model(home, RESNET_ID, model, PREPROCESSORS["resnet"])
 
 
 #: Tasks whose real images are grayscale (the rest are RGB).

@@ -40,7 +40,7 @@ PROCESSOR_FILE = REPO_ROOT / "configs" / "quickstart" / "convnext-tiny-32" / "pr
 TINY = dict(image_size=32, patch_size=2)
 PRETRAINED = "_pretrained_"
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
-#: The files of a merge-side report (``lightning_modules.report.write_report``), sorted.
+#: The files of a merge-side report (``callbacks.report.write_report``), sorted.
 REPORT_FILES = ["accuracy.png", "accuracy_heatmap.png", "report.csv", "report.json", "report.md"]
 
 

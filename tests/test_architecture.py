@@ -1,10 +1,10 @@
 """The package layering of CONTRIBUTING.md, checked on the source: which package may import which.
 
-    train.py, merge.py  ->  lightning_modules  ->  datamodules, merging  ->  common
+    train.py, merge.py  ->  lightning_modules  ->  callbacks  ->  datamodules, merging  ->  common
 
 ``common`` imports no package of the project; ``datamodules`` and ``merging`` import only
-``common`` (and themselves), never each other; only the entry points and ``lightning_modules``
-see everything.
+``common`` (and themselves), never each other; ``callbacks`` (the writers) import those three and
+never a LightningModule; only the entry points and ``lightning_modules`` see everything.
 """
 
 from __future__ import annotations
@@ -16,13 +16,14 @@ import pytest
 
 from conftest import REPO_ROOT
 
-PACKAGES = ("common", "datamodules", "merging", "lightning_modules")
+PACKAGES = ("common", "datamodules", "merging", "callbacks", "lightning_modules")
 #: package -> the project packages it may import besides itself.
 ALLOWED = {
     "common": set(),
     "datamodules": {"common"},
     "merging": {"common"},
-    "lightning_modules": {"common", "datamodules", "merging", "train", "merge"},
+    "callbacks": {"common", "datamodules", "merging"},
+    "lightning_modules": {"callbacks", "common", "datamodules", "merging", "train", "merge"},
 }
 
 

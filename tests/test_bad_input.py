@@ -1,5 +1,6 @@
 """Bad input through the real CLIs (``train.py``, ``merge.py``, in-process): class folders that
-are not the task's classes, string labels, checkpoints that are not ConvNeXt, broken AdaMerging
+are not the task's classes, string labels, checkpoints of no supported family or of two families
+in one pool, broken AdaMerging
 coefficient files, and the staging directory a killed save leaves behind.
 
 Every error case ends in one ``error:`` line naming what is wrong and where, exit status 1,
@@ -20,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Dataset, DatasetDict, Features, Image, Value
-from transformers import ResNetConfig, ResNetForImageClassification
+from transformers import RegNetConfig, RegNetForImageClassification, ResNetConfig, ResNetForImageClassification
 
 import merge_fixtures as mf
 from common.files import check_output_location, remove_dead_staging
@@ -209,14 +210,28 @@ def test_string_labels_are_mapped_by_class_name(form, tmp_path, tiny_processor, 
     assert decoded(module.datasets["test"], decode_index) == [(row, (0, 8)[row % 2]) for row in range(4)]
 
 
-# --- 3. checkpoints that are not ConvNeXt ------------------------------------------------------
+# --- 3. checkpoints of no supported family, or of two families in one pool ---------------------
 
 
 def small_dataset(task: str) -> DatasetDict:
     return index_dataset({"train": 12, "test": 4}, get_task(task).classnames)
 
 
-NOT_CONVNEXT = "is a 'resnet' model (ResNetForImageClassification), not a ConvNeXt"
+#: What an unsupported family is told (``common.architectures.supported_families``).
+UNSUPPORTED = (
+    "is a 'regnet' model (RegNetForImageClassification), not one of the supported families: ConvNeXt (convnext), "
+    "ConvNeXt-V2 (convnextv2), ResNet (resnet), ViT (vit), DINOv2 (dinov2), Swin (swin)"
+)
+
+
+@pytest.fixture(scope="module")
+def regnet(tmp_path_factory) -> Path:
+    """A tiny RegNet: an image classifier of transformers that no architecture record describes."""
+    directory = tmp_path_factory.mktemp("regnet")
+    config = RegNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], groups_width=8, num_labels=10)
+    torch.manual_seed(0)
+    RegNetForImageClassification(config).save_pretrained(directory)
+    return directory
 
 
 def make_resnet(directory: Path, stages: int) -> Path:
@@ -232,12 +247,11 @@ def resnets(tmp_path_factory) -> dict[int, Path]:
     return {stages: make_resnet(root / f"resnet-{stages}-stages", stages) for stages in (4, 2)}
 
 
-@pytest.mark.parametrize("stages", [4, 2])
-def test_fine_tuning_from_a_resnet_is_one_error_line(stages, resnets, convnext, tmp_path, workdir, capsys):
+def test_fine_tuning_from_an_unsupported_family_is_one_error_line(regnet, convnext, tmp_path, workdir, capsys):
     data = write_dataset(small_dataset("mnist"), tmp_path / "mnist", "disk")
-    args = train_args(convnext, data, "mnist", f"--model.model_name_or_path={resnets[stages]}")
+    args = train_args(convnext, data, "mnist", f"--model.model_name_or_path={regnet}")
     line = one_error_line(train_main, args, capsys)
-    assert_contains(line, f"checkpoint '{resnets[stages]}'", NOT_CONVNEXT)
+    assert_contains(line, f"checkpoint '{regnet}'", UNSUPPORTED)
     assert not list(workdir.iterdir())
 
 
@@ -306,10 +320,28 @@ def assert_nothing_written(out: Path, workdir: Path) -> None:
 
 @pytest.mark.parametrize("member", [mf.PRETRAINED, "dtd"])
 @pytest.mark.parametrize("stages", [4, 2])
-def test_a_resnet_in_the_merge_pool_is_one_error_line(member, stages, pool, resnets, tmp_path, workdir, capsys):
+def test_a_resnet_in_a_convnext_pool_is_one_error_line_naming_both_families(
+    member, stages, pool, resnets, tmp_path, workdir, capsys
+):
+    # Four stages end at 64 channels, as the tiny ConvNeXt does: the family is told by the
+    # config, not by the head's shape.
     models = {**pool.models, member: str(resnets[stages])}
     line = one_error_line(merge_main, merge_args(pool, tmp_path, *merged_classifier(tmp_path), models=models), capsys)
-    assert_contains(line, f"checkpoint '{resnets[stages]}'", NOT_CONVNEXT)
+    # The first entry of another family than _pretrained_'s is named: the first task, or the ResNet.
+    other, kinds = ("eurosat", ("ResNet", "ConvNeXt")) if member == mf.PRETRAINED else ("dtd", ("ConvNeXt", "ResNet"))
+    assert_contains(
+        line,
+        f"the model pool mixes families: {mf.PRETRAINED} ('{models[mf.PRETRAINED]}') is a {kinds[0]}, "
+        f"{other} ('{models[other]}') a {kinds[1]}",
+    )
+    assert_nothing_written(tmp_path, workdir)
+
+
+@pytest.mark.parametrize("member", [mf.PRETRAINED, "dtd"])
+def test_an_unsupported_family_in_the_merge_pool_is_one_error_line(member, pool, regnet, tmp_path, workdir, capsys):
+    models = {**pool.models, member: str(regnet)}
+    line = one_error_line(merge_main, merge_args(pool, tmp_path, *merged_classifier(tmp_path), models=models), capsys)
+    assert_contains(line, f"checkpoint '{regnet}'", UNSUPPORTED)
     assert_nothing_written(tmp_path, workdir)
 
 

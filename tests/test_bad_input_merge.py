@@ -24,10 +24,10 @@ from safetensors import SafetensorError
 
 import merge_fixtures as mf
 import test_bad_input
+from callbacks.report import summarize, write_report
 from conftest import REPO_ROOT, write_dataset
 from datamodules.tasks import get_task
 from lightning_modules.adamerging import AdaMerging, prediction_entropy
-from lightning_modules.report import summarize, write_report
 from merge import main as merge_main
 from test_bad_input import (
     MERGE_TASKS,
@@ -266,9 +266,9 @@ def test_a_full_disk_while_saving_the_merge_is_one_error_line(pool, tmp_path, wo
 
 
 def test_a_full_disk_while_exporting_the_merge_is_one_error_line(pool, tmp_path, workdir, monkeypatch, capsys):
-    import lightning_modules.merged_export
+    import callbacks.merged_export
 
-    monkeypatch.setattr(lightning_modules.merged_export, "save_file", lambda *args, **kwargs: no_safetensors_space())
+    monkeypatch.setattr(callbacks.merged_export, "save_file", lambda *args, **kwargs: no_safetensors_space())
     exports = tmp_path / "exports"
     line = one_error_line(merge_main, merge_args(pool, tmp_path, *merged_classifier("--model.export_dir", str(exports))), capsys)
     first = exports / MERGE_TASKS[0]

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
+from lightning.pytorch.trainer.states import TrainerFn
 from PIL import Image as PILImage
 from PIL import ImageFile
 
@@ -169,6 +170,21 @@ def test_resume_skips_exactly_the_consumed_steps():
     second_epoch = StepStreamSampler(**args)
     second_epoch.set_epoch(1)
     assert steps(later) == steps(second_epoch)[3:]
+
+
+def test_a_finished_run_resumed_with_more_steps_continues_the_stream():
+    """A step-based run's one epoch spans its ``max_steps``: a run that ended at step 4 (epoch 0 of
+    4 steps) and is resumed with ``max_steps`` 10 is in epoch 1 of 10 steps, whose start
+    ``1 * 10`` lies past the step it stopped at. It takes steps 4.. of the stream, as the straight
+    10-step run does, and a later epoch follows on where that one ends."""
+    args = {"num_samples": 23, "global_batch_size": 6, "seed": 1, "rank": 1, "world_size": 2}
+    straight = steps(StepStreamSampler(**args, steps_per_epoch=30))
+    resumed = StepStreamSampler(**args, steps_per_epoch=10)
+    resumed.set_epoch(1)
+    resumed.resume_step = 4
+    assert steps(resumed) == straight[4:14]
+    resumed.set_epoch(2)
+    assert steps(resumed) == straight[14:24]
 
 
 def test_every_pass_is_a_permutation():
@@ -664,7 +680,7 @@ def test_the_merge_side_checks_its_images_in_setup_and_only_the_rows_it_reads(tm
     assert 13 not in fewer.gram_rows(20)
     fewer.setup("test")  # row 13 is not read
     # merge and save only (limit_test_batches 0): nothing is read, so nothing is checked
-    gram.trainer = SimpleNamespace(testing=True, limit_test_batches=0, world_size=1)
+    gram.trainer = SimpleNamespace(state=SimpleNamespace(fn=TrainerFn.TESTING), testing=True, limit_test_batches=0, world_size=1)
     gram.setup("test")
     assert "gram_datasets" not in vars(gram)
 

@@ -225,13 +225,13 @@ def test_an_existing_export_is_refused_before_merging_and_replaced_with_overwrit
 
 
 def test_a_failed_export_leaves_nothing_behind(setup, tmp_path, monkeypatch, capsys):
-    import lightning_modules.merged
+    import callbacks.merged_export
 
     def fail_after_weights(directory: Path, **kwargs) -> None:
         (directory / "model.safetensors").write_bytes(b"half")
         raise OSError("disk full")
 
-    monkeypatch.setattr(lightning_modules.merged, "write_classifier", fail_after_weights, raising=True)
+    monkeypatch.setattr(callbacks.merged_export, "write_classifier", fail_after_weights, raising=True)
     with pytest.raises(SystemExit) as exit_info:
         main(cli(setup, tmp_path, "--model.export_dir", str(tmp_path / "exports"), "--trainer.limit_test_batches", "0"))
     assert exit_info.value.code == 1

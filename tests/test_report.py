@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-import lightning_modules.report as report_module
+import callbacks.report as report_module
 import merge_fixtures as mf
+from callbacks.report import markdown, summarize, table_rows, write_report
 from common.names import TASK_ABBREVIATIONS, task_abbreviation
 from datamodules.tasks import BENCHMARKS, TASKS
-from lightning_modules.report import markdown, summarize, table_rows, write_report
 
 #: The eight tasks and the twelve of TALL20, in the benchmark's order.
 TALL20 = BENCHMARKS["tall20"]

@@ -117,6 +117,11 @@ def assert_compared(content: dict, config: str, tasks: tuple[str, ...], sizes=RE
     assert content["gram_images"] == {task: sizes["train"] - held_out for task in tasks}
 
 
+#: The TALL20 fixture (twenty fine-tunes, then both merges) takes about 5 minutes on two idle cores;
+#: the tests that use it get room for a loaded machine beyond pyproject's 600 s.
+TALL20_TIMEOUT = pytest.mark.timeout(1800)
+
+
 @pytest.fixture(scope="module")
 def tall20(reproduction_home: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """The working directory after ``--tasks tall20``, and what the command printed."""
@@ -124,6 +129,7 @@ def tall20(reproduction_home: Path, tmp_path_factory: pytest.TempPathFactory) ->
     return cwd, reproduce(reproduction_home, cwd, "--tasks", "tall20", "--gpus", "2").stdout
 
 
+@TALL20_TIMEOUT
 def test_reproduce_tall20_fine_tunes_the_twenty_configs_and_merges_their_exports(tall20: tuple[Path, str]) -> None:
     cwd, printed = tall20
     reproduced = cwd / "outputs" / "reproduce"
@@ -156,6 +162,7 @@ def test_reproduce_tall20_fine_tunes_the_twenty_configs_and_merges_their_exports
     assert "| individual |" in printed
 
 
+@TALL20_TIMEOUT
 def test_the_eight_as_slurm_jobs_skip_the_finished_and_resume_the_interrupted(
     tall20: tuple[Path, str], reproduction_home: Path, tmp_path: Path
 ) -> None:
@@ -205,20 +212,21 @@ def test_the_eight_as_slurm_jobs_skip_the_finished_and_resume_the_interrupted(
     assert "| individual |" in merged.stdout
 
 
+@TALL20_TIMEOUT
 def test_an_interrupted_task_resumes_and_a_finished_one_is_skipped(tall20: tuple[Path, str], reproduction_home: Path) -> None:
     """Two tasks, as a comma-separated list, in TALL20's directory: eurosat's export is gone, its
-    last checkpoint (step 1) is there. It resumes from that checkpoint; dtd is skipped."""
+    last checkpoint (step 1) is there. It resumes from that checkpoint; dtd is skipped. With
+    ``--fine-tune-only`` nothing is merged (the local launcher's merges ran in the TALL20 run)."""
     cwd, _ = tall20
     shutil.rmtree(cwd / export_of("eurosat"))
-    again = reproduce(reproduction_home, cwd, "--tasks", "eurosat,dtd", "--output-dir", "outputs/second")
+    again = reproduce(reproduction_home, cwd, "--tasks", "eurosat,dtd", "--output-dir", "outputs/second", "--fine-tune-only")
     assert "eurosat: fine-tuning on GPU 0 resuming from outputs/train/eurosat/checkpoints/last.ckpt" in again.stdout
     assert f"dtd: export {export_of('dtd')} exists, skipped" in again.stdout
     log = (cwd / "outputs" / "second" / "logs" / "eurosat.log").read_text()
     assert re.search(r"Restor\w+ .*checkpoint", log), log[-2000:]
     assert (cwd / export_of("eurosat") / "config.json").is_file()
-    assert_compared(
-        report(cwd / "outputs" / "second" / "compare" / "convnext-base-224_8-tasks"), "compare.yaml", ("eurosat", "dtd")
-    )
+    assert again.stdout.splitlines()[-1].endswith("fine-tunes done (2 tasks); --fine-tune-only: no merges")
+    assert not (cwd / "outputs" / "second" / "configs").exists() and not (cwd / "outputs" / "second" / "compare").exists()
 
 
 def test_make_reproduce_runs_the_documented_command() -> None:
@@ -239,15 +247,8 @@ def test_merge_configs_rehearsed_on_the_public_ids(home: Path, tmp_path: Path) -
     assert_full_report(content, {"regmean(reduce_non_diagonal_ratio=0.95)"})
     assert content["gram_images"] == {get_task(task).name: SIZES["train"] for task in BENCHMARK_TASKS}  # fewer than 256
 
-    run([MERGE, "fit", "--config", str(merge_configs / "adamerging.yaml"), *MERGE_ARGS], home, tmp_path)
-    coefficients = tmp_path / "outputs" / "adamerging" / "coefficients.json"
-    assert json.loads(coefficients.read_text())["tasks"] == [get_task(task).name for task in BENCHMARK_TASKS]
-    run(
-        [MERGE, "test", "--config", str(merge_configs / "adamerging.yaml"), f"--model.coefficients={coefficients}", *MERGE_ARGS],
-        home, tmp_path,
-    )  # fmt: skip
-    assert_full_report(report(tmp_path / "outputs" / "adamerging" / "report"), {"adamerging(layer-wise)"})
-    # compare.yaml runs in the eight tasks' reproduction above, on the same settings with the exports' pool.
+    # adamerging.yaml (merge.py fit) and compare.yaml, which reads its coefficients, run unchanged but for
+    # their pool in the reproduction's merge job above (the eight tasks as SLURM jobs), on the same settings.
 
 
 def test_merge_and_save_needs_no_data(home: Path, models_only_home: Path, tmp_path: Path) -> None:

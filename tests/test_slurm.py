@@ -218,6 +218,8 @@ MISTAKES = {
     "--submit without slurm": (["--tasks", "dtd", "--submit"], "--submit is for SLURM jobs: give it with --launcher slurm"),
     "--sbatch-args without slurm": (["--sbatch-args", "--partition=gpu"],
                                     "--sbatch-args is for SLURM jobs: give it with --launcher slurm"),
+    "--fine-tune-only with slurm": (["--tasks", "dtd", "--launcher", "slurm", "--fine-tune-only"],
+                                    "--fine-tune-only is for the local launcher: with --launcher slurm, submit fine-tune.sbatch alone"),
     "an unclosed quote in --sbatch-args": (["--launcher", "slurm", "--sbatch-args", "--comment='x"],
                                            "--sbatch-args '--comment='x': No closing quotation"),
     "devices left to Lightning": (["--tasks", "dtd", "--launcher", "slurm", "--train-args", "--trainer.devices=auto"],

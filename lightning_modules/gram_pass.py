@@ -1,13 +1,18 @@
-"""The Gram pass of merges that need data (RegMean): every fine-tuned backbone of the pool
-over its own task's unlabelled train images (the DataModule's ``gram`` loaders), with the
-inputs of its Linear layers summed into Gram matrices (``merging.grams``)."""
+"""The Gram pass of merges that need data (RegMean), as Lightning runs it: every fine-tuned backbone
+of the pool over its own task's unlabelled train images (the DataModule's ``gram`` loaders, first
+in ``Trainer.test``), with the inputs of its Linear layers summed into Gram matrices.
+
+Two modules, two jobs: ``merging.grams`` does the math (the hooks, the sums, their reduction over
+processes, the means), with no Lightning; this one runs it over the data inside a merge-side
+LightningModule, whose one entry is ``MultiTaskEvaluation.start_gram_pass``."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
-from lightning_modules.evaluation import load_backbone
+from datamodules.multitask import GRAM_SPLIT
+from lightning_modules.backbones import load_backbone
 from merging.errors import MergeError
 from merging.grams import GramAccumulator, mean_grams
 from merging.pool import ModelPool
@@ -48,3 +53,12 @@ class GramPass(nn.Module):
             for key, gram in zip(accumulator.keys, mean_grams(sums, rows, accumulator.keys, task)):
                 per_key.setdefault(key, []).append(gram)
         return per_key, images
+
+
+def check_gram_split(needs_grams: bool, splits: list[str], model: str) -> None:
+    """The data read the ``gram`` split (``data.gram_images``) exactly when the merge needs Grams."""
+    given = GRAM_SPLIT in splits
+    if needs_grams and not given:
+        raise MergeError("this merge needs unlabelled train images for its Gram matrices: set data.gram_images (e.g. 256)")
+    if given and not needs_grams:
+        raise MergeError(f"data.gram_images is set, but {model} with these methods merges without data: drop it")

@@ -1,4 +1,5 @@
-"""Evaluation reports: one table of models x tasks as JSON, Markdown, CSV, a bar chart and a heat map.
+"""Evaluation reports: one table of models x tasks as JSON, Markdown, CSV, a bar chart and a heat map,
+written at the end of a test run by the ``ReportFiles`` callback.
 
 A row is a merged model (named by its method) or ``individual``: each fine-tuned model on
 its own task. Where the individual row exists, each merged row also gets its normalised
@@ -19,6 +20,8 @@ from collections.abc import Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
+
+from lightning.pytorch import Callback, LightningModule, Trainer
 
 from common.files import write_files_atomically
 from common.names import task_abbreviation
@@ -177,11 +180,18 @@ def write_report(
     extra: Mapping[str, Any] | None = None,
     sections: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Write the report to ``directory``: ``report.json``, ``report.md`` (the table, then
-    ``sections``), ``report.csv``, the bar chart ``accuracy.png`` and the heat map
+    """Write the report of ``results`` to ``directory`` (``write_report_files``) and return its content."""
+    report = build_report(results, title, extra)
+    write_report_files(report, directory, sections)
+    return report
+
+
+def write_report_files(report: Mapping[str, Any], directory: str | Path, sections: Sequence[str] = ()) -> None:
+    """Write ``report`` (``build_report``'s) to ``directory``: ``report.json``, ``report.md`` (the
+    table, then ``sections``), ``report.csv``, the bar chart ``accuracy.png`` and the heat map
     ``accuracy_heatmap.png``, all five or none (``write_files_atomically``: a full disk leaves no
     part of a report)."""
-    report = build_report(results, title, extra)
+    title = report["title"]
     # Strict JSON: a NaN would be written as a bare NaN, which JSON readers refuse.
     content = json.dumps(report, indent=2, allow_nan=False) + "\n"
     texts = {"report.json": content, "report.md": "\n".join([markdown(report, title), *sections]), "report.csv": _csv(report)}
@@ -189,8 +199,27 @@ def write_report(
     writers["accuracy.png"] = partial(bar_chart, report, title)
     writers["accuracy_heatmap.png"] = partial(heat_map, report, title)
     write_files_atomically(Path(directory), writers, "model.report_dir")
-    return report
 
 
 def _write_text(path: Path, text: str) -> None:
     path.write_text(text)
+
+
+class ReportFiles(Callback):
+    """At the end of a test run, rank 0 writes the module's ``report`` (the content of
+    ``report.json``, which ``MultiTaskEvaluation`` computes) with ``write_report_files``, the
+    module's ``report_sections()`` after the table of ``report.md``, and prints ``report.md``.
+
+    Args:
+        directory: where the five files go (``--model.report_dir``).
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        report: Any = getattr(pl_module, "report", None)
+        if not trainer.is_global_zero or report is None:
+            return
+        write_report_files(report, self.directory, pl_module.report_sections())
+        print(Path(self.directory, "report.md").read_text())
