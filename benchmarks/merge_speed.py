@@ -1,7 +1,8 @@
 """Merge speed and memory: the project's merge flow on 8 (or 20) convnext-base-224-sized models.
 
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.merge_speed [--repeats 5] [--cache /tmp/convnext-fusion-bench] [--models 8|20]
-        [--flows simple_average,task_arithmetic,ties,dare_task_arithmetic,dare_ties,stream; also tsv_m,iso_c,iso_cts]
+        [--flows simple_average,task_arithmetic,ties,dare_task_arithmetic,dare_ties,model_stock,mag_max,stream;
+         also tsv_m,iso_c,iso_cts,wudi,cart]
         [--fusionbench-python /tmp/fbvenv/bin/python] [--baseline DIR]
 
 The first run writes ``--models`` + 1 Hugging Face checkpoint directories (``config.json`` +
@@ -25,7 +26,8 @@ Every measurement runs in a fresh subprocess, so peaks do not mix, and reports
 
 Flows: ``simple_average``, ``task_arithmetic`` (lambda 0.3), ``ties`` (top_k 0.2, lambda 0.3),
 ``dare_task_arithmetic`` (drop_rate 0.9, rescale, seed 0, lambda 0.3) and ``dare_ties`` (the same
-DARE, then TIES with top_k 0.2, lambda 0.3) through the project's code (``METHODS``), and
+DARE, then TIES with top_k 0.2, lambda 0.3), the data-free ``model_stock``, ``mag_max`` (lambda 0.5),
+``cart`` (rank ratio 0.12, lambda 2.0) and ``wudi`` (300 Adam steps) through the project's code (``METHODS``), and
 ``stream``, a plain baseline: ``safetensors.safe_open`` one file at a time, a running fp32 sum of
 the backbone, divided by 8 (no checks, no heads, no save). ``--baseline DIR`` measures the
 project flows again with the ``merging`` package under ``DIR`` (another version of it, e.g. the
@@ -93,10 +95,14 @@ METHODS = {
     "tsv_m": ("TaskSingularVectors", {"scaling_factor": 1.0}),
     "iso_c": ("IsotropicCommon", {"scaling_factor": 1.0}),
     "iso_cts": ("IsotropicCommonTask", {"common_space_fraction": 0.8, "scaling_factor": 1.0}),
+    "model_stock": ("ModelStock", {}),
+    "mag_max": ("MagMax", {"scaling_factor": 0.5}),
+    "wudi": ("WUDIMerging", {"iter_num": 300}),
+    "cart": ("CART", {"rank_ratio": 0.12, "scaling_factor": 2.0}),
 }
 PROJECT_FLOWS = tuple(METHODS)
-#: Minutes each (an SVD per 2-D weight and task), so not run unless named in --flows.
-SLOW_FLOWS = ("tsv_m", "iso_c", "iso_cts")
+#: Minutes each (an SVD per 2-D weight and task; WUDI's Adam steps), so not run unless named in --flows.
+SLOW_FLOWS = ("tsv_m", "iso_c", "iso_cts", "wudi", "cart")
 FUSIONBENCH_METHODS = ("simple_average", "ties", "dare_task_arithmetic", "dare_ties", "tsv_m", "iso_c", "iso_cts")
 
 

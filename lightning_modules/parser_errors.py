@@ -20,8 +20,9 @@ from lightning.pytorch.cli import LightningArgumentParser
 
 from lightning_modules.parser_help import ProjectHelpFormatter
 
-#: Longest list of classes spelled out in full; beyond it, only the closest names.
-MAX_LISTED = 12
+#: Longest list of classes spelled out in full; beyond it, only the closest names. Above the
+#: number of merge methods (14, and more to come), which an unknown ``--model.method`` lists in full.
+MAX_LISTED = 24
 #: Lines of jsonargparse's union report that say nothing about the mistake itself.
 _NOISE = re.compile(r"^(Does not validate|Subtypes:|Errors:|Given value|- Expected a <class 'NoneType'>|"
                     r"Problem with given class_path|Subclass types expect|- a (class path|dict))")  # fmt: skip

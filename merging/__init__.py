@@ -6,9 +6,11 @@ merged = merge_backbone(pool, TiesMerging(top_k=0.2, scaling_factor=0.3))
 """
 
 from common.errors import CheckpointError
+from merging.cart import CART
 from merging.coefficients import Coefficients, LearnedCoefficients
 from merging.engine import merge_backbone
 from merging.errors import MergeError
+from merging.magmax import MagMax
 from merging.methods import (
     METHODS,
     DareTaskArithmetic,
@@ -20,12 +22,15 @@ from merging.methods import (
     merge_function,
     register_method,
 )
+from merging.model_stock import ModelStock
 from merging.pool import ModelPool
 from merging.regmean import RegMean
 from merging.spectral import IsotropicCommon, IsotropicCommonTask, TaskSingularVectors
 from merging.switch import SwitchModule
+from merging.wudi import WUDIMerging
 
 __all__ = [
+    "CART",
     "CheckpointError",
     "DareTaskArithmetic",
     "DareTies",
@@ -33,16 +38,19 @@ __all__ = [
     "IsotropicCommonTask",
     "Coefficients",
     "LearnedCoefficients",
+    "MagMax",
     "METHODS",
     "MergeError",
     "MergeMethod",
     "ModelPool",
+    "ModelStock",
     "RegMean",
     "SimpleAverage",
     "SwitchModule",
     "TaskArithmetic",
     "TaskSingularVectors",
     "TiesMerging",
+    "WUDIMerging",
     "merge_backbone",
     "merge_function",
     "register_method",

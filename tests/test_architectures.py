@@ -19,6 +19,7 @@ from common.errors import CheckpointError
 from lightning_modules.adamerging import AdaMerging, EvalBatchNorm2d
 from lightning_modules.backbones import backbone_from_state
 from lightning_modules.python_api import merged_classifier, task_classnames
+from merging.cart import CART
 from merging.engine import merge_backbone
 from merging.errors import MergeError
 from merging.grams import linear_layers
@@ -26,6 +27,7 @@ from merging.methods import SimpleAverage, TaskArithmetic, TiesMerging
 from merging.pool import PRETRAINED, ModelPool
 from merging.regmean import RegMean
 from merging.spectral import IsotropicCommon, IsotropicCommonTask, TaskSingularVectors, tsv_merge
+from merging.wudi import WUDIMerging
 from tolerances import FLOAT64_RTOL, assert_within
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -214,6 +216,30 @@ def test_a_spectral_method_on_a_resnet_says_it_is_task_arithmetic_and_is(method,
     for key in weights:  # theta_0 + alpha * mean tau: summed in float64, rounded once
         expected = (pretrained[key].double() + 0.5 * sum(tau[key].double() for tau in vectors)).float()
         assert_within(merged[key], expected, 2 * torch.finfo(torch.float32).eps * expected.abs() + 1e-30, key)
+
+
+@pytest.mark.parametrize("method", [WUDIMerging(iter_num=3), CART(rank_ratio=0.5, scaling_factor=1.0)], ids=lambda m: m.name)
+def test_wudi_and_cart_take_the_2d_tensors_as_the_spectral_methods_do(method, pool) -> None:
+    reader = ModelPool(pool[1])
+    shapes = {key: reader.reader(mf.PRETRAINED).shape(key) for key in reader.merge_keys}
+    assert method.special_keys(shapes, None) == TaskSingularVectors().special_keys(shapes, None)
+
+
+@pytest.mark.parametrize("method", [WUDIMerging(iter_num=3), CART(rank_ratio=0.5, scaling_factor=1.0)], ids=lambda m: m.name)
+def test_wudi_and_cart_on_a_resnet_say_they_are_the_simple_average_and_are(method, resnet_pool, capsys) -> None:
+    merged = merge_backbone(ModelPool(resnet_pool), method, progress=True)
+    printed = [line for line in capsys.readouterr().out.splitlines() if "on this ResNet backbone" in line]
+    assert len(printed) == 1 and printed[0].startswith(f"{method.describe()} on this ResNet backbone: none of its tensors")
+    assert printed[0].endswith("the simple average")
+    record = architecture("resnet")
+    pretrained = backbone_state(resnet_pool[mf.PRETRAINED], record)
+    finetuned = [backbone_state(resnet_pool[task], record) for task in TASKS]
+    for key, tensor in pretrained.items():
+        if tensor.is_floating_point():  # theta_0 + mean tau: each tau rounded to float32, the sum in float64
+            taus = [m[key].double() - tensor.double() for m in finetuned]
+            expected = (tensor.double() + sum(taus) / len(TASKS)).float()
+            spread = sum(tau.abs() for tau in taus).float() / len(TASKS)
+            assert_within(merged[key], expected, torch.finfo(torch.float32).eps * (expected.abs() + spread) + 1e-30, key)
 
 
 def test_conv_as_matrix_merges_each_kernel_as_its_im2col_matrix(resnet_pool, capsys) -> None:
