@@ -26,14 +26,19 @@ SHARED_DIR = REPO_ROOT.parent / "shared"
 #: instead of one of them starting the TALL20 rehearsal when the other is nearly done.
 LONGEST_FIRST = (
     "test_reproduction.py",
-    "test_adamerging.py",
     "test_train_cli.py",
-    "test_families_flow.py",
-    "test_slurm.py",
+    "test_python_api.py",
+    "test_regmean_cli.py",
     "test_merge_ddp.py",
-    "test_family_rehearsal.py",
     "test_task_rehearsal.py",
+    "test_multitask_ddp.py",
     "test_reproduce_benchmarks.py",
+    "test_families_flow.py",
+    "test_merge_cli.py",
+    "test_adamerging.py",
+    "test_compare.py",
+    "test_slurm.py",
+    "test_family_rehearsal.py",
 )
 
 
