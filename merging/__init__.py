@@ -27,6 +27,7 @@ from merging.pool import ModelPool
 from merging.regmean import RegMean
 from merging.spectral import IsotropicCommon, IsotropicCommonTask, TaskSingularVectors
 from merging.switch import SwitchModule
+from merging.tall_masks import ConsensusTaskArithmetic
 from merging.wudi import WUDIMerging
 
 __all__ = [
@@ -54,4 +55,5 @@ __all__ = [
     "merge_backbone",
     "merge_function",
     "register_method",
+    "ConsensusTaskArithmetic",
 ]
