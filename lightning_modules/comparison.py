@@ -72,7 +72,7 @@ class MethodComparison(MultiTaskEvaluation):
         methods: the merge methods to compare, e.g. ``SimpleAverage``, ``TaskArithmetic``,
             ``TiesMerging``, ``DareTies``, ``LearnedCoefficients`` (AdaMerging), ``RegMean``
             (merged after a pass over unlabelled train images: set ``data.gram_images``); a
-            mask-based method (``EMRMerging``) is a row of one backbone per task.
+            mask-based method (``TallMasks``, ``EMRMerging``) is a row of one backbone per task.
         grid: values to try per method class name and hyper-parameter, e.g.
             ``{TaskArithmetic: {scaling_factor: [0.1, 0.3, 0.5]}}``; every combination is
             evaluated and the one with the best average validation accuracy is the method's

@@ -36,7 +36,7 @@ class MergedClassifier(MultiTaskEvaluation):
         method: the merge method and its hyper-parameters, e.g. ``--model.method TiesMerging
             --model.method.top_k 0.2``. ``RegMean`` also needs ``--data.gram_images``: it
             merges after a pass over unlabelled train images, in the same ``merge.py test``. A
-            mask-based method (``EMRMerging``) gives one backbone per task, each
+            mask-based method (``TallMasks``, ``EMRMerging``) gives one backbone per task, each
             task scored (and exported) with its own.
         evaluate_individual: also evaluate each fine-tuned model on its own task, for the
             normalised accuracy (merged / individual).

@@ -29,7 +29,7 @@ from merging.pool import ModelPool
 from merging.regmean import RegMean
 from merging.spectral import IsotropicCommon, IsotropicCommonTask, TaskSingularVectors
 from merging.switch import SwitchModule
-from merging.tall_masks import ConsensusTaskArithmetic
+from merging.tall_masks import ConsensusTaskArithmetic, TallMasks
 from merging.wudi import WUDIMerging
 
 __all__ = [
@@ -61,5 +61,6 @@ __all__ = [
     "EMRMerging",
     "PerTaskMerge",
     "PerTaskMethod",
+    "TallMasks",
     "merge_per_task",
 ]

@@ -8,6 +8,10 @@ in ``tau_MTL`` than the other tasks' vectors do, by the factor ``lambda``:
 
     m_t = 1{ |tau_t| >= lambda |tau_MTL - tau_t| }                 (entry by entry)
 
+* ``TallMasks``: one backbone per task, ``theta_t = theta_0 + m_t ⊙ tau_MTL`` (the paper's
+  compression: the task id picks the backbone at inference). The authors choose ``lambda`` per
+  task on validation data among 0.2, ..., 0.6; here it is one ``tall_mask_lambda`` for every task
+  (as FusionBench's ``TallMaskTaskArithmeticAlgorithm``), which a comparison grid chooses.
 * ``ConsensusTaskArithmetic``: one static backbone, task arithmetic on the entries at least ``k``
   tasks' masks keep (the consensus mask; the paper's ``k = 2`` drops the "selfish" weights that
   one task alone uses and the "catastrophic" ones none uses):
@@ -39,6 +43,7 @@ from torch import Tensor
 
 from merging.errors import MergeError
 from merging.methods import MergeMethod, register_method
+from merging.per_task import MaskedPart, PerTaskMethod
 
 
 def tall_masks(task_vectors: Sequence[Tensor], multi_task: Tensor, tall_mask_lambda: float) -> Tensor:
@@ -105,3 +110,33 @@ class ConsensusTaskArithmetic(MergeMethod):
 
     def merge(self, pretrained: Tensor | None, tensors: Iterable[Tensor], statistics: Sequence[float]) -> Tensor:
         return consensus_task_arithmetic(pretrained, tensors, self.k, self.tall_mask_lambda, self.scaling_factor)
+
+
+@register_method
+class TallMasks(PerTaskMethod):
+    """TALL masks (Wang et al., ICML 2024, arXiv 2405.07813): one backbone per task (the task id picks
+    it at inference), ``theta_t = theta_0 + m_t ⊙ tau_MTL`` with ``tau_MTL = sum_t tau_t`` and the
+    task's mask ``m_t = 1{|tau_t| >= lambda |tau_MTL - tau_t|}``; every tensor alike; held as the
+    multi-task vector and one bit per weight and task (``merging.tall_masks``, ``merging.per_task``).
+    Data-free.
+
+    Args:
+        tall_mask_lambda: lambda, >= 0, one for every task (the authors choose it per task among
+            0.2, ..., 0.6 on validation data; FusionBench's default is 0.6).
+    """
+
+    name = "tall_masks"
+    elementwise = True
+    propagates_non_finite = False
+
+    def __init__(self, tall_mask_lambda: float) -> None:
+        _check_lambda(tall_mask_lambda)
+        self.tall_mask_lambda = tall_mask_lambda
+
+    def hyperparameters(self) -> dict[str, float | int | bool]:
+        return {"tall_mask_lambda": self.tall_mask_lambda}
+
+    def merge_masked(self, pretrained: Tensor, task_vectors: Iterable[Tensor]) -> MaskedPart:
+        vectors, multi_task = _task_vectors_and_sum(task_vectors)
+        masks = tall_masks(vectors, multi_task, self.tall_mask_lambda)
+        return MaskedPart(multi_task, masks, torch.zeros((len(vectors), 0), dtype=torch.float64))

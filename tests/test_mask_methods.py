@@ -1,4 +1,4 @@
-"""The mask-based methods (Consensus task arithmetic, EMR-Merging): exact values on
+"""The mask-based methods (Consensus task arithmetic, TALL masks, EMR-Merging): exact values on
 hand-built tensors, the streaming engine against the formulas on loaded checkpoints, one backbone
 per task through ``merge.py test`` (each task scored with its own: the scores show which), the
 comparison's rows, the per-task exports, and bad input.
@@ -27,6 +27,7 @@ from merging import (
     ConsensusTaskArithmetic,
     EMRMerging,
     ModelPool,
+    TallMasks,
     TaskArithmetic,
     merge_backbone,
     merge_per_task,
@@ -73,6 +74,14 @@ TAUS = [[3.0, 1.0, -2.0, 0.0], [1.0, 1.0, 2.0, 0.0]]
 THETA0 = [0.5, -1.0, 2.0, 0.25]
 
 
+def test_tall_masks_by_hand():
+    backbones = per_task_backbones(TallMasks(tall_mask_lambda=0.5), t(THETA0), [t(tau) for tau in TAUS])
+    assert torch.equal(backbones[0], t(THETA0) + t([4.0, 2.0, 0.0, 0.0]))
+    assert torch.equal(backbones[1], t(THETA0) + t([0.0, 2.0, 0.0, 0.0]))
+    part = TallMasks(tall_mask_lambda=0.5).merge_masked(t(THETA0), one_buffer([t(tau) for tau in TAUS]))
+    assert part.masks.tolist() == [[True] * 4, [False, True, True, True]] and part.sums.shape == (2, 0)
+
+
 def test_consensus_by_hand_and_its_limits():
     taus = [t(tau) for tau in TAUS]
     consensus = consensus_task_arithmetic(t(THETA0), taus, k=2, tall_mask_lambda=0.5, scaling_factor=0.5)
@@ -87,6 +96,7 @@ def test_a_tie_is_kept_as_the_paper_writes_it():
     # Three equal task vectors at lambda = 0.5: |tau| = 0.5 |3 tau - tau| everywhere. The paper's >= keeps
     # every entry (theta_0 + 3 tau); the authors' code and FusionBench (>) would keep none (theta_0).
     taus = [t([1.0, -2.0])] * 3
+    assert all(torch.equal(b, t([1.0, 0.0]) + t([3.0, -6.0])) for b in per_task_backbones(TallMasks(0.5), t([1.0, 0.0]), taus))
     consensus = consensus_task_arithmetic(t([1.0, 0.0]), taus, k=3, tall_mask_lambda=0.5, scaling_factor=1.0)
     assert torch.equal(consensus, t([4.0, -6.0]))
 
@@ -135,18 +145,18 @@ def test_bits_round_trip_and_the_options_are_checked():
     assert pack_bits(torch.tensor([True, False, False, True, False, False, False, False, True])).tolist() == [9, 1]
     for bad in (-0.1, math.nan, math.inf):
         with pytest.raises(MergeError, match="tall_mask_lambda must be a finite number >= 0"):
-            ConsensusTaskArithmetic(tall_mask_lambda=bad, scaling_factor=1.0)
+            TallMasks(tall_mask_lambda=bad)
     for bad in (-1, 1.5, True):
         with pytest.raises(MergeError, match=f"k must be an integer >= 0, got {bad}"):
             ConsensusTaskArithmetic(tall_mask_lambda=0.5, scaling_factor=1.0, k=bad)
     with pytest.raises(MergeError, match="scaling_factor must be a finite number"):
         ConsensusTaskArithmetic(tall_mask_lambda=0.5, scaling_factor=math.nan)
-    described = [ConsensusTaskArithmetic(tall_mask_lambda=0.4, scaling_factor=0.3), EMRMerging()]
+    described = [ConsensusTaskArithmetic(tall_mask_lambda=0.4, scaling_factor=0.3), TallMasks(0.6), EMRMerging()]
     assert [m.describe() for m in described] == [
-        "consensus_task_arithmetic(tall_mask_lambda=0.4, k=2, scaling_factor=0.3)", "emr_merging"
+        "consensus_task_arithmetic(tall_mask_lambda=0.4, k=2, scaling_factor=0.3)", "tall_masks(tall_mask_lambda=0.6)", "emr_merging"
     ]  # fmt: skip
-    assert [METHODS[m.name] for m in described] == [ConsensusTaskArithmetic, EMRMerging]
-    assert [m.per_task for m in described] == [False, True]
+    assert [METHODS[m.name] for m in described] == [ConsensusTaskArithmetic, TallMasks, EMRMerging]
+    assert [m.per_task for m in described] == [False, True, True]
 
 
 # --- The engine on loaded checkpoints --------------------------------------------------------
@@ -185,6 +195,21 @@ def test_consensus_through_the_engine_is_the_formula(pool_dirs, loaded):
         assert torch.equal(merged[key], theta_0 + 0.7 * torch.where(keep, total, 0.0)), key
         dropped += int((~keep).sum())
     assert dropped > 0  # the consensus drops entries: not task arithmetic
+
+
+def test_tall_masks_through_the_engine_are_the_formula(pool_dirs, loaded):
+    pretrained, taus = loaded
+    merged = merge_per_task(ModelPool(pool_dirs), TallMasks(tall_mask_lambda=0.4), progress=False)
+    assert merged.tasks == list(TASKS) and merged.scales == [1.0] * 3 and merged.method == "tall_masks(tall_mask_lambda=0.4)"
+    backbones = {task: merged.backbone(task) for task in TASKS}
+    for key, theta_0 in pretrained.items():
+        total, masks = reference_masks(taus[key], 0.4)
+        assert torch.equal(merged.vectors[key], total), key
+        for index, task in enumerate(TASKS):
+            assert torch.equal(merged.mask(task, key), masks[index]), key
+            assert torch.equal(backbones[task][key], theta_0 + torch.where(masks[index], total, 0.0)), key
+        assert merged.masks[key].dtype == torch.uint8 and merged.masks[key].shape == (3, -(-theta_0.numel() // 8))
+    assert not torch.equal(backbones["eurosat"][key], backbones["dtd"][key])  # one backbone per task
 
 
 def reference_emr(taus):
@@ -316,6 +341,7 @@ def test_the_comparison_scores_per_task_rows_beside_static_ones(cli_setup, tmp_p
     pool, data, merged, scores = cli_setup
     methods = [
         {"class_path": "merging.EMRMerging"},
+        {"class_path": "merging.TallMasks", "init_args": {"tall_mask_lambda": 0.4}},
         {"class_path": "merging.ConsensusTaskArithmetic", "init_args": {"tall_mask_lambda": 0.4, "k": 1, "scaling_factor": 0.5}},
     ]
     args = mf.merge_test_args(tmp_path, data, pool[mf.PRETRAINED], 5)
@@ -323,17 +349,22 @@ def test_the_comparison_scores_per_task_rows_beside_static_ones(cli_setup, tmp_p
     args += ["--model.methods", json.dumps(methods), "--model.report_dir", str(tmp_path / "report")]
     main(args)
     report = json.loads((tmp_path / "report" / "report.json").read_text())
-    consensus = "consensus_task_arithmetic(tall_mask_lambda=0.4, k=1, scaling_factor=0.5)"
-    assert report["per_task_backbones"] == ["emr_merging"]
-    assert list(report["rows"]) == ["emr_merging", consensus, "individual"]
+    tall, consensus = (
+        "tall_masks(tall_mask_lambda=0.4)",
+        "consensus_task_arithmetic(tall_mask_lambda=0.4, k=1, scaling_factor=0.5)",
+    )
+    assert report["per_task_backbones"] == ["emr_merging", tall]
+    assert list(report["rows"]) == ["emr_merging", tall, consensus, "individual"]
+    tall_merge = merge_per_task(ModelPool(pool), TallMasks(tall_mask_lambda=0.4), progress=False)
     static = merge_backbone(
         ModelPool(pool), ConsensusTaskArithmetic(tall_mask_lambda=0.4, k=1, scaling_factor=0.5), progress=False
     )
     for task in TASKS[:2]:
         images, labels = mf.read_test_set(data[task])
         mf.assert_scores(report["rows"]["emr_merging"]["tasks"][task], scores[task][task], 5, task)
-        expected = mf.score(pool[task], images, labels, static, u=mf.tolerances.U32)
-        mf.assert_scores(report["rows"][consensus]["tasks"][task], expected, 5, f"{consensus} {task}")
+        for name, backbone in ((tall, tall_merge.backbone(task)), (consensus, static)):
+            expected = mf.score(pool[task], images, labels, backbone, u=mf.tolerances.U32)
+            mf.assert_scores(report["rows"][name]["tasks"][task], expected, 5, f"{name} {task}")
 
 
 BAD_INPUT = {
@@ -341,6 +372,10 @@ BAD_INPUT = {
         ["--model.method", "EMRMerging", "--model.save_dir", "saved"],
         "emr_merging gives one backbone per task (the task id picks it at inference), and model.save_dir saves one "
         "merged backbone: use --model.export_dir for each task's classifier",
+    ),
+    "a negative TALL-mask lambda": (
+        ["--model.method", "TallMasks", "--model.method.tall_mask_lambda", "-0.5"],
+        "tall_mask_lambda must be a finite number >= 0, got -0.5",
     ),
     "a negative consensus k": (
         ["--model.method", "ConsensusTaskArithmetic", "--model.method.tall_mask_lambda", "0.4",
