@@ -63,11 +63,11 @@ def emr_elect(task_vectors: Iterable[Tensor]) -> MaskedPart:
         magnitude = torch.maximum(magnitude, torch.where(mask, tau.abs(), 0.0))
     unified = elected.mul_(magnitude)
     unified_magnitude = unified.abs().to(torch.float64)
-    sums = torch.tensor(
-        [[float(tau.abs().sum(dtype=torch.float64)), float(unified_magnitude[mask].sum())] for tau, mask in zip(vectors, masks)],
-        dtype=torch.float64,
-    )
-    return MaskedPart(unified, masks, sums.reshape(len(vectors), 2))
+    sums = torch.stack([
+        torch.stack([tau.abs().sum(dtype=torch.float64), torch.where(mask, unified_magnitude, 0.0).sum()])
+        for tau, mask in zip(vectors, masks)
+    ])  # fmt: skip
+    return MaskedPart(unified, masks, sums)
 
 
 def emr_rescalers(sums: Tensor) -> list[float]:

@@ -12,7 +12,10 @@ over as many Python threads as torch had. TIES's per-task thresholds need a firs
 each whole task vector; it runs one model at a time. RegMean merges each Linear weight from
 the stream of fine-tuned weights and the tasks' Gram matrices, which the caller gathered on
 data (``grams``), on the Grams' device. ``TaskVectors`` is the one reader of the pool's
-tensors and task vectors, for the merges here and for AdaMerging's stacked task vectors.
+tensors and task vectors, for the merges here and for AdaMerging's stacked task vectors. A method
+of one backbone per task (``MergeMethod.per_task``: TALL masks, EMR-Merging) goes through
+``merge_per_task`` instead, the same way, into a ``PerTaskMerge``: the shared vector and each task's
+mask (as bits) key by key, the tasks' scales from sums over the whole backbone.
 
 What is merged is every floating-point backbone tensor (``ModelPool.merge_keys``: parameters and
 BatchNorm's running statistics); integer counters (BatchNorm's ``num_batches_tracked``) are the
@@ -38,13 +41,14 @@ from common.errors import CheckpointError
 from common.reader import CheckpointReader
 from merging.errors import MergeError
 from merging.methods import MergeMethod
-from merging.per_task import PerTaskMerge, pack_bits
+from merging.per_task import BIT_BLOCK, PerTaskMerge, pack_bits
 from merging.pool import PRETRAINED, ModelPool
 
 #: Entries per slice in the slice-wise merge of an elementwise method: a slice of every
 #: model (256 KiB each in float32) and the method's temporaries stay in the CPU cache, where a
 #: whole-tensor merge would stream each intermediate of the largest tensors through memory.
 SLICE = 1 << 16
+assert SLICE % BIT_BLOCK == 0  # a per-task merge packs each slice's mask bits on their own (merging.per_task.pack_bits)
 
 
 def _all_finite(tensor: Tensor) -> bool:
@@ -205,7 +209,7 @@ class _Merge:
         """A per-task method's merge of ``key`` (``PerTaskMethod.merge_masked``): the shared vector
         (float32, the key's shape), every task's mask as bits (``(T, ceil(n / 8))``) and the
         per-task sums over the whole tensor; an elementwise method's a flat slice at a time (the
-        slices start at multiples of ``SLICE``, so of 8: each one's bits are whole bytes)."""
+        slices are whole blocks of the bit layout but for the last: each one's bits are its own bytes)."""
         shape = self.pretrained.shape(key)
         regions = list(_regions(_numel(shape))) if self.method.elementwise else [None]
         vector = torch.empty(_numel(shape), dtype=torch.float32)

@@ -30,21 +30,56 @@ from torch import Tensor
 from merging.errors import MergeError
 from merging.methods import MergeMethod
 
-_BIT_WEIGHTS = torch.tensor([1 << bit for bit in range(8)], dtype=torch.uint8)
-_BIT_SHIFTS = torch.arange(8, dtype=torch.uint8)
+#: Entries per block of the bit layout (``pack_bits``): the merge engine's slices are whole blocks.
+BIT_BLOCK = 1 << 16
+_BIT_SHIFTS = torch.arange(8, dtype=torch.uint8).view(8, 1)
+
+
+def _pack_planes(bits: Tensor) -> Tensor:
+    """``(..., 8, m)`` zeros and ones (uint8) as ``(..., m)`` bytes, plane ``b`` in bit ``b``."""
+    packed = bits[..., 0, :].clone()
+    for bit in range(1, 8):
+        packed.bitwise_or_(bits[..., bit, :].bitwise_left_shift(bit))
+    return packed
 
 
 def pack_bits(masks: Tensor) -> Tensor:
-    """``(..., n)`` booleans as ``(..., ceil(n / 8))`` bytes, entry ``8 i + b`` in bit ``b`` of byte ``i``."""
-    count = masks.shape[-1]
-    bits = torch.nn.functional.pad(masks.to(torch.uint8), (0, -count % 8))
-    return (bits.view(*masks.shape[:-1], -1, 8) * _BIT_WEIGHTS).sum(-1, dtype=torch.uint8)
+    """``(..., n)`` booleans as ``(..., ceil(n / 8))`` bytes (a block's bytes are ``BIT_BLOCK / 8``). In each
+    block of ``BIT_BLOCK`` entries (the last one ``L <= BIT_BLOCK`` long), entry ``e`` is bit ``e // m`` of
+    byte ``e % m``, ``m = ceil(L / 8)``: eight contiguous bit planes, packed by eight shifts (where
+    consecutive entries in one byte take a strided pass per bit). A slice of whole blocks packs into
+    its own bytes of the whole: the engine packs slice by slice."""
+    count, lead = masks.shape[-1], masks.shape[:-1]
+    full = count // BIT_BLOCK
+    parts = []
+    if full:
+        head = masks[..., : full * BIT_BLOCK].to(torch.uint8).reshape(*lead, full, 8, BIT_BLOCK // 8)
+        parts.append(_pack_planes(head).reshape(*lead, -1))
+    rest = count - full * BIT_BLOCK
+    if rest:
+        width = -(-rest // 8)
+        tail = torch.nn.functional.pad(masks[..., full * BIT_BLOCK :].to(torch.uint8), (0, 8 * width - rest))
+        parts.append(_pack_planes(tail.reshape(*lead, 8, width)))
+    return torch.cat(parts, dim=-1) if parts else torch.empty((*lead, 0), dtype=torch.uint8)
 
 
 def unpack_bits(packed: Tensor, count: int) -> Tensor:
-    """``pack_bits``' inverse: the first ``count`` booleans of ``(..., bytes)`` packed bits."""
-    bits = packed.unsqueeze(-1).bitwise_right_shift(_BIT_SHIFTS).bitwise_and_(1)
-    return bits.view(*packed.shape[:-1], -1)[..., :count].bool()
+    """``pack_bits``' inverse: the ``count`` booleans of ``(..., bytes)`` packed bits."""
+    lead = packed.shape[:-1]
+    full = count // BIT_BLOCK
+    head_bytes = full * BIT_BLOCK // 8
+    parts = []
+    if full:
+        head = packed[..., :head_bytes].reshape(*lead, full, 1, BIT_BLOCK // 8)
+        parts.append(head.bitwise_right_shift(_BIT_SHIFTS).bitwise_and_(1).reshape(*lead, -1))
+    rest = count - full * BIT_BLOCK
+    if rest:
+        tail = packed[..., head_bytes : head_bytes + -(-rest // 8)].unsqueeze(-2)
+        parts.append(tail.bitwise_right_shift(_BIT_SHIFTS).bitwise_and_(1).reshape(*lead, -1)[..., :rest])
+    if not parts:
+        return torch.empty((*lead, 0), dtype=torch.bool)
+    bits = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+    return bits.view(torch.bool)  # bytes of 0 and 1: booleans as torch stores them
 
 
 @dataclass

@@ -34,7 +34,7 @@ from merging import (
 )
 from merging.emr import emr_elect, emr_rescalers
 from merging.errors import MergeError
-from merging.per_task import pack_bits, unpack_bits
+from merging.per_task import BIT_BLOCK, pack_bits, unpack_bits
 from merging.tall_masks import consensus_task_arithmetic
 from tolerances import U64, assert_within, gamma
 
@@ -138,11 +138,22 @@ def test_emr_a_sum_of_zero_elects_no_sign_and_a_task_that_agrees_nowhere_keeps_t
     )
 
 
-def test_bits_round_trip_and_the_options_are_checked():
-    masks = torch.rand((3, 21), generator=torch.Generator().manual_seed(0)) > 0.5
-    packed = pack_bits(masks)
-    assert packed.shape == (3, 3) and packed.dtype == torch.uint8 and torch.equal(unpack_bits(packed, 21), masks)
-    assert pack_bits(torch.tensor([True, False, False, True, False, False, False, False, True])).tolist() == [9, 1]
+def test_bits_round_trip_and_a_slice_of_whole_blocks_packs_into_its_own_bytes():
+    generator = torch.Generator().manual_seed(0)
+    for count in (21, BIT_BLOCK, 2 * BIT_BLOCK + 21):
+        masks = torch.rand((3, count), generator=generator) > 0.5
+        packed = pack_bits(masks)
+        assert packed.shape == (3, -(-count // 8)) and packed.dtype == torch.uint8, count
+        assert torch.equal(unpack_bits(packed, count), masks), count
+    for start in range(0, count, BIT_BLOCK):  # the engine packs slice by slice
+        stop = min(start + BIT_BLOCK, count)
+        assert torch.equal(pack_bits(masks[:, start:stop]), packed[:, start // 8 : -(-stop // 8)])
+    # 9 entries in m = 2 bytes, entry e in bit e // 2 of byte e % 2: entries 0 and 8 in byte 0 (bits 0 and
+    # 4: 17), entry 3 in byte 1 (bit 1: 2)
+    assert pack_bits(torch.tensor([True, False, False, True, False, False, False, False, True])).tolist() == [17, 2]
+
+
+def test_the_options_are_checked():
     for bad in (-0.1, math.nan, math.inf):
         with pytest.raises(MergeError, match="tall_mask_lambda must be a finite number >= 0"):
             TallMasks(tall_mask_lambda=bad)
@@ -383,6 +394,26 @@ BAD_INPUT = {
         "k must be an integer >= 0, got -1",
     ),
 }  # fmt: skip
+
+
+def test_a_nan_in_a_checkpoint_is_one_error_line_naming_it(cli_setup, tmp_path, workdir, capsys):
+    pool, data, _, _ = cli_setup
+    key = mf.first_backbone_key(pool["dtd"])
+    damaged = mf.copy_checkpoint(pool["dtd"], tmp_path / "dtd")
+    mf.rewrite_tensors(damaged, lambda state: {**state, key: state[key].index_fill(0, torch.tensor([0]), math.nan)})
+    args = mf.merge_test_args(workdir, data, pool[mf.PRETRAINED], 4)
+    args += ["--model", "lightning_modules.merged.MergedClassifier", "--model.models", json.dumps({**pool, "dtd": str(damaged)})]
+    args += [
+        "--model.method",
+        "EMRMerging",
+        "--model.report_dir",
+        str(workdir / "report"),
+        "--model.export_dir",
+        str(workdir / "exports"),
+    ]
+    line = test_bad_input.one_error_line(main, args, capsys)
+    test_bad_input.assert_contains(line, f"non-finite values (NaN/Inf) in '{key}' of '{damaged}")
+    assert not list(workdir.iterdir())
 
 
 @pytest.mark.parametrize("case", BAD_INPUT)
