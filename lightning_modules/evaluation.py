@@ -125,8 +125,11 @@ class ModulatedBackbones(nn.Module):
             # Normal tensors, not inference-mode ones, whatever mode the test step runs in: they
             # are written into the module's parameters.
             with torch.inference_mode(False), torch.no_grad():
-                state = self.merged.backbone(task)
-                self.backbone.load_state_dict({self._module_names[key]: tensor for key, tensor in state.items()})
+                # Into the module's own tensors (their device, dtype, memory format); a buffer that no
+                # checkpoint holds (Swin's relative position index) stays as it is.
+                current = self.backbone.state_dict()
+                for key, tensor in self.merged.backbone(task).items():
+                    current[self._module_names[key]].copy_(tensor)
             self.current = task
         return self.backbone
 
