@@ -1,8 +1,8 @@
 """Merge speed and memory: the project's merge flow on 8 (or 20) convnext-base-224-sized models.
 
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.merge_speed [--repeats 5] [--cache /tmp/convnext-fusion-bench] [--models 8|20]
-        [--flows simple_average,task_arithmetic,ties,dare_task_arithmetic,dare_ties,model_stock,mag_max,stream;
-         also tsv_m,iso_c,iso_cts,wudi,cart]
+        [--flows simple_average,task_arithmetic,ties,dare_task_arithmetic,dare_ties,model_stock,mag_max,
+         consensus_task_arithmetic,tall_masks,emr_merging,stream; also tsv_m,iso_c,iso_cts,wudi,cart]
         [--fusionbench-python /tmp/fbvenv/bin/python] [--baseline DIR]
 
 The first run writes ``--models`` + 1 Hugging Face checkpoint directories (``config.json`` +
@@ -27,7 +27,10 @@ Every measurement runs in a fresh subprocess, so peaks do not mix, and reports
 Flows: ``simple_average``, ``task_arithmetic`` (lambda 0.3), ``ties`` (top_k 0.2, lambda 0.3),
 ``dare_task_arithmetic`` (drop_rate 0.9, rescale, seed 0, lambda 0.3) and ``dare_ties`` (the same
 DARE, then TIES with top_k 0.2, lambda 0.3), the data-free ``model_stock``, ``mag_max`` (lambda 0.5),
-``cart`` (rank ratio 0.12, lambda 2.0) and ``wudi`` (300 Adam steps) through the project's code (``METHODS``), and
+``cart`` (rank ratio 0.12, lambda 2.0), ``wudi`` (300 Adam steps), ``consensus_task_arithmetic`` (lambda 0.4,
+k 2, alpha 0.5), and the per-task ``tall_masks`` (lambda 0.4) and ``emr_merging``, whose time runs through
+the compact merge (``merge_per_task``) and every task's backbone built once from it (what the
+evaluation and the exports build; nothing is saved), through the project's code (``METHODS``), and
 ``stream``, a plain baseline: ``safetensors.safe_open`` one file at a time, a running fp32 sum of
 the backbone, divided by 8 (no checks, no heads, no save). ``--baseline DIR`` measures the
 project flows again with the ``merging`` package under ``DIR`` (another version of it, e.g. the
@@ -99,6 +102,9 @@ METHODS = {
     "mag_max": ("MagMax", {"scaling_factor": 0.5}),
     "wudi": ("WUDIMerging", {"iter_num": 300}),
     "cart": ("CART", {"rank_ratio": 0.12, "scaling_factor": 2.0}),
+    "consensus_task_arithmetic": ("ConsensusTaskArithmetic", {"tall_mask_lambda": 0.4, "k": 2, "scaling_factor": 0.5}),
+    "tall_masks": ("TallMasks", {"tall_mask_lambda": 0.4}),
+    "emr_merging": ("EMRMerging", {}),
 }
 PROJECT_FLOWS = tuple(METHODS)
 #: Minutes each (an SVD per 2-D weight and task; WUDI's Adam steps), so not run unless named in --flows.
@@ -207,6 +213,11 @@ def _child_project(flow: str, cache: Path, out: Path) -> dict[str, float]:
     start = time.perf_counter()
     pool = ModelPool(models)
     config = pool.config(PRETRAINED)
+    if method.per_task:  # one backbone per task: merged compactly, then each task's built once (nothing to save)
+        merged = merging.merge_per_task(pool, method, progress=False)
+        for task in merged.tasks:
+            merged.backbone(task)
+        return {"seconds": time.perf_counter() - start, "import_floor_mib": floor}
     merged = merge_backbone(pool, method, progress=False)
     heads = {task: pool.head(task) for task in pool.task_names}
     save_merged(out, merged, heads, config, pool.directory(PRETRAINED), info, overwrite=True)

@@ -76,12 +76,23 @@ def merged_model_card(task: str, merge: Mapping[str, Any], evaluation: Mapping[s
     if merged:
         front += ["base_model:", *(f"- {source}" for source in merged), "base_model_relation: merge"]
     front += ["tags:", "- convnext-fusion", "- model-merging", f"- {task}", "---", ""]
+    per_task = (merge.get("per_task") or {}).get(task)
     lines = [
         f"# Merged {family} for {task}: {merge['method']}",
         "",
         f"A backbone merged by convnext-fusion (`merge.py`) from the model pool below, with the **{task}** "
         "model's own fine-tuned classification head.",
         "",
+        *(
+            [
+                f"The method gives one backbone per task, which the task id picks at inference: this is the **{task}** "
+                f"backbone, `theta_0 + s_t (m_t * v)` with this task's mask `m_t` (it keeps "
+                f"{100 * per_task['kept_fraction']:.2f}% of the merged weights) and scale `s_t = {per_task['scale']:.6g}`.",
+                "",
+            ]
+            if per_task
+            else []
+        ),
         "## Merge",
         "",
         "| setting | value |",
@@ -114,7 +125,8 @@ class MergedModelExport(Callback):
     right after merging, the card saying it was not evaluated.
 
     The module (``MergedClassifier``) gives what is written: ``tasks``, ``classnames``, ``heads``,
-    ``merged_row()`` (the row's name and backbone), ``backbone_config``, ``merge_info()`` (the
+    ``merged_row()`` (the row's name), ``export_backbone(task)`` (the merged backbone, or the task's
+    own where the method gives one backbone per task), ``backbone_config``, ``merge_info()`` (the
     method, its hyper-parameters, the pool) and ``processor_file()``. Its targets were checked
     before anything was merged.
 
@@ -137,10 +149,10 @@ class MergedModelExport(Callback):
     def export(self, trainer: Trainer, module: Any, report: Mapping[str, Any] | None) -> None:
         """Every task's classifier (with its accuracy from ``report``, None where not evaluated)."""
         if trainer.is_global_zero:
-            name, row = module.merged_row()
-            backbone = architecture_of(row.config).backbone_state(row)  # under the checkpoint keys
+            name, _ = module.merged_row()
             config, info = module.backbone_config, module.merge_info()
             for task in module.tasks:
+                backbone = module.export_backbone(task)  # under the checkpoint keys; a per-task method's own for the task
                 evaluation = None
                 if report is not None:
                     evaluation = {**report["rows"][name]["tasks"][task], "partial": bool(report.get("partial"))}

@@ -100,6 +100,10 @@ def markdown(report: Mapping[str, Any], title: str) -> str:
     out += ["| " + " | ".join(line) + " |" for line in lines]
     legend = task_legend(list(first["tasks"]))
     out += ["", *([f"Tasks: {legend}.", ""] if legend else []), f"Test samples: {counts}.", ""]
+    per_task = report.get("per_task_backbones")
+    if per_task:
+        names = ", ".join(f"`{name}`" for name in per_task)
+        out += [f"One backbone per task, which the task id picks at inference (each task scored with its own): {names}.", ""]
     return "\n".join(out)
 
 

@@ -13,11 +13,10 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from lightning_modules.backbones import backbone_from_state
 from lightning_modules.evaluation import ModelPoolSpec, MultiTaskEvaluation, check_pool_up_front
 from merging.errors import MergeError
 from merging.methods import MergeMethod
-from merging.pool import PRETRAINED, ModelPool
+from merging.pool import ModelPool
 
 #: grid[method class name][hyper-parameter] = the values to try.
 Grid = Mapping[str, Mapping[str, Sequence[float | int | bool]]]
@@ -72,7 +71,8 @@ class MethodComparison(MultiTaskEvaluation):
         models: the model pool, as for ``MergedClassifier``.
         methods: the merge methods to compare, e.g. ``SimpleAverage``, ``TaskArithmetic``,
             ``TiesMerging``, ``DareTies``, ``LearnedCoefficients`` (AdaMerging), ``RegMean``
-            (merged after a pass over unlabelled train images: set ``data.gram_images``).
+            (merged after a pass over unlabelled train images: set ``data.gram_images``); a
+            mask-based method (``TallMasks``, ``EMRMerging``) is a row of one backbone per task.
         grid: values to try per method class name and hyper-parameter, e.g.
             ``{TaskArithmetic: {scaling_factor: [0.1, 0.3, 0.5]}}``; every combination is
             evaluated and the one with the best average validation accuracy is the method's
@@ -123,7 +123,8 @@ class MethodComparison(MultiTaskEvaluation):
             self.start_gram_pass(pool)
 
     def _merged_backbone(self, method: MergeMethod, grams: dict[str, list[Tensor]] | None = None) -> nn.Module:
-        return backbone_from_state(self.pool.config(PRETRAINED), self.merged_state(self.pool, method, grams))
+        """The method's row: one merged backbone, or one per task for a mask-based method (``build_row``)."""
+        return self.build_row(self.pool, method, grams)
 
     def merge_with_grams(self, grams: dict[str, list[Tensor]]) -> None:
         for method in self.methods:

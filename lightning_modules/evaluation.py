@@ -30,14 +30,16 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from callbacks.report import INDIVIDUAL, ReportFiles, build_report, summarize
 from callbacks.wandb_report import WandbReport
-from common.architectures import backbone_features
+from common.architectures import architecture_of, backbone_features
 from common.files import check_output_location
 from datamodules.loaders import evaluates_nothing
 from datamodules.multitask import GRAM_SPLIT
-from lightning_modules.backbones import heads_from_state, load_backbone
+from lightning_modules.backbones import backbone_from_state, heads_from_state, load_backbone
 from lightning_modules.gram_pass import GramPass, check_gram_split
-from merging.engine import merge_backbone
+from merging.engine import merge_backbone, merge_per_task
 from merging.errors import MergeError
+from merging.per_task import PerTaskMerge
+from merging.pool import PRETRAINED
 from merging.switch import SwitchModule
 
 #: ``model.models``: the pool as a mapping, or the path of a pool YAML. In a config file a
@@ -93,15 +95,62 @@ def check_pool_up_front(pool: Any, tasks: list[str]) -> None:
 
 class PerTaskBackbones(nn.ModuleDict):
     """A row of one backbone per task (task -> backbone): each task is scored with its own. The
-    ``individual`` row (each fine-tuned model on its own task) is one; so is the model of a
-    mask-based method (EMR-Merging, TALL masks: a shared merged backbone with a per-task mask),
-    set as a row of ``Rows`` like any merged backbone."""
+    ``individual`` row (each fine-tuned model on its own task) is one; a mask-based method's model
+    is one too, held compactly (``ModulatedBackbones``)."""
+
+
+class ModulatedBackbones(nn.Module):
+    """A row of one backbone per task held compactly, as a mask-based method gives it (TALL masks,
+    EMR-Merging: ``merging.PerTaskMerge``, ``theta_t = theta_0 + s_t (m_t ⊙ v)``): one backbone module,
+    whose weights become task ``t``'s when task ``t`` is scored (``backbone_for``), built from the
+    shared vector, the task's bits and its scale. Memory: ``theta_0``, ``v`` and the module (three
+    backbones) and ``T`` bits a weight, whatever ``T``; the test loaders run task by task, so each
+    task's weights are built once a split.
+
+    Args:
+        config: the backbone's config (the pool's ``_pretrained_``).
+        merged: the per-task merge.
+    """
+
+    def __init__(self, config: Any, merged: PerTaskMerge) -> None:
+        super().__init__()
+        self.merged = merged
+        self._module_names = architecture_of(config).checkpoint_keys(config)
+        self.current = merged.tasks[0]
+        self.backbone = backbone_from_state(config, merged.backbone(self.current)).requires_grad_(False)
+
+    def backbone_for(self, task: str) -> nn.Module:
+        """The backbone with task ``task``'s weights (on the module's device, in its dtype and memory format)."""
+        if task != self.current:
+            # Normal tensors, not inference-mode ones, whatever mode the test step runs in: they
+            # are written into the module's parameters.
+            with torch.inference_mode(False), torch.no_grad():
+                # Into the module's own tensors (their device, dtype, memory format); a buffer that no
+                # checkpoint holds (Swin's relative position index) stays as it is.
+                current = self.backbone.state_dict()
+                for key, tensor in self.merged.backbone(task).items():
+                    current[self._module_names[key]].copy_(tensor)
+            self.current = task
+        return self.backbone
+
+    def state_for(self, task: str) -> dict[str, torch.Tensor]:
+        """Task ``task``'s backbone under its checkpoint keys (``PerTaskMerge.backbone``), for its export."""
+        return self.merged.backbone(task)
 
 
 def row_backbone(row: nn.Module, task: str) -> nn.Module:
-    """The backbone a row scores ``task`` with: its own for that task in a ``PerTaskBackbones``
-    row, otherwise the row's one backbone."""
-    return row[task] if isinstance(row, PerTaskBackbones) else row
+    """The backbone a row scores ``task`` with: its own for that task in a ``PerTaskBackbones`` or
+    ``ModulatedBackbones`` row, otherwise the row's one backbone."""
+    if isinstance(row, PerTaskBackbones):
+        return row[task]
+    if isinstance(row, ModulatedBackbones):
+        return row.backbone_for(task)
+    return row
+
+
+def is_per_task(row: nn.Module) -> bool:
+    """True for a row of one backbone per task."""
+    return isinstance(row, (PerTaskBackbones, ModulatedBackbones))
 
 
 class Rows(nn.Module):
@@ -281,6 +330,21 @@ class MultiTaskEvaluation(LightningModule, ABC):
         self.verify_identical_across_ranks(merged, f"merged weights ({method.describe()})")
         return merged
 
+    def per_task_merged(self, pool: Any, method: Any) -> PerTaskMerge:
+        """``merge_per_task(pool, method)`` (one backbone per task, compactly), its progress bar on the
+        first process only, and checked to be the same on every process."""
+        show_progress = self.trainer is None or self.trainer.is_global_zero
+        merged = merge_per_task(pool, method, progress=show_progress)
+        self.verify_identical_across_ranks(merged.tensors(), f"per-task merge ({method.describe()})")
+        return merged
+
+    def build_row(self, pool: Any, method: Any, grams: dict[str, list[torch.Tensor]] | None = None) -> nn.Module:
+        """The row of ``method``'s merge of ``pool``: one backbone (``merged_state``), or one per task
+        (``ModulatedBackbones``) for a method with ``per_task``."""
+        if method.per_task:
+            return ModulatedBackbones(pool.config(PRETRAINED), self.per_task_merged(pool, method))
+        return backbone_from_state(pool.config(PRETRAINED), self.merged_state(pool, method, grams))
+
     def verify_identical_across_ranks(self, state: Mapping[str, torch.Tensor], what: str) -> None:
         """On several processes, every one must hold the same ``state``."""
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -388,6 +452,9 @@ class MultiTaskEvaluation(LightningModule, ABC):
     def report_header(self) -> tuple[str, dict[str, Any]]:
         """The report's title and its fields besides the test table, after a test run."""
         extra = {**self.report_extra(), **({"partial": True} if self._partial() else {})}
+        per_task = [name for name, row in self.rows.items() if is_per_task(row)]
+        if per_task:
+            extra["per_task_backbones"] = per_task
         if self.gram_images:
             extra["gram_images"] = dict(self.gram_images)
         if "validation" in self.results:

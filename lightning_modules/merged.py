@@ -11,12 +11,14 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from callbacks.merged_export import MergedModelExport
+from common.architectures import architecture_of
 from common.files import check_export_target, check_output_location
 from datamodules.loaders import evaluates_nothing
 from lightning_modules.backbones import backbone_from_state, heads_from_state
-from lightning_modules.evaluation import ModelPoolSpec, MultiTaskEvaluation, check_pool_up_front
+from lightning_modules.evaluation import ModelPoolSpec, ModulatedBackbones, MultiTaskEvaluation, check_pool_up_front
 from merging.errors import MergeError
 from merging.methods import MergeMethod, SimpleAverage
+from merging.per_task import PerTaskMerge
 from merging.pool import PRETRAINED, ModelPool
 from merging.saved import load_merged, save_merged
 
@@ -33,15 +35,18 @@ class MergedClassifier(MultiTaskEvaluation):
             config file, relative to that config's folder).
         method: the merge method and its hyper-parameters, e.g. ``--model.method TiesMerging
             --model.method.top_k 0.2``. ``RegMean`` also needs ``--data.gram_images``: it
-            merges after a pass over unlabelled train images, in the same ``merge.py test``.
+            merges after a pass over unlabelled train images, in the same ``merge.py test``. A
+            mask-based method (``TallMasks``, ``EMRMerging``) gives one backbone per task, each
+            task scored (and exported) with its own.
         evaluate_individual: also evaluate each fine-tuned model on its own task, for the
             normalised accuracy (merged / individual).
         merged_model: evaluate this saved merged model (a ``save_dir``) instead of merging.
         save_dir: write the merged model (backbone + all heads) here; with
-            ``--trainer.limit_test_batches 0`` it is merged and saved without evaluating.
+            ``--trainer.limit_test_batches 0`` it is merged and saved without evaluating. Not for a
+            method of one backbone per task (``export_dir`` writes each task's).
         export_dir: write, for every evaluated task, a plain Hugging Face image classifier of the
             pool's family (``ConvNextForImageClassification``, ...) to ``<export_dir>/<task>``: the merged backbone
-            with that task's own head and class names, the image processor and a model card
+            (a per-task method's: the task's own) with that task's own head and class names, the image processor and a model card
             (method, hyper-parameters, model pool, the task's test accuracy). Written after the
             evaluation; with ``--trainer.limit_test_batches 0`` right after merging, not evaluated.
         overwrite: replace an existing ``save_dir`` or ``<export_dir>/<task>``.
@@ -66,9 +71,15 @@ class MergedClassifier(MultiTaskEvaluation):
         channels_last: bool = False,
     ) -> None:
         self.method = method if method is not None else SimpleAverage()
-        super().__init__(tasks, classnames, report_dir, report_title=f"Merged model: {self.method.describe()}", splits=splits)
+        title = f"Merged model: {self.method.describe()}" + (" (one backbone per task)" if self.method.per_task else "")
+        super().__init__(tasks, classnames, report_dir, report_title=title, splits=splits)
         if merged_model is None and models is None:
             raise MergeError("give the model pool (model.models) or a saved merged model (model.merged_model)")
+        if save_dir is not None and self.method.per_task:
+            raise MergeError(
+                f"{self.method.describe()} gives one backbone per task (the task id picks it at inference), and "
+                "model.save_dir saves one merged backbone: use --model.export_dir for each task's classifier"
+            )
         if merged_model is not None and not Path(merged_model).is_dir():
             raise MergeError(f"saved merged model '{merged_model}' does not exist")
         if save_dir is not None:
@@ -91,6 +102,7 @@ class MergedClassifier(MultiTaskEvaluation):
         self.channels_last = channels_last
         self.uses_grams = merged_model is None and self.method.needs_grams
         self.backbone_config: PretrainedConfig | None = None  # set by build(), for the exports
+        self.per_task: PerTaskMerge | None = None  # a per-task method's merge, set by build()
         self._saved_info: dict[str, Any] = {}  # merge.json of the saved merged model
         if merged_model is not None:
             self.report_title = f"Saved merged model: {merged_model}"
@@ -128,9 +140,17 @@ class MergedClassifier(MultiTaskEvaluation):
         return callbacks
 
     def merged_row(self) -> tuple[str, nn.Module]:
-        """The row's name and the merged backbone, for the exports."""
+        """The row's name and the merged backbone (or ``ModulatedBackbones``), for the exports."""
         (name, row), *_ = self.rows.items()  # the one merged row
         return name, row
+
+    def export_backbone(self, task: str) -> dict[str, torch.Tensor]:
+        """The backbone the export for ``task`` carries, under its checkpoint keys: the merged one, or
+        the task's own where the method gives one per task (the weights it was scored with)."""
+        _, row = self.merged_row()
+        if isinstance(row, ModulatedBackbones):
+            return row.state_for(task)
+        return architecture_of(row.config).backbone_state(row)
 
     def merge_info(self) -> dict[str, Any]:
         """What the exports' model cards say of the merge: the saved merge's ``merge.json``, or this one's."""
@@ -145,6 +165,12 @@ class MergedClassifier(MultiTaskEvaluation):
             pool.check_backbones()
             self.set_heads_and_individual(pool, self.evaluate_individual)
             self.start_gram_pass(pool)
+            return
+        if self.method.per_task:  # one backbone per task: nothing to save (refused up front)
+            self.per_task = self.per_task_merged(pool, self.method)
+            row = ModulatedBackbones(self.backbone_config, self.per_task).to(self.device, self.dtype)
+            self.rows[self.method.describe()] = row
+            self.set_heads_and_individual(pool, self.evaluate_individual)
             return
         merged = self.merged_state(pool, self.method)
         self._install(merged)
@@ -201,16 +227,24 @@ class MergedClassifier(MultiTaskEvaluation):
         return path
 
     def _info(self) -> dict[str, Any]:
-        return {
+        info = {
             "method": self.method.describe(),
             "method_name": self.method.name,
             "hyperparameters": self.method.hyperparameters(),
             "models": dict(self.pool.sources) if self.pool is not None else None,
             "tasks": {task: {"classnames": self.classnames[task]} for task in self.tasks},
         }
+        if self.per_task is not None:
+            info["per_task"] = self._per_task_info()
+        return info
+
+    def _per_task_info(self) -> dict[str, Any]:
+        """What a per-task merge records: each task's scale ``s_t`` and the share of the weights its mask keeps."""
+        kept = self.per_task.kept_fraction()
+        return {task: {"scale": scale, "kept_fraction": kept[task]} for task, scale in self.per_task.scale_of().items()}
 
     def report_extra(self) -> dict[str, Any]:
         if self.merged_model is not None:
             return {"merged_model": self.merged_model}
         info = self._info()
-        return {key: info[key] for key in ("method", "method_name", "hyperparameters", "models")}
+        return {key: info[key] for key in ("method", "method_name", "hyperparameters", "models", "per_task") if key in info}

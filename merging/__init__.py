@@ -8,7 +8,8 @@ merged = merge_backbone(pool, TiesMerging(top_k=0.2, scaling_factor=0.3))
 from common.errors import CheckpointError
 from merging.cart import CART
 from merging.coefficients import Coefficients, LearnedCoefficients
-from merging.engine import merge_backbone
+from merging.emr import EMRMerging
+from merging.engine import merge_backbone, merge_per_task
 from merging.errors import MergeError
 from merging.magmax import MagMax
 from merging.methods import (
@@ -23,10 +24,12 @@ from merging.methods import (
     register_method,
 )
 from merging.model_stock import ModelStock
+from merging.per_task import PerTaskMerge, PerTaskMethod
 from merging.pool import ModelPool
 from merging.regmean import RegMean
 from merging.spectral import IsotropicCommon, IsotropicCommonTask, TaskSingularVectors
 from merging.switch import SwitchModule
+from merging.tall_masks import ConsensusTaskArithmetic, TallMasks
 from merging.wudi import WUDIMerging
 
 __all__ = [
@@ -54,4 +57,10 @@ __all__ = [
     "merge_backbone",
     "merge_function",
     "register_method",
+    "ConsensusTaskArithmetic",
+    "EMRMerging",
+    "PerTaskMerge",
+    "PerTaskMethod",
+    "TallMasks",
+    "merge_per_task",
 ]

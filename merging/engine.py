@@ -12,7 +12,10 @@ over as many Python threads as torch had. TIES's per-task thresholds need a firs
 each whole task vector; it runs one model at a time. RegMean merges each Linear weight from
 the stream of fine-tuned weights and the tasks' Gram matrices, which the caller gathered on
 data (``grams``), on the Grams' device. ``TaskVectors`` is the one reader of the pool's
-tensors and task vectors, for the merges here and for AdaMerging's stacked task vectors.
+tensors and task vectors, for the merges here and for AdaMerging's stacked task vectors. A method
+of one backbone per task (``MergeMethod.per_task``: TALL masks, EMR-Merging) goes through
+``merge_per_task`` instead, the same way, into a ``PerTaskMerge``: the shared vector and each task's
+mask (as bits) key by key, the tasks' scales from sums over the whole backbone.
 
 What is merged is every floating-point backbone tensor (``ModelPool.merge_keys``: parameters and
 BatchNorm's running statistics); integer counters (BatchNorm's ``num_batches_tracked``) are the
@@ -28,6 +31,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from functools import partial
+from typing import Any
 
 import torch
 from rich.progress import track
@@ -37,12 +41,14 @@ from common.errors import CheckpointError
 from common.reader import CheckpointReader
 from merging.errors import MergeError
 from merging.methods import MergeMethod
+from merging.per_task import BIT_BLOCK, PerTaskMerge, pack_bits
 from merging.pool import PRETRAINED, ModelPool
 
 #: Entries per slice in the slice-wise merge of an elementwise method: a slice of every
 #: model (256 KiB each in float32) and the method's temporaries stay in the CPU cache, where a
 #: whole-tensor merge would stream each intermediate of the largest tensors through memory.
 SLICE = 1 << 16
+assert SLICE % BIT_BLOCK == 0  # a per-task merge packs each slice's mask bits on their own (merging.per_task.pack_bits)
 
 
 def _all_finite(tensor: Tensor) -> bool:
@@ -199,6 +205,26 @@ class _Merge:
         pretrained = self.inputs.pretrained_tensor(key, region) if self.method.uses_pretrained else None
         return self.method.merge(pretrained, self.inputs.of(key, pretrained, region), statistics)
 
+    def merge_masked(self, key: str) -> tuple[Tensor, Tensor, Tensor]:
+        """A per-task method's merge of ``key`` (``PerTaskMethod.merge_masked``): the shared vector
+        (float32, the key's shape), every task's mask as bits (``(T, ceil(n / 8))``) and the
+        per-task sums over the whole tensor; an elementwise method's a flat slice at a time (the
+        slices are whole blocks of the bit layout but for the last: each one's bits are its own bytes)."""
+        shape = self.pretrained.shape(key)
+        regions = list(_regions(_numel(shape))) if self.method.elementwise else [None]
+        vector = torch.empty(_numel(shape), dtype=torch.float32)
+        masks = torch.empty((len(self.inputs.finetuned), -(-_numel(shape) // 8)), dtype=torch.uint8)
+        sums: Tensor | None = None
+        for region in regions:
+            pretrained = self.inputs.pretrained_tensor(key, region)
+            part = self.method.merge_masked(pretrained, self.inputs.of(key, pretrained, region))
+            start, stop = region if region is not None else (0, _numel(shape))
+            self._check_result(key, part.vector)
+            vector[start:stop] = part.vector.reshape(-1)
+            masks[:, start // 8 : -(-stop // 8)] = pack_bits(part.masks.reshape(len(masks), -1))
+            sums = part.sums.clone() if sums is None else sums.add_(part.sums)
+        return vector.view(shape), masks, sums
+
     def _merge_linear(self, key: str) -> Tensor:
         """A Linear weight from the fine-tuned weights and the tasks' Grams (on their device), back on the CPU."""
         try:
@@ -238,6 +264,11 @@ def merge_backbone(
     and on every input otherwise; a pool without fine-tuned models is a ``MergeError``
     (``ModelPool.check_mergeable``).
     """
+    if method.per_task:
+        raise MergeError(
+            f"{method.describe()} gives one backbone per task (the task id picks it at inference), not one merged "
+            "backbone: merge the pool with merging.merge_per_task"
+        )
     pool.check_mergeable()
     pool.check_backbones()
     keys = pool.merge_keys
@@ -255,9 +286,7 @@ def merge_backbone(
 def _merge_keys(pool: ModelPool, method: MergeMethod, run: _Merge, keys: list[str], progress: bool) -> dict[str, Tensor]:
     """``keys`` merged by ``method`` over ``run``'s inputs."""
     statistics: list[float] = []
-    merged: dict[str, Tensor] = {}
     workers = torch.get_num_threads()
-    in_order = partial(track, description=f"merging ({method.describe()})", transient=True, disable=not progress)
     with _one_thread() if method.elementwise else nullcontext():
         if method.needs_task_statistics:
             read_through: set[int] = set()
@@ -266,22 +295,63 @@ def _merge_keys(pool: ModelPool, method: MergeMethod, run: _Merge, keys: list[st
             if len(read_through) == len(pool.task_names):
                 # Every input passed the checks above: the merge reads the same tensors again.
                 run.inputs.check = False
-        if not method.elementwise or workers == 1:
-            for key in in_order(keys):
-                merged[key] = run.merge(key, statistics)
-            return merged
-        # Sliced, a key takes one core: torch's threads become as many merging threads, each
-        # on its own keys (the reads and the arithmetic release the GIL). Results are taken in
-        # key order, so the first key to fail raises, as in a merge one key after another.
-        with ThreadPoolExecutor(workers, thread_name_prefix="merge") as executor:
-            futures = [executor.submit(run.merge, key, statistics) for key in keys]
-            try:
-                for key, future in zip(in_order(keys), futures):
-                    merged[key] = future.result()
-            finally:
-                for future in futures:
-                    future.cancel()
+        return _map_keys(method, keys, partial(run.merge, statistics=statistics), progress, workers)
+
+
+def _map_keys(
+    method: MergeMethod, keys: list[str], merge_key: Callable[[str], Any], progress: bool, workers: int
+) -> dict[str, Any]:
+    """``merge_key(key)`` for every key, in key order; an elementwise method's on ``workers``
+    threads (torch's own count, which the caller has set to one)."""
+    in_order = partial(track, description=f"merging ({method.describe()})", transient=True, disable=not progress)
+    merged: dict[str, Any] = {}
+    if not method.elementwise or workers == 1:
+        for key in in_order(keys):
+            merged[key] = merge_key(key)
+        return merged
+    # Sliced, a key takes one core: torch's threads become as many merging threads, each
+    # on its own keys (the reads and the arithmetic release the GIL). Results are taken in
+    # key order, so the first key to fail raises, as in a merge one key after another.
+    with ThreadPoolExecutor(workers, thread_name_prefix="merge") as executor:
+        futures = [executor.submit(merge_key, key) for key in keys]
+        try:
+            for key, future in zip(in_order(keys), futures):
+                merged[key] = future.result()
+        finally:
+            for future in futures:
+                future.cancel()
     return merged
+
+
+def merge_per_task(pool: ModelPool, method: MergeMethod, progress: bool = True) -> PerTaskMerge:
+    """One backbone per task of ``pool`` under a per-task ``method`` (``MergeMethod.per_task``: TALL
+    masks, EMR-Merging), held compactly (``PerTaskMerge``: ``theta_0``, the shared vector, each task's
+    mask as bits and its scale; ``PerTaskMerge.backbone(task)`` builds ``theta_t``). Streamed as
+    ``merge_backbone`` streams: one tensor's task vectors in flight (a slice of each, for an
+    elementwise method), with the same checks (NaN/Inf inputs and results name the file and key)."""
+    if not method.per_task:
+        raise MergeError(f"{method.describe()} gives one merged backbone for every task: merge the pool with merge_backbone")
+    pool.check_mergeable()
+    pool.check_backbones()
+    keys = pool.merge_keys
+    run = _Merge(pool, method, {})
+    method.prepare(pool.task_names, keys)
+    if progress:
+        _say_what_is_special(pool, method, keys, None)
+    workers = torch.get_num_threads()
+    with _one_thread() if method.elementwise else nullcontext():
+        parts = _map_keys(method, keys, run.merge_masked, progress, workers)
+    sums = None
+    for _, _, key_sums in parts.values():  # in key order, whatever the threads: the same sums every run
+        sums = key_sums.clone() if sums is None else sums.add_(key_sums)
+    return PerTaskMerge(
+        method=method.describe(),
+        tasks=list(pool.task_names),
+        pretrained={key: run.pretrained.read(key) for key in pool.backbone_keys},
+        vectors={key: vector for key, (vector, _, _) in parts.items()},
+        masks={key: masks for key, (_, masks, _) in parts.items()},
+        scales=method.task_scales(sums),
+    )
 
 
 def _say_what_is_special(

@@ -182,6 +182,10 @@ class MergeMethod(ABC):
     #: True where the Linear weights are merged by ``merge_linear`` from the Gram matrices of
     #: their inputs (RegMean): ``merge_backbone`` then needs ``grams``, gathered on data.
     needs_grams: ClassVar[bool] = False
+    #: True where the method gives one backbone per task, ``theta_t = theta_0 + s_t (m_t ⊙ v)`` (TALL
+    #: masks, EMR-Merging: ``merging.per_task.PerTaskMethod``), which the task id picks at inference:
+    #: ``merging.engine.merge_per_task`` merges the pool with it, ``merge_backbone`` refuses it.
+    per_task: ClassVar[bool] = False
 
     def prepare(self, tasks: Sequence[str], keys: Sequence[str]) -> None:
         """Called once before merging with the fine-tuned tasks (in stream order) and the

@@ -18,9 +18,11 @@ from common.architectures import ARCHITECTURES, architecture, backbone_features,
 from common.errors import CheckpointError
 from lightning_modules.adamerging import AdaMerging, EvalBatchNorm2d
 from lightning_modules.backbones import backbone_from_state
+from lightning_modules.evaluation import ModulatedBackbones
 from lightning_modules.python_api import merged_classifier, task_classnames
 from merging.cart import CART
-from merging.engine import merge_backbone
+from merging.emr import EMRMerging
+from merging.engine import merge_backbone, merge_per_task
 from merging.errors import MergeError
 from merging.grams import linear_layers
 from merging.methods import SimpleAverage, TaskArithmetic, TiesMerging
@@ -158,6 +160,23 @@ def test_the_engine_merges_every_family_by_the_formulas(pool, method, params) ->
     assert bool(counters) == (model_type == "resnet")
     assert all(torch.equal(merged[key], pretrained[key]) for key in counters)
     assert all(not torch.equal(finetuned[0][key], pretrained[key]) for key in counters)
+
+
+def test_a_per_task_merge_gives_every_family_one_backbone_per_task(pool) -> None:
+    # EMR on each family: each task's backbone (BatchNorm's counters the pretrained model's), and the
+    # evaluation's one module taking each task's weights in turn (Swin's unsaved buffers left as built).
+    model_type, models = pool
+    record = architecture(model_type)
+    merged = merge_per_task(ModelPool(models), EMRMerging(), progress=False)
+    pretrained = backbone_state(models[mf.PRETRAINED], record)
+    row = ModulatedBackbones(ModelPool(models).config(PRETRAINED), merged)
+    for task in (*TASKS, TASKS[0]):
+        state = merged.backbone(task)
+        assert list(state) == list(pretrained)
+        assert all(torch.equal(state[key], tensor) for key, tensor in pretrained.items() if not tensor.is_floating_point())
+        module_state = record.backbone_state(row.backbone_for(task))
+        assert all(torch.equal(module_state[key], tensor) for key, tensor in state.items()), task
+    assert not all(torch.equal(merged.backbone(TASKS[0])[key], merged.backbone(TASKS[1])[key]) for key in pretrained)
 
 
 #: Per family, what the spectral methods take as matrices (by the key's last parts).
