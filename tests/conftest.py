@@ -28,6 +28,7 @@ LONGEST_FIRST = (
     "test_reproduction.py",
     "test_train_cli.py",
     "test_python_api.py",
+    "test_public_id_rehearsal.py",
     "test_regmean_cli.py",
     "test_merge_ddp.py",
     "test_task_rehearsal.py",
