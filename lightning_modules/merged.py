@@ -15,6 +15,7 @@ from common.files import check_export_target, check_output_location
 from datamodules.loaders import evaluates_nothing
 from lightning_modules.backbones import backbone_from_state, heads_from_state
 from lightning_modules.evaluation import ModelPoolSpec, MultiTaskEvaluation, check_pool_up_front
+from lightning_modules.gram_pass import DataStatistics, data_purpose
 from merging.errors import MergeError
 from merging.methods import MergeMethod, SimpleAverage
 from merging.pool import PRETRAINED, ModelPool
@@ -32,8 +33,8 @@ class MergedClassifier(MultiTaskEvaluation):
             directory), as in FusionBench's pool YAML; or the path of such a YAML file (in a
             config file, relative to that config's folder).
         method: the merge method and its hyper-parameters, e.g. ``--model.method TiesMerging
-            --model.method.top_k 0.2``. ``RegMean`` also needs ``--data.gram_images``: it
-            merges after a pass over unlabelled train images, in the same ``merge.py test``.
+            --model.method.top_k 0.2``. ``RegMean`` and ``FisherMerging`` also need ``--data.gram_images``:
+            they merge after a pass over unlabelled train images, in the same ``merge.py test``.
         evaluate_individual: also evaluate each fine-tuned model on its own task, for the
             normalised accuracy (merged / individual).
         merged_model: evaluate this saved merged model (a ``save_dir``) instead of merging.
@@ -89,7 +90,8 @@ class MergedClassifier(MultiTaskEvaluation):
         self.export_dir = export_dir
         self.overwrite = overwrite
         self.channels_last = channels_last
-        self.uses_grams = merged_model is None and self.method.needs_grams
+        self.uses_grams = merged_model is None and self.method.needs_data
+        self.gram_purpose = data_purpose([self.method])
         self.backbone_config: PretrainedConfig | None = None  # set by build(), for the exports
         self._saved_info: dict[str, Any] = {}  # merge.json of the saved merged model
         if merged_model is not None:
@@ -141,18 +143,18 @@ class MergedClassifier(MultiTaskEvaluation):
         self.check_pool(pool)
         self.backbone_config = pool.config(PRETRAINED)
         self.rows[self.method.describe()] = nn.Module()  # the merged backbone comes in _install
-        if self.uses_grams:  # merged in merge_with_grams, after the Gram pass
+        if self.uses_grams:  # merged in merge_with_data, after the data pass
             pool.check_backbones()
             self.set_heads_and_individual(pool, self.evaluate_individual)
-            self.start_gram_pass(pool)
+            self.start_gram_pass(pool, [self.method])
             return
         merged = self.merged_state(pool, self.method)
         self._install(merged)
         self.set_heads_and_individual(pool, self.evaluate_individual)
         self._save(merged)
 
-    def merge_with_grams(self, grams: dict[str, list[torch.Tensor]]) -> None:
-        merged = self.merged_state(self.pool, self.method, grams)
+    def merge_with_data(self, statistics: DataStatistics) -> None:
+        merged = self.merged_state(self.pool, self.method, statistics)
         self._install(merged)
         self._save(merged)
 

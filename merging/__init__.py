@@ -10,6 +10,7 @@ from merging.cart import CART
 from merging.coefficients import Coefficients, LearnedCoefficients
 from merging.engine import merge_backbone
 from merging.errors import MergeError
+from merging.fisher_merging import FisherMerging
 from merging.magmax import MagMax
 from merging.methods import (
     METHODS,
@@ -34,6 +35,7 @@ __all__ = [
     "CheckpointError",
     "DareTaskArithmetic",
     "DareTies",
+    "FisherMerging",
     "IsotropicCommon",
     "IsotropicCommonTask",
     "Coefficients",

@@ -182,6 +182,9 @@ class MergeMethod(ABC):
     #: True where the Linear weights are merged by ``merge_linear`` from the Gram matrices of
     #: their inputs (RegMean): ``merge_backbone`` then needs ``grams``, gathered on data.
     needs_grams: ClassVar[bool] = False
+    #: True where the parameters are merged by ``merge_fisher`` from each task's diagonal Fisher
+    #: (Fisher merging): ``merge_backbone`` then needs ``fishers``, gathered on data.
+    needs_fisher: ClassVar[bool] = False
 
     def prepare(self, tasks: Sequence[str], keys: Sequence[str]) -> None:
         """Called once before merging with the fine-tuned tasks (in stream order) and the
@@ -203,6 +206,22 @@ class MergeMethod(ABC):
         """The merged weight of one Linear layer from each task's weight and input Gram matrix
         (methods with ``needs_grams``)."""
         raise NotImplementedError
+
+    def fisher_coefficients(self, fishers: Mapping[str, Sequence[Tensor]]) -> list[float]:
+        """One weight per task from every key's Fishers, computed once before merging (methods
+        with ``needs_fisher``)."""
+        raise NotImplementedError
+
+    def merge_fisher(self, tensors: Iterable[Tensor], fishers: Sequence[Tensor], coefficients: Sequence[float]) -> Tensor:
+        """The merged tensor of one parameter from each task's tensor, its diagonal Fisher and the
+        per-task ``coefficients`` (methods with ``needs_fisher``)."""
+        raise NotImplementedError
+
+    @property
+    def needs_data(self) -> bool:
+        """True where the merge reads statistics gathered on each task's unlabelled train images
+        (``data.gram_images``): Gram matrices or Fishers."""
+        return self.needs_grams or self.needs_fisher
 
     def special_keys(
         self, shapes: Mapping[str, tuple[int, ...]], grams: Mapping[str, Sequence[Tensor]] | None
