@@ -1,8 +1,8 @@
-"""The data-based methods FusionBench 0.2.33 has beside RegMean (Fisher merging) against its
+"""The data-based methods FusionBench 0.2.33 has beside RegMean (Fisher merging, RegMean++) against its
 implementations, on tiny ConvNeXt pools.
 
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.fusionbench_databased --fusionbench-python /tmp/fbvenv/bin/python
-        [--workdir DIR] [--tasks 2,3,8] [--methods fisher_merging]
+        [--workdir DIR] [--tasks 2,3,8] [--methods fisher_merging,regmean_plusplus]
 
 The oracle runs in its own venv, never in the project's:
 ``python3 -m venv /tmp/fbvenv && /tmp/fbvenv/bin/pip install torch==2.13.0 fusion-bench==0.2.33``.
@@ -20,6 +20,8 @@ on the float32 models and again on the models and images cast to float64:
   backbone and its own head) over its task's images, in batches of 8, ``mean_fishers``, and
   ``merge_backbone(ModelPool, FisherMerging(...), fishers=...)``, with ``normalize_fisher_weight``
   true and false (``minimal_fisher_weight`` 1e-6, FusionBench's default). Its Fishers are saved too.
+* RegMean++: ``merge_backbone(ModelPool, RegMeanPlusPlus(a), images=ImageBatches(...))`` on the same
+  images in the same batches, ``reduce_non_diagonal_ratio`` ``a`` 0.95, 0.5 and 0.
 
 The FusionBench side is this same file started with ``--fusionbench-python`` as
 ``--fusionbench-side``: it imports nothing from the project, only the standard library, torch,
@@ -34,7 +36,14 @@ safetensors, transformers and fusion_bench, and runs, on the same models and ima
   ``_train_batch_size``, ``_prepare_inputs``), in batches of 1: its estimator at batch size 1,
   which is ours (one squared gradient per image);
 * the same in batches of 8, its own batch-level estimator (the gradient of a batch's sum,
-  squared): not the same statistic, printed to show by how much it moves the merge.
+  squared): not the same statistic, printed to show by how much it moves the merge;
+* ``RegMeanAlgorithmPlusPlus.run``, FusionBench's loop (the embedding merge, each fine-tuned layer's
+  Grams on the merged layers' outputs, the merge of the layer, its forward for the next), with what its
+  CLIP subclass supplies written for ConvNeXt by this script: the "layers" are the blocks
+  (``encoder.stages.<s>.layers.<j>``), the tensors outside them (embeddings, downsampling layers, final
+  norm) are averaged up front (the CLIP subclass averages the embeddings and leaves ``post_layernorm``
+  at the pretrained model's), the merged downsampling layer runs between the last block of a stage and
+  the first of the next, and the Grams are the CLIP subclass's own ``get_regmean_weights`` (its hooks).
 
 Printed: per pool, setting and FusionBench function, the largest absolute difference between our
 merged backbone and FusionBench's over every backbone tensor, beside the largest
@@ -60,7 +69,8 @@ BATCH = 8
 MINIMAL_FISHER_WEIGHT = 1e-6
 NORMALIZE = (True, False)
 PRECISIONS = ("float32", "float64")
-METHODS = ("fisher_merging",)
+RATIOS = (0.95, 0.5, 0.0)
+METHODS = ("fisher_merging", "regmean_plusplus")
 
 
 def pool_dirs(root: Path, num_tasks: int) -> dict[str, Path]:
@@ -122,6 +132,28 @@ def merge_ours_fisher(root: Path, num_tasks: int, out: Path) -> None:
             merged = merge_backbone(pool, method, progress=False, fishers=fishers)
             label = fisher_label(normalize, precision)
             save_file({key: tensor.contiguous() for key, tensor in merged.items()}, str(out / f"ours_{label}.safetensors"))
+
+
+def merge_ours_regmean_plusplus(root: Path, num_tasks: int, out: Path) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from merging.engine import merge_backbone
+    from merging.pool import ModelPool
+    from merging.regmean_plusplus import ImageBatches, RegMeanPlusPlus
+
+    dirs = pool_dirs(root, num_tasks)
+    for ratio, precision in itertools.product(RATIOS, PRECISIONS):
+        dtype = getattr(torch, precision)
+        batches = {
+            f"task{index}": list(load_file(str(root / f"images_task{index}.safetensors"))["images"].to(dtype).split(BATCH))
+            for index in range(num_tasks)
+        }
+        pool = ModelPool({name: str(path) for name, path in dirs.items()})
+        images = ImageBatches(batches, torch.device("cpu"), dtype)
+        merged = merge_backbone(pool, RegMeanPlusPlus(ratio), progress=False, images=images)
+        label = f"regmean_plusplus_{ratio:g}_{precision}"
+        save_file({key: tensor.contiguous() for key, tensor in merged.items()}, str(out / f"ours_{label}.safetensors"))
 
 
 FISHER_FUNCTIONS = ("merging_with_fisher_weights", "fisher_merging (batch 1)", "fisher_merging (batch 8)")
@@ -187,6 +219,8 @@ def main() -> None:
             root = args.workdir / f"T{num_tasks}"
             if "fisher_merging" in methods:
                 merge_fusionbench_fisher(root, num_tasks, root / "merged")
+            if "regmean_plusplus" in methods:
+                merge_fusionbench_regmean_plusplus(root, num_tasks, root / "merged")
         return
     with tempfile.TemporaryDirectory(prefix="fusionbench-databased-") as scratch:
         workdir = args.workdir or Path(scratch)
@@ -196,6 +230,8 @@ def main() -> None:
             write_pool(root, num_tasks, args.seed + num_tasks)
             if "fisher_merging" in methods:
                 merge_ours_fisher(root, num_tasks, root / "merged")
+            if "regmean_plusplus" in methods:
+                merge_ours_regmean_plusplus(root, num_tasks, root / "merged")
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
         command = [args.fusionbench_python, str(Path(__file__).resolve()), "--fusionbench-side", "--workdir", str(workdir),
                    "--tasks", args.tasks, "--methods", args.methods]  # fmt: skip
@@ -204,6 +240,43 @@ def main() -> None:
             raise SystemExit(f"the FusionBench side failed:\n{done.stderr[-4000:]}")
         if "fisher_merging" in methods:
             report_fisher(workdir, sizes)
+        if "regmean_plusplus" in methods:
+            report_regmean_plusplus(workdir, sizes)
+
+
+def report_regmean_plusplus(workdir: Path, sizes: list[int]) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    from benchmarks import tiny_pool
+
+    print(
+        f"RegMean++: largest |ours - FusionBench 0.2.33| of the merged backbones (tiny ConvNeXt {TINY['hidden_sizes']}, "
+        f"noise {tiny_pool.NOISE}), over the pwconv weights and the other tensors, beside the largest |W*|"
+    )
+    print(f"{'T':>3s} {'ratio':>6s} {'precision':>9s} {'pwconv weights':>15s} {'other':>10s} {'max |W*|':>9s}")
+    worst: dict[str, float] = {}
+    for num_tasks, ratio, precision in itertools.product(sizes, RATIOS, PRECISIONS):
+        out = workdir / f"T{num_tasks}" / "merged"
+        label = f"regmean_plusplus_{ratio:g}_{precision}"
+        ours = load_file(str(out / f"ours_{label}.safetensors"))
+        theirs = load_file(str(out / f"fusionbench_{label}.safetensors"))
+        if set(ours) != set(theirs):
+            raise SystemExit(f"RegMean++: different keys: {sorted(set(ours) ^ set(theirs))[:5]}")
+        linear = other = scale = 0.0
+        for key, tensor in ours.items():
+            if not torch.isfinite(theirs[key]).all():
+                raise SystemExit(f"RegMean++: FusionBench's '{key}' is not finite")
+            difference = float((tensor.double() - theirs[key].double()).abs().max())
+            if key.endswith(("pwconv1.weight", "pwconv2.weight")):
+                linear, scale = max(linear, difference), max(scale, float(tensor.abs().max()))
+            else:
+                other = max(other, difference)
+        print(f"{num_tasks:3d} {ratio:6g} {precision:>9s} {linear:15.2e} {other:10.2e} {scale:9.3f}")
+        worst[precision] = max(worst.get(precision, 0.0), linear, other)
+    print("largest difference overall:")
+    for precision, value in worst.items():
+        print(f"  {precision:8s} {value:.2e}")
 
 
 def report_fisher(workdir: Path, sizes: list[int]) -> None:
@@ -302,6 +375,93 @@ def merge_fusionbench_fisher(root: Path, num_tasks: int, out: Path) -> None:
                     normalize_fisher_weight=normalize, minimal_fisher_weight=MINIMAL_FISHER_WEIGHT,
                 )  # fmt: skip
             save(merged, f"fisher_merging (batch {batch_size})", label)
+
+
+def merge_fusionbench_regmean_plusplus(root: Path, num_tasks: int, out: Path) -> None:
+    """FusionBench's RegMean++ loop on the pool's ConvNeXt backbones; imports nothing from the project."""
+    _import_fusionbench()
+    import torch
+    from fusion_bench.method.regmean_plusplus.clip_regmean_plusplus import RegMeanAlgorithmForCLIPPlusPlus
+    from fusion_bench.method.regmean_plusplus.regmean_plusplus import RegMeanAlgorithmPlusPlus
+    from fusion_bench.modelpool import BaseModelPool
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForImageClassification
+
+    class NoFabric:
+        """``get_regmean_weights`` sets the layer up with Lightning Fabric: on one CPU process, as it is."""
+
+        def setup(self, module):
+            return module
+
+    class ImagePool(BaseModelPool):
+        """The backbones, and each task's batches of images as its "train dataset"."""
+
+        def __init__(self, models, batches) -> None:
+            super().__init__(models)
+            self.batches = batches
+
+        def load_train_dataset(self, dataset_name, *args, **kwargs):
+            return self.batches[dataset_name]
+
+    class ConvNextRegMeanPlusPlus(RegMeanAlgorithmPlusPlus):
+        """What FusionBench's CLIP subclass supplies, for a ConvNeXt backbone (see the module docstring)."""
+
+        get_regmean_weights = RegMeanAlgorithmForCLIPPlusPlus.get_regmean_weights  # its own hooks and running means
+        fabric = NoFabric()
+
+        def blocks(self, model):
+            return [(s, j, layer) for s, stage in enumerate(model.encoder.stages) for j, layer in enumerate(stage.layers)]
+
+        def merge_embedding_layer(self, models_to_merge_dict):
+            states = [model.state_dict() for model in models_to_merge_dict.values()]
+            return {key: torch.stack([state[key] for state in states]).mean(0) for key in states[0] if ".layers." not in key}
+
+        def get_input_for_first_layer(self, model, train_dataset):
+            self.merged = model  # the merged model: its downsampling layers run between stages
+            return [model.embeddings(batch).detach() for batch in train_dataset]
+
+        def get_layers(self, model):
+            blocks = self.blocks(model)
+            self.position = getattr(self, "position", {})
+            self.position.update({id(layer): (s, j) for s, j, layer in blocks})
+            return [layer for _, _, layer in blocks]
+
+        def update_merged_params_dict(self, merged_params_dict, new_merged_params, layer_idx):
+            s, j, _ = self.blocks(self.merged)[layer_idx]
+            merged_params_dict.update({f"encoder.stages.{s}.layers.{j}.{key}": value for key, value in new_merged_params.items()})
+            return merged_params_dict
+
+        def layer_batches_forward(self, layer, batches_input):
+            s, j = self.position[id(layer)]
+            stages = self.merged.encoder.stages
+            outputs = []
+            for batch in batches_input:
+                output = layer(batch)
+                if j == len(stages[s].layers) - 1 and s + 1 < len(stages):  # into the next stage, merged
+                    for module in stages[s + 1].downsampling_layer:
+                        output = module(output)
+                outputs.append(output.detach())
+            return outputs
+
+    dirs = pool_dirs(root, num_tasks)
+    names = [f"task{index}" for index in range(num_tasks)]
+    for ratio, precision in itertools.product(RATIOS, PRECISIONS):
+        dtype = getattr(torch, precision)
+        models = {name: AutoModelForImageClassification.from_pretrained(dirs[name]).convnext.to(dtype).eval() for name in dirs}
+        batches = {
+            name: list(load_file(str(root / f"images_task{index}.safetensors"))["images"].to(dtype).split(BATCH))
+            for index, name in enumerate(names)
+        }
+        algorithm = ConvNextRegMeanPlusPlus(
+            num_regmean_examples=max(num_images(index) for index in range(num_tasks)), exclude_param_names_regex=[],
+            reduce_non_diagonal_ratio=ratio, weight_transpose=True,
+        )  # fmt: skip
+        with contextlib.redirect_stdout(open(os.devnull, "w")):
+            merged = algorithm.run(ImagePool(models, batches))
+        tensors = {
+            f"convnext.{key}": tensor.detach().to(torch.float32).contiguous() for key, tensor in merged.state_dict().items()
+        }
+        save_file(tensors, str(out / f"fusionbench_regmean_plusplus_{ratio:g}_{precision}.safetensors"))
 
 
 if __name__ == "__main__":

@@ -244,7 +244,7 @@ class MultiTaskEvaluation(LightningModule, ABC):
         """Once, on every process at the same point: reduce the Grams and merge."""
         if self.gram_pass is None:
             return
-        statistics = self.gram_pass.statistics(self.device)
+        statistics = self.gram_pass.statistics(self.device, self.dtype)
         self.gram_images = statistics.images
         self.gram_pass = None  # the fine-tuned backbones of the pass are no longer needed
         # The merged weights become parameters: ordinary tensors, not inference-mode ones

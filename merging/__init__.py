@@ -26,6 +26,7 @@ from merging.methods import (
 from merging.model_stock import ModelStock
 from merging.pool import ModelPool
 from merging.regmean import RegMean
+from merging.regmean_plusplus import RegMeanPlusPlus
 from merging.spectral import IsotropicCommon, IsotropicCommonTask, TaskSingularVectors
 from merging.switch import SwitchModule
 from merging.wudi import WUDIMerging
@@ -47,6 +48,7 @@ __all__ = [
     "ModelPool",
     "ModelStock",
     "RegMean",
+    "RegMeanPlusPlus",
     "SimpleAverage",
     "SwitchModule",
     "TaskArithmetic",

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from functools import partial
+from typing import Any
 
 import torch
 from rich.progress import track
@@ -238,6 +239,7 @@ def merge_backbone(
     progress: bool = True,
     grams: Mapping[str, Sequence[Tensor]] | None = None,
     fishers: Mapping[str, Sequence[Tensor]] | None = None,
+    images: Any = None,
 ) -> dict[str, Tensor]:
     """The merged backbone tensors of ``pool`` under ``method`` (every key behind the family's
     backbone prefix: ``ModelPool.backbone_keys``), in the pretrained dtype; the
@@ -248,7 +250,10 @@ def merge_backbone(
     ``pool.task_names``; those keys go through ``method.merge_linear``, the others through
     ``method.merge``. A method with ``needs_fisher`` (Fisher merging) takes ``fishers`` instead:
     per parameter key, each fine-tuned model's diagonal Fisher (pool order); those keys go through
-    ``method.merge_fisher``, with the per-task weights ``method.fisher_coefficients`` gives once.
+    ``method.merge_fisher``, with the per-task weights ``method.fisher_coefficients`` gives once. A
+    method with ``needs_images`` (RegMean++) takes ``images`` (``merging.regmean_plusplus.ImageBatches``:
+    each task's preprocessed train images) and merges the pool itself, block after block
+    (``method.merge_with_images``).
 
     ``progress`` shows the progress bar and the line of ``MergeMethod.plain_merge_note`` where the
     family has none of the tensors the method treats specially (on the first process only).
@@ -263,6 +268,14 @@ def merge_backbone(
     keys = pool.merge_keys
     _check_grams(method, grams, keys, len(pool.task_names))
     _check_fishers(method, fishers, keys, len(pool.task_names))
+    if method.needs_images != (images is not None):
+        raise MergeError(
+            f"{method.describe()} runs the models on each task's unlabelled train images: set data.gram_images"
+            if method.needs_images
+            else f"{method.describe()} merges without images: none should be given"
+        )
+    if method.needs_images:
+        return method.merge_with_images(pool, images, progress)
     run = _Merge(pool, method, grams or {}, fishers)
     method.prepare(pool.task_names, keys)
     if progress:

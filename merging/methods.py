@@ -185,6 +185,9 @@ class MergeMethod(ABC):
     #: True where the parameters are merged by ``merge_fisher`` from each task's diagonal Fisher
     #: (Fisher merging): ``merge_backbone`` then needs ``fishers``, gathered on data.
     needs_fisher: ClassVar[bool] = False
+    #: True where the merge runs the models on each task's unlabelled train images itself, block after
+    #: block (RegMean++): ``merge_backbone`` then needs ``images`` and hands the pool to ``merge_with_images``.
+    needs_images: ClassVar[bool] = False
 
     def prepare(self, tasks: Sequence[str], keys: Sequence[str]) -> None:
         """Called once before merging with the fine-tuned tasks (in stream order) and the
@@ -217,11 +220,16 @@ class MergeMethod(ABC):
         per-task ``coefficients`` (methods with ``needs_fisher``)."""
         raise NotImplementedError
 
+    def merge_with_images(self, pool: Any, images: Any, progress: bool) -> dict[str, Tensor]:
+        """The merged backbone of ``pool`` (a ``ModelPool``) from each task's preprocessed images
+        (``merging.regmean_plusplus.ImageBatches``), for methods with ``needs_images``."""
+        raise NotImplementedError
+
     @property
     def needs_data(self) -> bool:
-        """True where the merge reads statistics gathered on each task's unlabelled train images
-        (``data.gram_images``): Gram matrices or Fishers."""
-        return self.needs_grams or self.needs_fisher
+        """True where the merge reads each task's unlabelled train images (``data.gram_images``):
+        statistics gathered on them (Gram matrices, Fishers) or the images themselves."""
+        return self.needs_grams or self.needs_fisher or self.needs_images
 
     def special_keys(
         self, shapes: Mapping[str, tuple[int, ...]], grams: Mapping[str, Sequence[Tensor]] | None

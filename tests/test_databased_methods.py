@@ -1,23 +1,29 @@
 """The data-based methods built on RegMean's data pass: Fisher merging (``merging.fisher``,
-``merging.fisher_merging``). The formula on hand-built tensors; the Fisher of a tiny ConvNeXt
-against plain autograd, image by image; what each family's tensors get; the engine against the
-formula on loaded checkpoints; the data pass with RegMean and Fisher merging at once; ``merge.py
-test`` against an independent merge; bad input.
+``merging.fisher_merging``) and RegMean++ (``merging.regmean_plusplus``). Fisher merging: the formula
+on hand-built tensors; the Fisher of a tiny ConvNeXt against plain autograd, image by image; what each
+family's tensors get; the engine against the formula on loaded checkpoints; the data pass with RegMean
+and Fisher merging at once. RegMean++: the blocks of every family, in the forward's order; the merge
+against a block-by-block reference written from the definition with plain hooks (Swin here, ConvNeXt
+through ``merge.py``), and not RegMean; a ResNet's one line. Both: ``merge.py test`` against an
+independent merge; bad input.
 
 Expected values are worked out by hand (in the comments) or computed here with plain autograd
 and the paper's (FusionBench's) formula in float64, never with the modules' own helpers. One
 process against two: the Fisher is a sum of per-image terms, reduced over processes by
 ``merging.grams.all_reduce_sum``, the reduction RegMean's two-process test
 (``tests/test_regmean_cli.py``) runs; here, in-process, the sums of disjoint parts of the images
-(as two processes see them), in batches of any size, add up to the one-pass Fisher.
+(as two processes see them), in batches of any size, add up to the one-pass Fisher, and RegMean++'s
+Grams (sums reduced the same way, block by block) give the same merge in other batchings.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import datasets
+import numpy as np
 import pytest
 import test_regmean_cli as regmean_cli
 import torch
@@ -30,12 +36,14 @@ from common.architectures import ARCHITECTURES
 from datamodules.preprocessing import ImagePreprocessor
 from lightning_modules.gram_pass import GramPass
 from merge import main
-from merging import METHODS, FisherMerging, RegMean, SimpleAverage
+from merging import METHODS, FisherMerging, RegMean, RegMeanPlusPlus, SimpleAverage
 from merging.engine import merge_backbone
 from merging.errors import MergeError
 from merging.fisher import FisherAccumulator, mean_fishers
 from merging.fisher_merging import fisher_coefficients, fisher_merge
+from merging.grams import GramAccumulator, mean_grams
 from merging.pool import ModelPool
+from merging.regmean_plusplus import ImageBatches, backbone_blocks
 from merging.saved import load_merged
 from tolerances import FLOAT64_RTOL, assert_within, float64_results_bound, rounded_once
 
@@ -368,4 +376,193 @@ def test_bad_input_is_one_error_line_and_nothing_written(setup, workdir, capsys,
     extra, gram_images, message = BAD_INPUT[case]
     args = fisher_args(setup, workdir, *extra, gram_images=gram_images)
     test_bad_input.assert_contains(test_bad_input.one_error_line(main, args, capsys), message)
+    assert not list(workdir.iterdir())
+
+
+# --- RegMean++ ---------------------------------------------------------------------------------
+
+#: The blocks ``backbone_blocks`` must find in each family's tiny config (``tests/families.py``).
+BLOCKS = {
+    "convnext": [f"encoder.stages.{stage}.layers.0" for stage in range(4)],
+    "convnextv2": ["encoder.stages.0.layers.0", "encoder.stages.1.layers.0"],
+    "resnet": [],
+    "vit": ["layers.0", "layers.1"],
+    "dinov2": ["encoder.layer.0", "encoder.layer.1"],
+    "swin": ["encoder.layers.0.blocks.0", "encoder.layers.0.downsample", "encoder.layers.1.blocks.0"],
+}
+
+
+@pytest.mark.parametrize("model_type", list(families.CONFIGS))
+def test_the_blocks_of_every_family_hold_every_linear_once_in_the_forwards_order(model_type):
+    backbone = ARCHITECTURES[model_type].build_backbone(families.family_config(model_type)).eval()
+    blocks = backbone_blocks(backbone)
+    assert [name for name, _ in blocks] == BLOCKS[model_type]
+    linears = [name for name, module in backbone.named_modules() if isinstance(module, torch.nn.Linear)]
+    assert sorted(linears) == sorted(f"{block}.{name}" for block, module in blocks for name, inner in module.named_modules()
+                                     if isinstance(inner, torch.nn.Linear))  # fmt: skip
+    called = []
+    for name, module in blocks:
+        module.register_forward_pre_hook(lambda m, args, name=name: called.append(name))
+    with torch.no_grad():
+        backbone(pixel_values=random((1, 3, 32, 32), 0))
+    assert called == BLOCKS[model_type]
+
+
+def images_of(tasks, sizes, seed: int) -> dict[str, list[torch.Tensor]]:
+    """Float64 "preprocessed images" per task, in batches of ``sizes``."""
+    return {
+        task: [random((size, 3, 32, 32), seed + 10 * index + k).double() for k, size in enumerate(sizes)]
+        for index, task in enumerate(tasks)
+    }
+
+
+def reference_regmean_plusplus(models: dict[str, str], images, ratio: float, merged: dict[str, torch.Tensor]):
+    """Block by block from the paper's (FusionBench's) definition, in float64 with plain hooks: block
+    ``l``'s Grams from a forward of the model whose tensors outside the blocks are the simple average, whose
+    blocks before ``l`` are ``merged``'s (the merge under test: so each block is checked from the same
+    inputs) and whose block ``l`` is model ``t``'s, on task ``t``'s images; the closed form with an explicit
+    inverse; the block's other tensors averaged. Returns the expected tensors of every key."""
+    tasks = [task for task in models if task != mf.PRETRAINED]
+    record = ARCHITECTURES[json.loads((Path(models[mf.PRETRAINED]) / "config.json").read_text())["model_type"]]
+    config = record.classifier_class.config_class.from_pretrained(models[mf.PRETRAINED])
+    names = record.checkpoint_keys(config)
+    finetuned = [{key: tensor for key, tensor in mf.load_state(models[task]).items() if key in names} for task in tasks]
+    average = {
+        key: sum(m[key].double() for m in finetuned) / len(tasks) for key in names if finetuned[0][key].is_floating_point()
+    }
+    expected = dict(average)
+    done: list[str] = []
+    for block in BLOCKS[record.model_type]:
+        inside = [key for key in names if names[key].startswith(f"{block}.")]
+        linear_keys = set()
+        grams: dict[str, list[torch.Tensor]] = {}
+        for index, task in enumerate(tasks):
+            state = {**{key: t.clone() for key, t in finetuned[index].items()}, **average}
+            state.update({key: merged[key].double() for key in done})
+            state.update({key: finetuned[index][key].double() for key in inside})
+            model = record.backbone_from_state(config, state).double().eval()
+            seen: dict[str, list[torch.Tensor]] = {}
+            for name, module in model.named_modules():
+                if isinstance(module, torch.nn.Linear) and name.startswith(f"{block}."):
+                    key = next(k for k in names if names[k] == f"{name}.weight")
+                    linear_keys.add(key)
+                    module.register_forward_pre_hook(lambda m, args, key=key, seen=seen: seen.setdefault(key, []).append(args[0]))
+            with torch.no_grad():
+                model(pixel_values=torch.cat(images[task]))
+            for key, inputs in seen.items():
+                rows = torch.cat([x.reshape(-1, x.shape[-1]) for x in inputs])
+                grams.setdefault(key, []).append(rows.T @ rows / rows.shape[0])
+        for key in linear_keys:
+            shrunk = [ratio * g + (1 - ratio) * torch.diag(torch.diagonal(g)) for g in grams[key]]
+            weighted = sum(g @ m[key].double().T for g, m in zip(shrunk, finetuned))
+            expected[key] = (torch.from_numpy(np.linalg.inv(sum(shrunk).numpy())) @ weighted).T
+        done += inside
+    return expected
+
+
+@pytest.mark.parametrize("model_type", ["swin"])  # ConvNeXt: test_merge_py_equals_an_independent_regmean_plusplus
+def test_regmean_plusplus_is_regmean_on_the_merged_models_activations_block_by_block(tmp_path, model_type):
+    """Against the reference, in float64 (two float64 computations of each closed form from the same
+    inputs, rounded to float32 once: ``float64_results_bound``), in two different batchings (as two
+    processes would split the images: the sums add up); not RegMean, whose Grams come from each fine-tuned
+    model's own activations."""
+    tasks = TASKS[:2]
+    models = families.make_pool(model_type, tmp_path / model_type, tasks)
+    images = images_of(tasks, (3, 2), seed=5)
+    rebatched = {task: list(torch.cat(batches).split(1)) for task, batches in images.items()}
+    method = RegMeanPlusPlus(0.8)
+    merged = merge_backbone(
+        ModelPool(models), method, progress=False, images=ImageBatches(images, torch.device("cpu"), torch.float64)
+    )
+    again = merge_backbone(
+        ModelPool(models), method, progress=False, images=ImageBatches(rebatched, torch.device("cpu"), torch.float64)
+    )
+    expected = reference_regmean_plusplus(models, images, 0.8, merged)
+    grams = {}
+    for task in tasks:  # RegMean: the fine-tuned models' own activations
+        accumulator = GramAccumulator(families_backbone(models[task]).double())
+        with torch.no_grad():
+            accumulator(torch.cat(images[task]))
+        sums, rows, _ = accumulator.reduced_sums(torch.device("cpu"))
+        for key, gram in zip(accumulator.keys, mean_grams(sums, rows, accumulator.keys, task)):
+            grams.setdefault(key, []).append(gram)
+    plain = merge_backbone(ModelPool(models), RegMean(0.8), progress=False, grams=grams)
+    assert sorted(merged) == sorted(expected)
+    for key, tensor in expected.items():
+        for result in (merged, again):
+            assert_within(result[key], tensor, float64_results_bound(tensor), key)
+        if key in grams:
+            assert (plain[key].double() - tensor).abs().max() > 100 * float64_results_bound(tensor).max(), key
+
+
+def families_backbone(directory: str) -> torch.nn.Module:
+    record = ARCHITECTURES[json.loads((Path(directory) / "config.json").read_text())["model_type"]]
+    return record.backbone_of(record.classifier_class.from_pretrained(directory)).eval()
+
+
+def test_regmean_plusplus_on_a_resnet_says_it_is_the_simple_average_and_is(tmp_path, capsys):
+    models = families.make_pool("resnet", tmp_path / "resnet", TASKS[:2])
+    images = ImageBatches(images_of(TASKS[:2], (2,), seed=1), torch.device("cpu"), torch.float64)
+    merged = merge_backbone(ModelPool(models), RegMeanPlusPlus(), progress=True, images=images)
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if "on this ResNet backbone" in line]
+    assert line == (
+        "regmean_plusplus(reduce_non_diagonal_ratio=0.95) on this ResNet backbone: none of its layers is an nn.Linear (its "
+        "layers are convolutions), so no Gram matrix is used and every tensor is the simple average: this merge is the simple average"
+    )
+    average = merge_backbone(ModelPool(models), SimpleAverage(), progress=False)
+    assert sorted(merged) == sorted(average) and all(torch.equal(merged[key], average[key]) for key in average)
+
+
+def test_merge_backbone_refuses_regmean_plusplus_without_images_and_images_for_others(pool):
+    images = ImageBatches(images_of(TASKS, (2,), seed=2), torch.device("cpu"), torch.float64)
+    with pytest.raises(MergeError, match="runs the models on each task's unlabelled train images: set data.gram_images"):
+        merge_backbone(ModelPool(pool), RegMeanPlusPlus(), progress=False)
+    with pytest.raises(MergeError, match="merges without images"):
+        merge_backbone(ModelPool(pool), SimpleAverage(), progress=False, images=images)
+    with pytest.raises(MergeError, match="RegMean\\+\\+ has no images of task\\(s\\) gtsrb"):
+        partial = ImageBatches({task: images.batches[task] for task in TASKS[:2]}, images.device, images.dtype)
+        merge_backbone(ModelPool(pool), RegMeanPlusPlus(), progress=False, images=partial)
+    for bad in (-0.1, 1.5):
+        with pytest.raises(MergeError, match="reduce_non_diagonal_ratio must be in"):
+            RegMeanPlusPlus(reduce_non_diagonal_ratio=bad)
+    assert METHODS["regmean_plusplus"] is RegMeanPlusPlus and RegMeanPlusPlus().needs_images
+    assert RegMeanPlusPlus(0.5).describe() == "regmean_plusplus(reduce_non_diagonal_ratio=0.5)"
+
+
+def test_merge_py_equals_an_independent_regmean_plusplus(setup, tmp_path):
+    """In float64 on the same 15 and 11 train rows as RegMean's own test: the saved merge against the
+    block-by-block reference on those images, preprocessed by the project's ``ImagePreprocessor``."""
+    command = regmean_cli.args(setup, tmp_path, "--trainer.devices", "1", method="RegMeanPlusPlus")
+    main([*command, "--model.method.reduce_non_diagonal_ratio", "0.9", "--model.save_dir", str(tmp_path / "saved")])
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["gram_images"] == regmean_cli.GRAM_COUNTS
+    assert list(report["rows"]) == ["regmean_plusplus(reduce_non_diagonal_ratio=0.9)"]
+    merged = load_merged(tmp_path / "saved").backbone
+    images = {}
+    for task in regmean_cli.TASKS:
+        train = datasets.load_from_disk(setup.data[task])["train"]
+        preprocess = ImagePreprocessor.from_pretrained(setup.pool[task])
+        images[task] = [torch.stack([preprocess(train[row]["image"]) for row in regmean_cli.gram_rows(len(train))]).double()]
+    expected = reference_regmean_plusplus(setup.pool, images, 0.9, merged)
+    assert sorted(merged) == sorted(expected)
+    for key, tensor in expected.items():
+        assert_within(merged[key], tensor, float64_results_bound(tensor), key)
+
+
+REGMEAN_PLUSPLUS_BAD_INPUT = {
+    "RegMean++ without gram images": (
+        [], None, "this merge needs unlabelled train images for the Gram matrices of the merged model's activations: set data.gram_images"
+    ),
+    "a ratio above 1": (["--model.method.reduce_non_diagonal_ratio", "1.5"], regmean_cli.GRAM_IMAGES,
+                        "reduce_non_diagonal_ratio must be in [0, 1], got 1.5"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", REGMEAN_PLUSPLUS_BAD_INPUT)
+def test_regmean_plusplus_bad_input_is_one_error_line_and_nothing_written(setup, workdir, capsys, case):
+    extra, gram_images, message = REGMEAN_PLUSPLUS_BAD_INPUT[case]
+    command = regmean_cli.args(
+        setup, workdir, "--trainer.devices", "1", *extra, method="RegMeanPlusPlus", gram_images=gram_images
+    )
+    test_bad_input.assert_contains(test_bad_input.one_error_line(main, command, capsys), message)
     assert not list(workdir.iterdir())
