@@ -73,7 +73,8 @@ class MethodComparison(MultiTaskEvaluation):
         models: the model pool, as for ``MergedClassifier``.
         methods: the merge methods to compare, e.g. ``SimpleAverage``, ``TaskArithmetic``,
             ``TiesMerging``, ``DareTies``, ``LearnedCoefficients`` (AdaMerging), ``RegMean``,
-            ``FisherMerging`` (merged after a pass over unlabelled train images: set ``data.gram_images``).
+            ``FisherMerging``, ``RegMeanPlusPlus`` (merged after a pass over unlabelled train images: set
+            ``data.gram_images``).
         grid: values to try per method class name and hyper-parameter, e.g.
             ``{TaskArithmetic: {scaling_factor: [0.1, 0.3, 0.5]}}``; every combination is
             evaluated and the one with the best average validation accuracy is the method's

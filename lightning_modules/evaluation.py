@@ -6,7 +6,7 @@ accuracy and one mean-loss metric per task; they are computed once at the end wi
 over processes, and the number of samples is checked against the test set, so each number
 is the model's score on every test sample exactly once.
 
-A merge that needs data (RegMean, Fisher merging) is finished inside the same ``Trainer.test``: the
+A merge that needs data (RegMean, Fisher merging, RegMean++) is finished inside the same ``Trainer.test``: the
 DataModule's unlabelled ``gram`` loaders come first, their batches feed ``gram_pass``, and
 when the first labelled batch arrives (or the epoch ends, on a process that has none) every
 process reduces the statistics and ``merge_with_data`` builds the merged rows.
@@ -237,11 +237,11 @@ class MultiTaskEvaluation(LightningModule, ABC):
         self.gram_pass = GramPass(pool, self.tasks, methods)
 
     def merge_with_data(self, statistics: DataStatistics) -> None:
-        """Build the rows that wait for the data pass, from its ``statistics`` (Grams, Fishers)."""
+        """Build the rows that wait for the data pass, from its ``statistics`` (Grams, Fishers, kept images)."""
         raise NotImplementedError
 
     def _finish_gram_pass(self) -> None:
-        """Once, on every process at the same point: reduce the Grams and merge."""
+        """Once, on every process at the same point: reduce the statistics and merge."""
         if self.gram_pass is None:
             return
         statistics = self.gram_pass.statistics(self.device, self.dtype)

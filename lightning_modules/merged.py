@@ -33,8 +33,9 @@ class MergedClassifier(MultiTaskEvaluation):
             directory), as in FusionBench's pool YAML; or the path of such a YAML file (in a
             config file, relative to that config's folder).
         method: the merge method and its hyper-parameters, e.g. ``--model.method TiesMerging
-            --model.method.top_k 0.2``. ``RegMean`` and ``FisherMerging`` also need ``--data.gram_images``:
-            they merge after a pass over unlabelled train images, in the same ``merge.py test``.
+            --model.method.top_k 0.2``. ``RegMean``, ``FisherMerging`` and ``RegMeanPlusPlus`` also need
+            ``--data.gram_images``: they merge after a pass over unlabelled train images, in the same
+            ``merge.py test``.
         evaluate_individual: also evaluate each fine-tuned model on its own task, for the
             normalised accuracy (merged / individual).
         merged_model: evaluate this saved merged model (a ``save_dir``) instead of merging.
