@@ -11,9 +11,10 @@ import itertools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from torch import Tensor, nn
+from torch import nn
 
 from lightning_modules.evaluation import ModelPoolSpec, MultiTaskEvaluation, check_pool_up_front
+from lightning_modules.gram_pass import DataStatistics, data_purpose
 from merging.errors import MergeError
 from merging.methods import MergeMethod
 from merging.pool import ModelPool
@@ -70,9 +71,10 @@ class MethodComparison(MultiTaskEvaluation):
         classnames: class names per task (linked from ``data.classnames``).
         models: the model pool, as for ``MergedClassifier``.
         methods: the merge methods to compare, e.g. ``SimpleAverage``, ``TaskArithmetic``,
-            ``TiesMerging``, ``DareTies``, ``LearnedCoefficients`` (AdaMerging), ``RegMean``
-            (merged after a pass over unlabelled train images: set ``data.gram_images``); a
-            mask-based method (``TallMasks``, ``EMRMerging``) is a row of one backbone per task.
+            ``TiesMerging``, ``DareTies``, ``LearnedCoefficients`` (AdaMerging), ``RegMean``,
+            ``FisherMerging``, ``RegMeanPlusPlus`` (merged after a pass over unlabelled train images: set
+            ``data.gram_images``); a mask-based method (``TallMasks``, ``EMRMerging``) is a row of one
+            backbone per task.
         grid: values to try per method class name and hyper-parameter, e.g.
             ``{TaskArithmetic: {scaling_factor: [0.1, 0.3, 0.5]}}``; every combination is
             evaluated and the one with the best average validation accuracy is the method's
@@ -108,30 +110,31 @@ class MethodComparison(MultiTaskEvaluation):
         self.pool = ModelPool(models)
         check_pool_up_front(self.pool, self.tasks)
         self.evaluate_individual = evaluate_individual
-        self.uses_grams = any(method.needs_grams for method in self.methods)
+        self.uses_grams = any(method.needs_data for method in self.methods)
+        self.gram_purpose = data_purpose([method for method in self.methods if method.needs_data])
 
     def build(self) -> None:
         pool = self.pool
         self.check_pool(pool)
         for method in self.methods:
-            if method.needs_grams:  # merged in merge_with_grams, after the Gram pass
+            if method.needs_data:  # merged in merge_with_data, after the data pass
                 self.rows[method.describe()] = nn.Module()
             else:
                 self.rows[method.describe()] = self._merged_backbone(method)
         self.set_heads_and_individual(pool, self.evaluate_individual)
         if self.uses_grams:
-            self.start_gram_pass(pool)
+            self.start_gram_pass(pool, [method for method in self.methods if method.needs_data])
 
-    def _merged_backbone(self, method: MergeMethod, grams: dict[str, list[Tensor]] | None = None) -> nn.Module:
+    def _merged_backbone(self, method: MergeMethod, statistics: DataStatistics | None = None) -> nn.Module:
         """The method's row: one merged backbone, or one per task for a mask-based method (``build_row``)."""
-        return self.build_row(self.pool, method, grams)
+        return self.build_row(self.pool, method, statistics)
 
-    def merge_with_grams(self, grams: dict[str, list[Tensor]]) -> None:
+    def merge_with_data(self, statistics: DataStatistics) -> None:
         for method in self.methods:
-            if method.needs_grams:
+            if method.needs_data:
                 # In the module's dtype too (``--trainer.precision 64-true`` converted the module, and
                 # the rows built before the Gram pass with it, before this merge).
-                self.rows[method.describe()] = self._merged_backbone(method, grams).to(self.device, self.dtype)
+                self.rows[method.describe()] = self._merged_backbone(method, statistics).to(self.device, self.dtype)
 
     def selection(self) -> list[dict[str, Any]]:
         """Per method with several grid points: the choice on validation and the best on test."""

@@ -6,10 +6,10 @@ accuracy and one mean-loss metric per task; they are computed once at the end wi
 over processes, and the number of samples is checked against the test set, so each number
 is the model's score on every test sample exactly once.
 
-A merge that needs data (RegMean) is finished inside the same ``Trainer.test``: the
+A merge that needs data (RegMean, Fisher merging, RegMean++) is finished inside the same ``Trainer.test``: the
 DataModule's unlabelled ``gram`` loaders come first, their batches feed ``gram_pass``, and
 when the first labelled batch arrives (or the epoch ends, on a process that has none) every
-process reduces the statistics and ``merge_with_grams`` builds the merged rows.
+process reduces the statistics and ``merge_with_data`` builds the merged rows.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from common.files import check_output_location
 from datamodules.loaders import evaluates_nothing
 from datamodules.multitask import GRAM_SPLIT
 from lightning_modules.backbones import backbone_from_state, heads_from_state, load_backbone
-from lightning_modules.gram_pass import GramPass, check_gram_split
+from lightning_modules.gram_pass import DataStatistics, GramPass, check_gram_split
 from merging.engine import merge_backbone, merge_per_task
 from merging.errors import MergeError
 from merging.per_task import PerTaskMerge
@@ -233,9 +233,11 @@ class MultiTaskEvaluation(LightningModule, ABC):
         self.individual = PerTaskBackbones()
         self.heads: SwitchModule | None = None
         self.report: dict[str, Any] | None = None
-        #: True where a merge needs the Gram pass (subclasses set it in ``__init__``); ``build()``
+        #: True where a merge needs the data pass (subclasses set it in ``__init__``); ``build()``
         #: then sets ``gram_pass``, dropped once merged.
         self.uses_grams = False
+        #: what the pass's images are for, as the error for a missing ``data.gram_images`` says it.
+        self.gram_purpose = "for its Gram matrices"
         self.gram_pass: nn.Module | None = None
         #: task -> unlabelled images the Gram pass read (over all processes).
         self.gram_images: dict[str, int] = {}
@@ -272,32 +274,32 @@ class MultiTaskEvaluation(LightningModule, ABC):
             raise MergeError(
                 f"the data module evaluates splits {data_splits}, the model expects {self.splits}: pass splits=data.splits"
             )
-        check_gram_split(self.uses_grams, self.splits, type(self).__name__)  # before build() loads any model
+        check_gram_split(self.uses_grams, self.splits, type(self).__name__, self.gram_purpose)  # before build() loads any model
         if self.heads is None:
             self.build()
             self._make_metrics()
 
-    def start_gram_pass(self, pool: Any) -> None:
-        """The one entry to the Gram pass (``lightning_modules.gram_pass``) for a merge that needs it:
-        the pool's fine-tuned backbones read the ``gram`` loaders' images first, and
-        ``merge_with_grams`` builds the waiting rows once they are read."""
-        self.gram_pass = GramPass(pool, self.tasks)
+    def start_gram_pass(self, pool: Any, methods: list[Any]) -> None:
+        """The one entry to the data pass (``lightning_modules.gram_pass``) for the merges that need
+        it (``methods``): the pool's fine-tuned models read the ``gram`` loaders' images first, and
+        ``merge_with_data`` builds the waiting rows once they are read."""
+        self.gram_pass = GramPass(pool, self.tasks, methods)
 
-    def merge_with_grams(self, grams: dict[str, list[torch.Tensor]]) -> None:
-        """Build the rows that wait for the Gram pass, from ``grams`` (per Linear weight key,
-        each fine-tuned model's mean Gram, in the pool's task order)."""
+    def merge_with_data(self, statistics: DataStatistics) -> None:
+        """Build the rows that wait for the data pass, from its ``statistics`` (Grams, Fishers, kept images)."""
         raise NotImplementedError
 
     def _finish_gram_pass(self) -> None:
-        """Once, on every process at the same point: reduce the Grams and merge."""
+        """Once, on every process at the same point: reduce the statistics and merge."""
         if self.gram_pass is None:
             return
-        grams, self.gram_images = self.gram_pass.grams(self.device)
+        statistics = self.gram_pass.statistics(self.device, self.dtype)
+        self.gram_images = statistics.images
         self.gram_pass = None  # the fine-tuned backbones of the pass are no longer needed
         # The merged weights become parameters: ordinary tensors, not inference-mode ones
         # (test steps run in inference mode, where the Gram sums were made and reduced).
         with torch.inference_mode(False), torch.no_grad():
-            self.merge_with_grams(grams)
+            self.merge_with_data(statistics)
 
     def _evaluated_rows(self) -> list[tuple[str, nn.Module]]:
         """Every scored row, name and backbone(s): ``rows``, then ``individual`` where it is filled."""
@@ -322,11 +324,12 @@ class MultiTaskEvaluation(LightningModule, ABC):
         #: is never NaN, and without the NaN check an update does not wait for the device
         self.non_finite = per_task(lambda task: SumMetric(nan_strategy="disable"))
 
-    def merged_state(self, pool: Any, method: Any, grams: dict[str, list[torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
-        """``merge_backbone(pool, method)``, its progress bar on the first process only, and
-        checked to be the same on every process."""
+    def merged_state(self, pool: Any, method: Any, statistics: DataStatistics | None = None) -> dict[str, torch.Tensor]:
+        """``merge_backbone(pool, method)`` (with the data pass's ``statistics`` the method reads),
+        its progress bar on the first process only, and checked to be the same on every process."""
         show_progress = self.trainer is None or self.trainer.is_global_zero
-        merged = merge_backbone(pool, method, progress=show_progress, grams=grams)
+        data = statistics.for_method(method) if statistics is not None else {}
+        merged = merge_backbone(pool, method, progress=show_progress, **data)
         self.verify_identical_across_ranks(merged, f"merged weights ({method.describe()})")
         return merged
 
@@ -338,12 +341,12 @@ class MultiTaskEvaluation(LightningModule, ABC):
         self.verify_identical_across_ranks(merged.tensors(), f"per-task merge ({method.describe()})")
         return merged
 
-    def build_row(self, pool: Any, method: Any, grams: dict[str, list[torch.Tensor]] | None = None) -> nn.Module:
+    def build_row(self, pool: Any, method: Any, statistics: DataStatistics | None = None) -> nn.Module:
         """The row of ``method``'s merge of ``pool``: one backbone (``merged_state``), or one per task
         (``ModulatedBackbones``) for a method with ``per_task``."""
         if method.per_task:
             return ModulatedBackbones(pool.config(PRETRAINED), self.per_task_merged(pool, method))
-        return backbone_from_state(pool.config(PRETRAINED), self.merged_state(pool, method, grams))
+        return backbone_from_state(pool.config(PRETRAINED), self.merged_state(pool, method, statistics))
 
     def verify_identical_across_ranks(self, state: Mapping[str, torch.Tensor], what: str) -> None:
         """On several processes, every one must hold the same ``state``."""

@@ -16,6 +16,7 @@ from common.files import check_export_target, check_output_location
 from datamodules.loaders import evaluates_nothing
 from lightning_modules.backbones import backbone_from_state, heads_from_state
 from lightning_modules.evaluation import ModelPoolSpec, ModulatedBackbones, MultiTaskEvaluation, check_pool_up_front
+from lightning_modules.gram_pass import DataStatistics, data_purpose
 from merging.errors import MergeError
 from merging.methods import MergeMethod, SimpleAverage
 from merging.per_task import PerTaskMerge
@@ -34,10 +35,10 @@ class MergedClassifier(MultiTaskEvaluation):
             directory), as in FusionBench's pool YAML; or the path of such a YAML file (in a
             config file, relative to that config's folder).
         method: the merge method and its hyper-parameters, e.g. ``--model.method TiesMerging
-            --model.method.top_k 0.2``. ``RegMean`` also needs ``--data.gram_images``: it
-            merges after a pass over unlabelled train images, in the same ``merge.py test``. A
-            mask-based method (``TallMasks``, ``EMRMerging``) gives one backbone per task, each
-            task scored (and exported) with its own.
+            --model.method.top_k 0.2``. ``RegMean``, ``FisherMerging`` and ``RegMeanPlusPlus`` also need
+            ``--data.gram_images``: they merge after a pass over unlabelled train images, in the same
+            ``merge.py test``. A mask-based method (``TallMasks``, ``EMRMerging``) gives one backbone
+            per task, each task scored (and exported) with its own.
         evaluate_individual: also evaluate each fine-tuned model on its own task, for the
             normalised accuracy (merged / individual).
         merged_model: evaluate this saved merged model (a ``save_dir``) instead of merging.
@@ -100,7 +101,8 @@ class MergedClassifier(MultiTaskEvaluation):
         self.export_dir = export_dir
         self.overwrite = overwrite
         self.channels_last = channels_last
-        self.uses_grams = merged_model is None and self.method.needs_grams
+        self.uses_grams = merged_model is None and self.method.needs_data
+        self.gram_purpose = data_purpose([self.method])
         self.backbone_config: PretrainedConfig | None = None  # set by build(), for the exports
         self.per_task: PerTaskMerge | None = None  # a per-task method's merge, set by build()
         self._saved_info: dict[str, Any] = {}  # merge.json of the saved merged model
@@ -161,10 +163,10 @@ class MergedClassifier(MultiTaskEvaluation):
         self.check_pool(pool)
         self.backbone_config = pool.config(PRETRAINED)
         self.rows[self.method.describe()] = nn.Module()  # the merged backbone comes in _install
-        if self.uses_grams:  # merged in merge_with_grams, after the Gram pass
+        if self.uses_grams:  # merged in merge_with_data, after the data pass
             pool.check_backbones()
             self.set_heads_and_individual(pool, self.evaluate_individual)
-            self.start_gram_pass(pool)
+            self.start_gram_pass(pool, [self.method])
             return
         if self.method.per_task:  # one backbone per task: nothing to save (refused up front)
             self.per_task = self.per_task_merged(pool, self.method)
@@ -177,8 +179,8 @@ class MergedClassifier(MultiTaskEvaluation):
         self.set_heads_and_individual(pool, self.evaluate_individual)
         self._save(merged)
 
-    def merge_with_grams(self, grams: dict[str, list[torch.Tensor]]) -> None:
-        merged = self.merged_state(self.pool, self.method, grams)
+    def merge_with_data(self, statistics: DataStatistics) -> None:
+        merged = self.merged_state(self.pool, self.method, statistics)
         self._install(merged)
         self._save(merged)
 

@@ -11,6 +11,7 @@ from merging.coefficients import Coefficients, LearnedCoefficients
 from merging.emr import EMRMerging
 from merging.engine import merge_backbone, merge_per_task
 from merging.errors import MergeError
+from merging.fisher_merging import FisherMerging
 from merging.magmax import MagMax
 from merging.methods import (
     METHODS,
@@ -27,6 +28,7 @@ from merging.model_stock import ModelStock
 from merging.per_task import PerTaskMerge, PerTaskMethod
 from merging.pool import ModelPool
 from merging.regmean import RegMean
+from merging.regmean_plusplus import RegMeanPlusPlus
 from merging.spectral import IsotropicCommon, IsotropicCommonTask, TaskSingularVectors
 from merging.switch import SwitchModule
 from merging.tall_masks import ConsensusTaskArithmetic, TallMasks
@@ -37,6 +39,7 @@ __all__ = [
     "CheckpointError",
     "DareTaskArithmetic",
     "DareTies",
+    "FisherMerging",
     "IsotropicCommon",
     "IsotropicCommonTask",
     "Coefficients",
@@ -48,6 +51,7 @@ __all__ = [
     "ModelPool",
     "ModelStock",
     "RegMean",
+    "RegMeanPlusPlus",
     "SimpleAverage",
     "SwitchModule",
     "TaskArithmetic",

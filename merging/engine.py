@@ -11,7 +11,8 @@ faster, and only slices in flight. Such a merge runs torch on one thread and spr
 over as many Python threads as torch had. TIES's per-task thresholds need a first pass over
 each whole task vector; it runs one model at a time. RegMean merges each Linear weight from
 the stream of fine-tuned weights and the tasks' Gram matrices, which the caller gathered on
-data (``grams``), on the Grams' device. ``TaskVectors`` is the one reader of the pool's
+data (``grams``), on the Grams' device; Fisher merging each parameter from the fine-tuned
+tensors and the tasks' diagonal Fishers (``fishers``), on theirs. ``TaskVectors`` is the one reader of the pool's
 tensors and task vectors, for the merges here and for AdaMerging's stacked task vectors. A method
 of one backbone per task (``MergeMethod.per_task``: TALL masks, EMR-Merging) goes through
 ``merge_per_task`` instead, the same way, into a ``PerTaskMerge``: the shared vector and each task's
@@ -168,9 +169,18 @@ class TaskVectors:
 class _Merge:
     """One method's merge of the pool, key by key, over the pool's ``TaskVectors``."""
 
-    def __init__(self, pool: ModelPool, method: MergeMethod, grams: Mapping[str, Sequence[Tensor]]) -> None:
+    def __init__(
+        self,
+        pool: ModelPool,
+        method: MergeMethod,
+        grams: Mapping[str, Sequence[Tensor]],
+        fishers: Mapping[str, Sequence[Tensor]] | None = None,
+    ) -> None:
         self.method = method
         self.grams = grams
+        self.fishers = fishers or {}
+        # One weight per task from every key's Fisher (its norm over the whole backbone), once.
+        self.fisher_coefficients = method.fisher_coefficients(self.fishers) if self.fishers else []
         self.inputs = TaskVectors(pool, check=not method.propagates_non_finite, transform=method.transform)
         self.pretrained = self.inputs.pretrained
 
@@ -186,6 +196,10 @@ class _Merge:
         dtype = self.pretrained.dtype(key)
         if key in self.grams:
             result = self._merge_linear(key)
+            self._check_result(key, result)
+            return result.to(dtype)
+        if key in self.fishers:
+            result = self.method.merge_fisher(self.inputs.of(key, None), self.fishers[key], self.fisher_coefficients).cpu()
             self._check_result(key, result)
             return result.to(dtype)
         if not self.method.elementwise:
@@ -245,7 +259,12 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def merge_backbone(
-    pool: ModelPool, method: MergeMethod, progress: bool = True, grams: Mapping[str, Sequence[Tensor]] | None = None
+    pool: ModelPool,
+    method: MergeMethod,
+    progress: bool = True,
+    grams: Mapping[str, Sequence[Tensor]] | None = None,
+    fishers: Mapping[str, Sequence[Tensor]] | None = None,
+    images: Any = None,
 ) -> dict[str, Tensor]:
     """The merged backbone tensors of ``pool`` under ``method`` (every key behind the family's
     backbone prefix: ``ModelPool.backbone_keys``), in the pretrained dtype; the
@@ -254,7 +273,12 @@ def merge_backbone(
     A method with ``needs_grams`` (RegMean) also takes ``grams``: per Linear weight key, the
     Gram matrix of that layer's inputs in each fine-tuned model, in the order of
     ``pool.task_names``; those keys go through ``method.merge_linear``, the others through
-    ``method.merge``.
+    ``method.merge``. A method with ``needs_fisher`` (Fisher merging) takes ``fishers`` instead:
+    per parameter key, each fine-tuned model's diagonal Fisher (pool order); those keys go through
+    ``method.merge_fisher``, with the per-task weights ``method.fisher_coefficients`` gives once. A
+    method with ``needs_images`` (RegMean++) takes ``images`` (``merging.regmean_plusplus.ImageBatches``:
+    each task's preprocessed train images) and merges the pool itself, block after block
+    (``method.merge_with_images``).
 
     ``progress`` shows the progress bar and the line of ``MergeMethod.plain_merge_note`` where the
     family has none of the tensors the method treats specially (on the first process only).
@@ -273,7 +297,16 @@ def merge_backbone(
     pool.check_backbones()
     keys = pool.merge_keys
     _check_grams(method, grams, keys, len(pool.task_names))
-    run = _Merge(pool, method, grams or {})
+    _check_fishers(method, fishers, keys, len(pool.task_names))
+    if method.needs_images != (images is not None):
+        raise MergeError(
+            f"{method.describe()} runs the models on each task's unlabelled train images: set data.gram_images"
+            if method.needs_images
+            else f"{method.describe()} merges without images: none should be given"
+        )
+    if method.needs_images:
+        return method.merge_with_images(pool, images, progress)
+    run = _Merge(pool, method, grams or {}, fishers)
     method.prepare(pool.task_names, keys)
     if progress:
         _say_what_is_special(pool, method, keys, grams)
@@ -379,6 +412,22 @@ def _check_grams(method: MergeMethod, grams: Mapping[str, Sequence[Tensor]] | No
     short = [key for key, per_task in (grams or {}).items() if len(per_task) != num_tasks]
     if short:
         raise MergeError(f"'{short[0]}' has {len(grams[short[0]])} Gram matrices for {num_tasks} fine-tuned models")
+
+
+def _check_fishers(method: MergeMethod, fishers: Mapping[str, Sequence[Tensor]] | None, keys: list[str], num_tasks: int) -> None:
+    if method.needs_fisher and fishers is None:
+        raise MergeError(
+            f"{method.describe()} needs the diagonal Fisher of every fine-tuned model, gathered on each task's "
+            "unlabelled train images: set data.gram_images"
+        )
+    if fishers is not None and not method.needs_fisher:
+        raise MergeError(f"{method.describe()} merges without Fishers: none should be given")
+    unknown = sorted(set(fishers or {}) - set(keys))
+    if unknown:
+        raise MergeError(f"Fishers for keys the backbone lacks: {', '.join(unknown[:3])}")
+    short = [key for key, per_task in (fishers or {}).items() if len(per_task) != num_tasks]
+    if short:
+        raise MergeError(f"'{short[0]}' has {len(fishers[short[0]])} Fishers for {num_tasks} fine-tuned models")
 
 
 @contextmanager

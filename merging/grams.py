@@ -52,6 +52,9 @@ class GramAccumulator(nn.Module):
         self.sums: list[Tensor | None] = [None] * len(self.keys)
         self.rows = [0] * len(self.keys)
         self.images = 0
+        # The hooks record during this module's own forward only: a backbone it shares with
+        # another pass (Fisher merging's gradients, in a comparison with both) adds nothing then.
+        self._recording = False
         for index, layer in enumerate(layers.values()):
             layer.register_forward_pre_hook(partial(self._record, index))
 
@@ -60,6 +63,8 @@ class GramAccumulator(nn.Module):
         return torch.promote_types(next(self.backbone.parameters()).dtype, torch.float32)
 
     def _record(self, index: int, module: nn.Module, args: tuple[Tensor, ...]) -> None:
+        if not self._recording:
+            return
         inputs = args[0].detach()
         rows = inputs.reshape(-1, inputs.shape[-1]).to(self.dtype())
         if self.sums[index] is None:
@@ -69,7 +74,11 @@ class GramAccumulator(nn.Module):
 
     def forward(self, images: Tensor) -> None:
         self.images += images.shape[0]
-        self.backbone(pixel_values=images)
+        self._recording = True
+        try:
+            self.backbone(pixel_values=images)
+        finally:
+            self._recording = False
 
     def reduced_sums(self, device: torch.device) -> tuple[list[Tensor], list[int], int]:
         """``(sums, rows, images)`` over every process (zeros where this one saw no image)."""

@@ -186,6 +186,12 @@ class MergeMethod(ABC):
     #: masks, EMR-Merging: ``merging.per_task.PerTaskMethod``), which the task id picks at inference:
     #: ``merging.engine.merge_per_task`` merges the pool with it, ``merge_backbone`` refuses it.
     per_task: ClassVar[bool] = False
+    #: True where the parameters are merged by ``merge_fisher`` from each task's diagonal Fisher
+    #: (Fisher merging): ``merge_backbone`` then needs ``fishers``, gathered on data.
+    needs_fisher: ClassVar[bool] = False
+    #: True where the merge runs the models on each task's unlabelled train images itself, block after
+    #: block (RegMean++): ``merge_backbone`` then needs ``images`` and hands the pool to ``merge_with_images``.
+    needs_images: ClassVar[bool] = False
 
     def prepare(self, tasks: Sequence[str], keys: Sequence[str]) -> None:
         """Called once before merging with the fine-tuned tasks (in stream order) and the
@@ -207,6 +213,27 @@ class MergeMethod(ABC):
         """The merged weight of one Linear layer from each task's weight and input Gram matrix
         (methods with ``needs_grams``)."""
         raise NotImplementedError
+
+    def fisher_coefficients(self, fishers: Mapping[str, Sequence[Tensor]]) -> list[float]:
+        """One weight per task from every key's Fishers, computed once before merging (methods
+        with ``needs_fisher``)."""
+        raise NotImplementedError
+
+    def merge_fisher(self, tensors: Iterable[Tensor], fishers: Sequence[Tensor], coefficients: Sequence[float]) -> Tensor:
+        """The merged tensor of one parameter from each task's tensor, its diagonal Fisher and the
+        per-task ``coefficients`` (methods with ``needs_fisher``)."""
+        raise NotImplementedError
+
+    def merge_with_images(self, pool: Any, images: Any, progress: bool) -> dict[str, Tensor]:
+        """The merged backbone of ``pool`` (a ``ModelPool``) from each task's preprocessed images
+        (``merging.regmean_plusplus.ImageBatches``), for methods with ``needs_images``."""
+        raise NotImplementedError
+
+    @property
+    def needs_data(self) -> bool:
+        """True where the merge reads each task's unlabelled train images (``data.gram_images``):
+        statistics gathered on them (Gram matrices, Fishers) or the images themselves."""
+        return self.needs_grams or self.needs_fisher or self.needs_images
 
     def special_keys(
         self, shapes: Mapping[str, tuple[int, ...]], grams: Mapping[str, Sequence[Tensor]] | None
