@@ -23,6 +23,7 @@ from merging.methods import (
     register_method,
 )
 from merging.model_stock import ModelStock
+from merging.pcb import PCBMerging
 from merging.pool import ModelPool
 from merging.regmean import RegMean
 from merging.spectral import IsotropicCommon, IsotropicCommonTask, TaskSingularVectors
@@ -44,6 +45,7 @@ __all__ = [
     "MergeMethod",
     "ModelPool",
     "ModelStock",
+    "PCBMerging",
     "RegMean",
     "SimpleAverage",
     "SwitchModule",

@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from functools import partial
+from typing import Any
 
 import torch
 from rich.progress import track
@@ -175,7 +176,15 @@ class _Merge:
             yield self.inputs.task_vector(index, key, sliced=self.method.elementwise)
         read_through.add(index)
 
-    def merge(self, key: str, statistics: list[float]) -> Tensor:
+    def sweep(self, keys: list[str], progress: bool, description: str) -> Iterator[tuple[str, list[Tensor]]]:
+        """One pass over the pool for ``MergeMethod.pool_statistics``: each key with its task
+        vectors (whole, float32). Once a pass has read every key, every input was checked, and
+        later reads (the other passes, the merge) skip the checks."""
+        for key in track(keys, description=description, transient=True, disable=not progress):
+            yield key, list(self.inputs.of(key, self.inputs.pretrained_tensor(key)))
+        self.inputs.check = False
+
+    def merge(self, key: str, statistics: Any) -> Tensor:
         """The merged tensor of ``key``, in the pretrained dtype."""
         dtype = self.pretrained.dtype(key)
         if key in self.grams:
@@ -195,7 +204,7 @@ class _Merge:
             flat[start:stop].copy_(result)
         return merged
 
-    def _merge_region(self, key: str, region: Region, statistics: list[float]) -> Tensor:
+    def _merge_region(self, key: str, region: Region, statistics: Any) -> Tensor:
         pretrained = self.inputs.pretrained_tensor(key, region) if self.method.uses_pretrained else None
         return self.method.merge(pretrained, self.inputs.of(key, pretrained, region), statistics)
 
@@ -254,10 +263,12 @@ def merge_backbone(
 
 def _merge_keys(pool: ModelPool, method: MergeMethod, run: _Merge, keys: list[str], progress: bool) -> dict[str, Tensor]:
     """``keys`` merged by ``method`` over ``run``'s inputs."""
-    statistics: list[float] = []
+    statistics: Any = []
     merged: dict[str, Tensor] = {}
     workers = torch.get_num_threads()
     in_order = partial(track, description=f"merging ({method.describe()})", transient=True, disable=not progress)
+    if method.needs_pool_statistics:  # whole tensors, on torch's threads
+        statistics = method.pool_statistics(partial(run.sweep, keys, progress))
     with _one_thread() if method.elementwise else nullcontext():
         if method.needs_task_statistics:
             read_through: set[int] = set()
