@@ -9,7 +9,10 @@ flat slices of ``SLICE`` entries instead, read straight from the files, so that 
 model's slice and the running result stay in the CPU cache: the same values, several times
 faster, and only slices in flight. Such a merge runs torch on one thread and spreads the keys
 over as many Python threads as torch had. TIES's per-task thresholds need a first pass over
-each whole task vector; it runs one model at a time. RegMean merges each Linear weight from
+each whole task vector; it runs one model at a time. PCB's weights mix the tasks and are
+normalised over every entry of the backbone: its statistics take passes over the whole pool
+(``MergeMethod.pool_statistics``, each key's task vectors at a time, on torch's threads) before
+the merge. RegMean merges each Linear weight from
 the stream of fine-tuned weights and the tasks' Gram matrices, which the caller gathered on
 data (``grams``), on the Grams' device. ``TaskVectors`` is the one reader of the pool's
 tensors and task vectors, for the merges here and for AdaMerging's stacked task vectors.
