@@ -2,7 +2,7 @@
 
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.merge_speed [--repeats 5] [--cache /tmp/convnext-fusion-bench] [--models 8|20]
         [--flows simple_average,task_arithmetic,ties,dare_task_arithmetic,dare_ties,model_stock,mag_max,stream;
-         also tsv_m,iso_c,iso_cts,wudi,cart]
+         also tsv_m,iso_c,iso_cts,wudi,cart,pcb,pcb_authors]
         [--fusionbench-python /tmp/fbvenv/bin/python] [--baseline DIR]
 
 The first run writes ``--models`` + 1 Hugging Face checkpoint directories (``config.json`` +
@@ -27,7 +27,9 @@ Every measurement runs in a fresh subprocess, so peaks do not mix, and reports
 Flows: ``simple_average``, ``task_arithmetic`` (lambda 0.3), ``ties`` (top_k 0.2, lambda 0.3),
 ``dare_task_arithmetic`` (drop_rate 0.9, rescale, seed 0, lambda 0.3) and ``dare_ties`` (the same
 DARE, then TIES with top_k 0.2, lambda 0.3), the data-free ``model_stock``, ``mag_max`` (lambda 0.5),
-``cart`` (rank ratio 0.12, lambda 2.0) and ``wudi`` (300 Adam steps) through the project's code (``METHODS``), and
+``cart`` (rank ratio 0.12, lambda 2.0), ``wudi`` (300 Adam steps), ``pcb`` (PCB-Merging, the paper's formula, ratio 0.1,
+lambda 1.2: four passes over the pool before the merge) and ``pcb_authors`` (the same with the authors'
+formula) through the project's code (``METHODS``), and
 ``stream``, a plain baseline: ``safetensors.safe_open`` one file at a time, a running fp32 sum of
 the backbone, divided by 8 (no checks, no heads, no save). ``--baseline DIR`` measures the
 project flows again with the ``merging`` package under ``DIR`` (another version of it, e.g. the
@@ -99,10 +101,12 @@ METHODS = {
     "mag_max": ("MagMax", {"scaling_factor": 0.5}),
     "wudi": ("WUDIMerging", {"iter_num": 300}),
     "cart": ("CART", {"rank_ratio": 0.12, "scaling_factor": 2.0}),
+    "pcb": ("PCBMerging", {"pcb_ratio": 0.1, "scaling_factor": 1.2}),
+    "pcb_authors": ("PCBMerging", {"pcb_ratio": 0.1, "scaling_factor": 1.2, "formula": "authors"}),
 }
 PROJECT_FLOWS = tuple(METHODS)
-#: Minutes each (an SVD per 2-D weight and task; WUDI's Adam steps), so not run unless named in --flows.
-SLOW_FLOWS = ("tsv_m", "iso_c", "iso_cts", "wudi", "cart")
+#: Minutes each (an SVD per 2-D weight and task; WUDI's Adam steps; PCB's passes), so not run unless named in --flows.
+SLOW_FLOWS = ("tsv_m", "iso_c", "iso_cts", "wudi", "cart", "pcb", "pcb_authors")
 FUSIONBENCH_METHODS = ("simple_average", "ties", "dare_task_arithmetic", "dare_ties", "tsv_m", "iso_c", "iso_cts")
 
 
