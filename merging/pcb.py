@@ -77,7 +77,7 @@ from merging.methods import MergeMethod, register_method
 #: ``sweep(description)``: the backbone once, key by key, each key's ``T`` task vectors.
 Sweep = Callable[[str], Iterator[tuple[str, list[Tensor]]]]
 
-#: The most fine-tuned models: ``beta`` stays inside float32's normal range up to ``N = 84``.
+#: The most fine-tuned models: ``beta`` stays inside float32's normal range up to ``N = 83``.
 MAX_TASKS = 80
 #: The authors' ``PCB_merge`` clips each task's magnitudes at these quantiles (min_ratio, max_ratio).
 AUTHORS_CLIP = 0.0001
@@ -253,10 +253,10 @@ def paper_statistics(sweep: Sweep, ratio: float, label: str) -> PaperStatistics:
         if low is None:
             low = torch.full((count * (count + 1) // 2,), math.inf, dtype=torch.float64)
             high = torch.full_like(low, -math.inf)
-            shape = PaperStatistics(count, low, low)
+            pairs = PaperStatistics(count, low, low)  # their layout, before their statistics
         for begin, end in _blocks(stacked, count):
-            for task, products in shape.products(stacked[:, begin:end].to(torch.float64)):
-                rows = slice(shape.start(task), shape.start(task) + count - task)
+            for task, products in pairs.products(stacked[:, begin:end].to(torch.float64)):
+                rows = slice(pairs.start(task), pairs.start(task) + count - task)
                 smallest, largest = torch.aminmax(products, dim=1)
                 torch.minimum(low[rows], smallest, out=low[rows])
                 torch.maximum(high[rows], largest, out=high[rows])
@@ -419,7 +419,7 @@ class PCBMerging(MergeMethod):
         self.scaling_factor = scaling_factor
         self.formula = formula
 
-    def hyperparameters(self) -> dict[str, float | int | bool]:
+    def hyperparameters(self) -> dict[str, float | int | bool | str]:
         return {"pcb_ratio": self.pcb_ratio, "scaling_factor": self.scaling_factor, "formula": self.formula}
 
     def prepare(self, tasks: Sequence[str], keys: Sequence[str]) -> None:
@@ -432,6 +432,8 @@ class PCBMerging(MergeMethod):
         statistics = paper_statistics if self.formula == "paper" else authors_statistics
         return statistics(sweep, self.pcb_ratio, self.describe())
 
-    def merge(self, pretrained: Tensor | None, tensors: Iterable[Tensor], statistics) -> Tensor:
+    def merge(
+        self, pretrained: Tensor | None, tensors: Iterable[Tensor], statistics: PaperStatistics | AuthorsStatistics
+    ) -> Tensor:
         merge = paper_merge if self.formula == "paper" else authors_merge
         return merge(pretrained, tensors, statistics, self.scaling_factor)
