@@ -83,8 +83,8 @@ MAX_TASKS = 80
 AUTHORS_CLIP = 0.0001
 #: The authors' floor on the sum of the scales (``torch.clamp(..., min=1e-12)``).
 AUTHORS_FLOOR = 1e-12
-#: float64 entries per block of pair products (16 MiB), whatever ``T``.
-BLOCK = 1 << 21
+#: float64 entries per block of the work (1 MiB: it stays in the CPU cache), whatever ``T``.
+BLOCK = 1 << 17
 FORMULAS = ("paper", "authors")
 
 
@@ -95,8 +95,12 @@ def ordered_keys(values: Tensor) -> Tensor:
     """The float32 values as int32 keys that sort as the floats do (negative ones below
     positive ones, ``-0.0`` just below ``+0.0``, NaN above +Inf): the bits, with every bit
     but the sign flipped where the sign is set."""
-    bits = values.detach().reshape(-1).to(torch.float32).contiguous().view(torch.int32)
+    bits = _bits(values)
     return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+def _bits(values: Tensor) -> Tensor:
+    return values.detach().reshape(-1).to(torch.float32).contiguous().view(torch.int32)
 
 
 def _float_of_key(key: int) -> float:
@@ -114,71 +118,80 @@ class OrderStatistics:
     each vector), ``refine`` every part again (second pass: a count per value of the low 16 bits,
     of the entries in the bucket holding each rank), then ``values``: per vector
     ``sorted(vector)[rank]``, what ``torch.kthvalue(torch.cat(parts), rank + 1)`` gives, ties and
-    all. Memory: ``65536`` counters per vector and per rank."""
+    all. Memory: ``65536`` counters per vector and per rank; a part is read in chunks of
+    ``CHUNK`` entries, which stay in the CPU cache."""
+
+    CHUNK = 1 << 18
 
     def __init__(self, count: int) -> None:
         self.count = count
-        self.coarse = torch.zeros(count * _HALF, dtype=torch.int64)
+        self.coarse = torch.zeros(count, _HALF, dtype=torch.int64)
         self.size = 0
-        self.offsets = torch.arange(count, dtype=torch.int32)[:, None] * _HALF
-        self.buckets: Tensor | None = None  # [ranks, count]: the bucket holding each rank
-        self.inside: Tensor | None = None  # [ranks, count]: its rank inside the bucket
-        self.fine: Tensor | None = None  # [ranks, count * 65536]
+        self.targets: list[list[tuple[int, int]]] | None = None  # per vector: (bucket, rank inside it)
+        self.fine: Tensor | None = None  # [count, ranks, 65536]
 
-    def _coarse(self, values: Tensor) -> tuple[Tensor, Tensor]:
-        keys = ordered_keys(values).view(values.shape[0], -1)
-        return keys, (keys >> 16) + (self.offsets + _HALF // 2)
+    def _chunks(self, values: Sequence[Tensor], magnitudes: bool) -> Iterator[tuple[int, Tensor]]:
+        """Per vector and chunk: the int32 keys (of the magnitudes: the bits without the sign)."""
+        for index in range(self.count):
+            row = values[index].reshape(-1)
+            for start in range(0, row.numel(), self.CHUNK):
+                part = row[start : start + self.CHUNK]
+                yield index, (_bits(part) & 0x7FFFFFFF) if magnitudes else ordered_keys(part)
 
-    def add(self, values: Tensor) -> None:
-        _, coarse = self._coarse(values)
-        self.coarse += torch.bincount(coarse.reshape(-1), minlength=self.count * _HALF)
-        self.size += values.shape[1]
+    def add(self, values: Sequence[Tensor], magnitudes: bool = False) -> None:
+        """A part of each vector: ``values[i]`` of vector ``i`` (of its magnitudes with ``magnitudes``)."""
+        for index, keys in self._chunks(values, magnitudes):
+            self.coarse[index] += torch.bincount((keys >> 16) + _HALF // 2, minlength=_HALF)
+        self.size += values[0].numel()
 
     def choose(self, ranks: Sequence[int]) -> None:
         """The 0-based ranks wanted, the same for every vector."""
         if not all(0 <= rank < self.size for rank in ranks):
             raise ValueError(f"ranks {list(ranks)} of vectors of {self.size} entries")
-        below = self.coarse.view(self.count, _HALF).cumsum(1)
-        wanted = torch.tensor(ranks, dtype=torch.int64)[:, None].expand(-1, self.count)
-        # the first bucket up to which rank + 1 values lie
-        self.buckets = torch.searchsorted(below, (wanted + 1).T.contiguous(), side="left").T.contiguous()
-        before = torch.where(self.buckets > 0, below.gather(1, (self.buckets.T - 1).clamp(min=0)).T, 0)
-        self.inside = wanted - before
-        self.fine = torch.zeros(len(ranks), self.count * _HALF, dtype=torch.int64)
+        self.targets = []
+        for counts in self.coarse:
+            below = counts.cumsum(0)
+            buckets = [int(torch.searchsorted(below, rank + 1, side="left")) for rank in ranks]  # holds rank + 1 values
+            self.targets.append(
+                [(bucket, rank - (int(below[bucket - 1]) if bucket else 0)) for bucket, rank in zip(buckets, ranks)]
+            )
+        self.fine = torch.zeros(self.count, len(ranks), _HALF, dtype=torch.int64)
 
-    def refine(self, values: Tensor) -> None:
-        keys, coarse = self._coarse(values)
-        fine = (keys & 0xFFFF) + self.offsets
-        for slot, buckets in enumerate(self.buckets):
-            chosen = coarse == buckets.to(torch.int32)[:, None] + self.offsets
-            self.fine[slot] += torch.bincount(fine[chosen], minlength=self.count * _HALF)
+    def refine(self, values: Sequence[Tensor], magnitudes: bool = False) -> None:
+        for index, keys in self._chunks(values, magnitudes):
+            coarse = (keys >> 16) + _HALF // 2
+            for slot, (bucket, _) in enumerate(self.targets[index]):
+                self.fine[index, slot] += torch.bincount(keys[coarse == bucket] & 0xFFFF, minlength=_HALF)
 
     def values(self) -> list[list[float]]:
         """``[vector][rank]``."""
-        if self.fine is None:
+        if self.targets is None:
             raise RuntimeError("choose the ranks first")
-        found = [[0.0] * len(self.buckets) for _ in range(self.count)]
-        for slot, (buckets, inside) in enumerate(zip(self.buckets, self.inside)):
-            below = self.fine[slot].view(self.count, _HALF).cumsum(1)
-            low = torch.searchsorted(below, (inside + 1)[:, None], side="left").squeeze(1)
-            for vector in range(self.count):
-                found[vector][slot] = _float_of_key(((int(buckets[vector]) - _HALF // 2) << 16) | int(low[vector]))
+        found = []
+        for index, targets in enumerate(self.targets):
+            row = []
+            for slot, (bucket, rank) in enumerate(targets):
+                low = int(torch.searchsorted(self.fine[index, slot].cumsum(0), rank + 1, side="left"))
+                row.append(_float_of_key(((bucket - _HALF // 2) << 16) | low))
+            found.append(row)
         return found
 
 
 # ----------------------------------------------------------------------------- the PCB matrix
 
 
-def _flat(vectors: Iterable[Tensor]) -> Tensor:
-    """``[T, n]`` float32 (a copy: the stream may reuse one buffer)."""
-    return torch.stack([vector.detach().reshape(-1).to(torch.float32) for vector in vectors])
+def _rows(vectors: Iterable[Tensor]) -> list[Tensor]:
+    """The task vectors of one key as flat float32 rows (views where they are float32 already)."""
+    return [vector.detach().reshape(-1).to(torch.float32) for vector in vectors]
 
 
-def _blocks(stacked: Tensor, rows: int) -> Iterator[tuple[int, int]]:
-    """Column ranges of ``stacked`` whose ``rows`` float64 rows fit in ``BLOCK`` entries."""
-    step = max(1, BLOCK // rows)
-    for start in range(0, stacked.shape[1], step):
-        yield start, min(start + step, stacked.shape[1])
+def _blocks(rows: Sequence[Tensor]) -> Iterator[tuple[int, int, Tensor]]:
+    """``(begin, end, block)``: the rows' columns ``begin:end`` as one ``[T, n]`` float64 block of
+    at most ``BLOCK`` entries."""
+    step = max(1, BLOCK // len(rows))
+    for begin in range(0, rows[0].numel(), step):
+        end = min(begin + step, rows[0].numel())
+        yield begin, end, torch.stack([row[begin:end] for row in rows]).to(torch.float64)
 
 
 @dataclass(frozen=True)
@@ -224,19 +237,18 @@ class PaperStatistics:
             intra_shift = intra_shift - self.intra_means.log()
         return scale, shift, intra_scale, intra_shift
 
-    def balance(self, stacked: Tensor) -> Tensor:
-        """``D^2 beta`` of ``[T, n]`` task vectors, rounded to float32."""
+    def balance(self, rows: Sequence[Tensor]) -> Tensor:
+        """``D^2 beta`` (``[T, n]``, rounded to float32) of the task vectors of some entries."""
         count = self.num_tasks
         scale, shift, intra_scale, intra_shift = self.coefficients()
-        beta = torch.empty(stacked.shape, dtype=torch.float32)
-        for begin, end in _blocks(stacked, count):
-            block = stacked[:, begin:end].to(torch.float64)
+        beta = torch.empty(count, rows[0].numel(), dtype=torch.float32)
+        for begin, end, block in _blocks(rows):
             inter = torch.zeros_like(block)
             intra = torch.empty_like(block)
             for task, products in self.products(block):
-                rows = slice(self.start(task), self.start(task) + count - task)
+                pairs = slice(self.start(task), self.start(task) + count - task)
                 intra[task] = torch.exp(torch.addcmul(intra_shift[task], products[0], intra_scale[task]))
-                shares = torch.addcmul(shift[rows, None], products, scale[rows, None]).exp_()
+                shares = torch.addcmul(shift[pairs, None], products, scale[pairs, None]).exp_()
                 inter[task] += shares.sum(0)
                 inter[task + 1 :] += shares[1:]  # the pair (i, j) is the pair (j, i)
             beta[:, begin:end] = intra.mul_(inter)
@@ -248,37 +260,36 @@ def paper_statistics(sweep: Sweep, ratio: float, label: str) -> PaperStatistics:
     low = high = None
     numel = 0
     for _, vectors in sweep(f"{label}: pass 1 of 4 (ranges of the products)"):
-        stacked = _flat(vectors)
-        count = stacked.shape[0]
+        rows = _rows(vectors)
+        count = len(rows)
         if low is None:
             low = torch.full((count * (count + 1) // 2,), math.inf, dtype=torch.float64)
             high = torch.full_like(low, -math.inf)
             pairs = PaperStatistics(count, low, low)  # their layout, before their statistics
-        for begin, end in _blocks(stacked, count):
-            for task, products in pairs.products(stacked[:, begin:end].to(torch.float64)):
-                rows = slice(pairs.start(task), pairs.start(task) + count - task)
+        for _, _, block in _blocks(rows):
+            for task, products in pairs.products(block):
+                pair_rows = slice(pairs.start(task), pairs.start(task) + count - task)
                 smallest, largest = torch.aminmax(products, dim=1)
-                torch.minimum(low[rows], smallest, out=low[rows])
-                torch.maximum(high[rows], largest, out=high[rows])
-        numel += stacked.shape[1]
+                torch.minimum(low[pair_rows], smallest, out=low[pair_rows])
+                torch.maximum(high[pair_rows], largest, out=high[pair_rows])
+        numel += rows[0].numel()
     statistics = PaperStatistics(count, low, torch.where(high > low, high - low, 1.0))
     scale, shift, intra_scale, intra_shift = statistics.coefficients()
     pair_sums = torch.zeros_like(low)
     intra_sums = torch.zeros(count, dtype=torch.float64)
     for _, vectors in sweep(f"{label}: pass 2 of 4 (softmax sums)"):
-        stacked = _flat(vectors)
-        for begin, end in _blocks(stacked, count):
-            for task, products in statistics.products(stacked[:, begin:end].to(torch.float64)):
-                rows = slice(statistics.start(task), statistics.start(task) + count - task)
-                pair_sums[rows] += torch.addcmul(shift[rows, None], products, scale[rows, None]).exp_().sum(1)
+        for _, _, block in _blocks(_rows(vectors)):
+            for task, products in statistics.products(block):
+                pair_rows = slice(statistics.start(task), statistics.start(task) + count - task)
+                pair_sums[pair_rows] += torch.addcmul(shift[pair_rows, None], products, scale[pair_rows, None]).exp_().sum(1)
                 intra_sums[task] += torch.addcmul(intra_shift[task], products[0], intra_scale[task]).exp_().sum()
     statistics = replace(statistics, pair_means=pair_sums / numel, intra_means=intra_sums / numel)
     select = OrderStatistics(count)
     for _, vectors in sweep(f"{label}: pass 3 of 4 (threshold)"):
-        select.add(statistics.balance(_flat(vectors)))
+        select.add(statistics.balance(_rows(vectors)))
     select.choose([drop_rank(numel, ratio)])
     for _, vectors in sweep(f"{label}: pass 4 of 4 (threshold)"):
-        select.refine(statistics.balance(_flat(vectors)))
+        select.refine(statistics.balance(_rows(vectors)))
     thresholds = torch.tensor([found[0] for found in select.values()], dtype=torch.float32)
     return replace(statistics, thresholds=thresholds)
 
@@ -286,7 +297,7 @@ def paper_statistics(sweep: Sweep, ratio: float, label: str) -> PaperStatistics:
 def paper_merge(pretrained: Tensor, task_vectors: Iterable[Tensor], statistics: PaperStatistics, scaling_factor: float) -> Tensor:
     """``theta_0 + lambda sum_i m_i beta_i delta_i / sum_i m_i beta_i`` for some entries of the
     backbone (any part of it: every entry on its own, given the statistics)."""
-    stacked = _flat(task_vectors)
+    stacked = torch.stack(_rows(task_vectors))  # a copy: the stream may reuse one buffer
     beta = statistics.balance(stacked)
     kept = torch.where(beta >= statistics.thresholds[:, None], beta, 0).to(torch.float64)
     return _weighted_mean(pretrained, stacked.to(torch.float64), kept, scaling_factor, floor=None)
@@ -325,19 +336,20 @@ class AuthorsStatistics:
     largest: Tensor | None = None
     thresholds: Tensor | None = None
 
-    def clipped(self, stacked: Tensor) -> Tensor:
-        """``clamp(|delta_i|, low_i, high_i)`` in float64."""
-        magnitudes = stacked.abs().to(torch.float64)
-        return torch.minimum(torch.maximum(magnitudes, self.low[:, None]), self.high[:, None])
+    def clipped(self, block: Tensor) -> Tensor:
+        """``clamp(|delta_i|, low_i, high_i)`` of a ``[T, n]`` float64 block."""
+        return torch.minimum(torch.maximum(block.abs(), self.low[:, None]), self.high[:, None])
 
-    def balance(self, stacked: Tensor) -> Tensor:
-        """``exp(N Norm(clipped)^2) tanh(delta_i sum_j delta_j)``, rounded to float32."""
-        clipped = self.clipped(stacked)
+    def balance(self, rows: Sequence[Tensor]) -> Tensor:
+        """``exp(N Norm(clipped)^2) tanh(delta_i sum_j delta_j)`` (``[T, n]``, rounded to float32)."""
+        count = len(rows)
         span = self.high - self.low
-        normalised = (clipped - self.low[:, None]) / torch.where(span > 0, span, 1.0)[:, None]
-        vectors = stacked.to(torch.float64)
-        beta = torch.exp(stacked.shape[0] * normalised.square()) * torch.tanh(vectors * vectors.sum(0))
-        return beta.to(torch.float32)
+        span = torch.where(span > 0, span, 1.0)[:, None]
+        beta = torch.empty(count, rows[0].numel(), dtype=torch.float32)
+        for begin, end, block in _blocks(rows):
+            normalised = (self.clipped(block) - self.low[:, None]) / span
+            beta[:, begin:end] = torch.exp(count * normalised.square_()) * torch.tanh(block * block.sum(0))
+        return beta
 
 
 def authors_statistics(sweep: Sweep, ratio: float, label: str) -> AuthorsStatistics:
@@ -345,25 +357,25 @@ def authors_statistics(sweep: Sweep, ratio: float, label: str) -> AuthorsStatist
     select = None
     numel = 0
     for _, vectors in sweep(f"{label}: pass 1 of 4 (clipping quantiles)"):
-        stacked = _flat(vectors)
-        select = select or OrderStatistics(stacked.shape[0])
-        select.add(stacked.abs())
-        numel += stacked.shape[1]
+        rows = _rows(vectors)
+        select = select or OrderStatistics(len(rows))
+        select.add(rows, magnitudes=True)
+        numel += rows[0].numel()
     count = select.count
     select.choose([int(numel * AUTHORS_CLIP), max(0, int(numel * (1 - AUTHORS_CLIP) - 1))])
     for _, vectors in sweep(f"{label}: pass 2 of 4 (clipping quantiles)"):
-        select.refine(_flat(vectors).abs())
+        select.refine(_rows(vectors), magnitudes=True)
     bounds = torch.tensor(select.values(), dtype=torch.float64)
     statistics = AuthorsStatistics(bounds[:, 0], bounds[:, 1])
     select = OrderStatistics(count)
     largest = torch.full((count,), -math.inf)
     for _, vectors in sweep(f"{label}: pass 3 of 4 (threshold)"):
-        beta = statistics.balance(_flat(vectors))
+        beta = statistics.balance(_rows(vectors))
         torch.maximum(largest, beta.amax(1), out=largest)
         select.add(beta)
     select.choose([drop_rank(numel, ratio)])
     for _, vectors in sweep(f"{label}: pass 4 of 4 (threshold)"):
-        select.refine(statistics.balance(_flat(vectors)))
+        select.refine(statistics.balance(_rows(vectors)))
     thresholds = torch.tensor([found[0] for found in select.values()], dtype=torch.float32)
     return replace(statistics, largest=largest, thresholds=thresholds)
 
@@ -373,12 +385,13 @@ def authors_merge(
 ) -> Tensor:
     """``theta_0 + lambda sum_i s_i clip(delta_i) / max(sum_i s_i, 1e-12)``, ``s_i`` the task's
     scores above its threshold, min-max normalised (``(max(beta_i, thr_i) - thr_i) / (max_i - thr_i)``)."""
-    stacked = _flat(task_vectors)
+    stacked = torch.stack(_rows(task_vectors))  # a copy: the stream may reuse one buffer
     beta = statistics.balance(stacked).to(torch.float64)
     thresholds = statistics.thresholds.to(torch.float64)[:, None]
     span = statistics.largest.to(torch.float64)[:, None] - thresholds
     scale = (torch.maximum(beta, thresholds) - thresholds) / torch.where(span > 0, span, 1.0)
-    clipped = torch.sign(stacked).to(torch.float64) * statistics.clipped(stacked)
+    vectors = stacked.to(torch.float64)
+    clipped = torch.sign(vectors) * statistics.clipped(vectors)
     return _weighted_mean(pretrained, clipped, scale, scaling_factor, floor=AUTHORS_FLOOR)
 
 
