@@ -129,16 +129,17 @@ def test_order_statistics_are_kthvalue_of_the_concatenated_vectors():
     cuts = [0, 1, 700, 701, 2500, size]  # parts of 1 entry and more
     stacked = torch.stack(vectors)
     ranks = [0, 1, 2999, 3000, 3005, 3030, size // 2, size - 2, size - 1]
-    select = OrderStatistics(len(vectors))
-    for begin, end in zip(cuts, cuts[1:]):
-        select.add(stacked[:, begin:end])
-    select.choose(ranks)
-    for begin, end in zip(cuts, cuts[1:]):
-        select.refine(stacked[:, begin:end])
-    found = select.values()
-    for vector, values in zip(vectors, found):
-        expected = [float(vector.kthvalue(rank + 1).values) for rank in ranks]
-        assert values == expected  # equal floats (-0.0 == 0.0), bit patterns aside
+    for magnitudes in (False, True):
+        select = OrderStatistics(len(vectors))
+        select.CHUNK = 1000  # parts read in chunks, across the cuts
+        for begin, end in zip(cuts, cuts[1:]):
+            select.add(stacked[:, begin:end], magnitudes=magnitudes)
+        select.choose(ranks)
+        for begin, end in zip(cuts, cuts[1:]):
+            select.refine(stacked[:, begin:end], magnitudes=magnitudes)
+        for vector, values in zip(vectors, select.values()):
+            vector = vector.abs() if magnitudes else vector
+            assert values == [float(vector.kthvalue(rank + 1).values) for rank in ranks]  # -0.0 == 0.0
     with pytest.raises(ValueError, match="ranks"):
         select.choose([size])
 
