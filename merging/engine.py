@@ -11,7 +11,7 @@ faster, and only slices in flight. Such a merge runs torch on one thread and spr
 over as many Python threads as torch had. TIES's per-task thresholds need a first pass over
 each whole task vector; it runs one model at a time. PCB's weights mix the tasks and are
 normalised over every entry of the backbone: its statistics take passes over the whole pool
-(``MergeMethod.pool_statistics``, each key's task vectors at a time, on torch's threads) before
+(``MergeMethod.pool_statistics``, each key's task vectors at a time, torch on one thread) before
 the merge. RegMean merges each Linear weight from
 the stream of fine-tuned weights and the tasks' Gram matrices, which the caller gathered on
 data (``grams``), on the Grams' device. ``TaskVectors`` is the one reader of the pool's
@@ -270,9 +270,9 @@ def _merge_keys(pool: ModelPool, method: MergeMethod, run: _Merge, keys: list[st
     merged: dict[str, Tensor] = {}
     workers = torch.get_num_threads()
     in_order = partial(track, description=f"merging ({method.describe()})", transient=True, disable=not progress)
-    if method.needs_pool_statistics:  # whole tensors, on torch's threads
-        statistics = method.pool_statistics(partial(run.sweep, keys, progress))
     with _one_thread() if method.elementwise else nullcontext():
+        if method.needs_pool_statistics:  # an elementwise method works in cache-sized blocks: one thread, as its merge
+            statistics = method.pool_statistics(partial(run.sweep, keys, progress))
         if method.needs_task_statistics:
             read_through: set[int] = set()
             for index in range(len(pool.task_names)):
