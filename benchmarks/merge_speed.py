@@ -2,7 +2,7 @@
 
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.merge_speed [--repeats 5] [--cache /tmp/convnext-fusion-bench] [--models 8|20]
         [--flows simple_average,task_arithmetic,ties,dare_task_arithmetic,dare_ties,model_stock,mag_max,
-         consensus_task_arithmetic,tall_masks,emr_merging,stream; also tsv_m,iso_c,iso_cts,wudi,cart]
+         consensus_task_arithmetic,tall_masks,emr_merging,stream; also tsv_m,iso_c,iso_cts,wudi,cart,pcb,pcb_authors]
         [--fusionbench-python /tmp/fbvenv/bin/python] [--baseline DIR]
 
 The first run writes ``--models`` + 1 Hugging Face checkpoint directories (``config.json`` +
@@ -27,7 +27,9 @@ Every measurement runs in a fresh subprocess, so peaks do not mix, and reports
 Flows: ``simple_average``, ``task_arithmetic`` (lambda 0.3), ``ties`` (top_k 0.2, lambda 0.3),
 ``dare_task_arithmetic`` (drop_rate 0.9, rescale, seed 0, lambda 0.3) and ``dare_ties`` (the same
 DARE, then TIES with top_k 0.2, lambda 0.3), the data-free ``model_stock``, ``mag_max`` (lambda 0.5),
-``cart`` (rank ratio 0.12, lambda 2.0), ``wudi`` (300 Adam steps), ``consensus_task_arithmetic`` (lambda 0.4,
+``cart`` (rank ratio 0.12, lambda 2.0), ``wudi`` (300 Adam steps), ``pcb`` (PCB-Merging, the paper's formula, ratio 0.1,
+lambda 1.2: four passes over the pool before the merge), ``pcb_authors`` (the same with the authors'
+formula), ``consensus_task_arithmetic`` (lambda 0.4,
 k 2, alpha 0.5), and the per-task ``tall_masks`` (lambda 0.4) and ``emr_merging``, whose time runs through
 the compact merge (``merge_per_task``) and every task's backbone built once from it (what the
 evaluation and the exports build; nothing is saved), through the project's code (``METHODS``), and
@@ -105,10 +107,12 @@ METHODS = {
     "consensus_task_arithmetic": ("ConsensusTaskArithmetic", {"tall_mask_lambda": 0.4, "k": 2, "scaling_factor": 0.5}),
     "tall_masks": ("TallMasks", {"tall_mask_lambda": 0.4}),
     "emr_merging": ("EMRMerging", {}),
+    "pcb": ("PCBMerging", {"pcb_ratio": 0.1, "scaling_factor": 1.2}),
+    "pcb_authors": ("PCBMerging", {"pcb_ratio": 0.1, "scaling_factor": 1.2, "formula": "authors"}),
 }
 PROJECT_FLOWS = tuple(METHODS)
-#: Minutes each (an SVD per 2-D weight and task; WUDI's Adam steps), so not run unless named in --flows.
-SLOW_FLOWS = ("tsv_m", "iso_c", "iso_cts", "wudi", "cart")
+#: Minutes each (an SVD per 2-D weight and task; WUDI's Adam steps; PCB's passes), so not run unless named in --flows.
+SLOW_FLOWS = ("tsv_m", "iso_c", "iso_cts", "wudi", "cart", "pcb", "pcb_authors")
 FUSIONBENCH_METHODS = ("simple_average", "ties", "dare_task_arithmetic", "dare_ties", "tsv_m", "iso_c", "iso_cts")
 
 

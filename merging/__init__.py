@@ -25,6 +25,7 @@ from merging.methods import (
     register_method,
 )
 from merging.model_stock import ModelStock
+from merging.pcb import PCBMerging
 from merging.per_task import PerTaskMerge, PerTaskMethod
 from merging.pool import ModelPool
 from merging.regmean import RegMean
@@ -50,6 +51,7 @@ __all__ = [
     "MergeMethod",
     "ModelPool",
     "ModelStock",
+    "PCBMerging",
     "RegMean",
     "RegMeanPlusPlus",
     "SimpleAverage",

@@ -9,7 +9,10 @@ flat slices of ``SLICE`` entries instead, read straight from the files, so that 
 model's slice and the running result stay in the CPU cache: the same values, several times
 faster, and only slices in flight. Such a merge runs torch on one thread and spreads the keys
 over as many Python threads as torch had. TIES's per-task thresholds need a first pass over
-each whole task vector; it runs one model at a time. RegMean merges each Linear weight from
+each whole task vector; it runs one model at a time. PCB's weights mix the tasks and are
+normalised over every entry of the backbone: its statistics take passes over the whole pool
+(``MergeMethod.pool_statistics``, each key's task vectors at a time, torch on one thread) before
+the merge. RegMean merges each Linear weight from
 the stream of fine-tuned weights and the tasks' Gram matrices, which the caller gathered on
 data (``grams``), on the Grams' device; Fisher merging each parameter from the fine-tuned
 tensors and the tasks' diagonal Fishers (``fishers``), on theirs. ``TaskVectors`` is the one reader of the pool's
@@ -191,7 +194,15 @@ class _Merge:
             yield self.inputs.task_vector(index, key, sliced=self.method.elementwise)
         read_through.add(index)
 
-    def merge(self, key: str, statistics: list[float]) -> Tensor:
+    def sweep(self, keys: list[str], progress: bool, description: str) -> Iterator[tuple[str, list[Tensor]]]:
+        """One pass over the pool for ``MergeMethod.pool_statistics``: each key with its task
+        vectors (whole, float32). Once a pass has read every key, every input was checked, and
+        later reads (the other passes, the merge) skip the checks."""
+        for key in track(keys, description=description, transient=True, disable=not progress):
+            yield key, list(self.inputs.of(key, self.inputs.pretrained_tensor(key)))
+        self.inputs.check = False
+
+    def merge(self, key: str, statistics: Any) -> Tensor:
         """The merged tensor of ``key``, in the pretrained dtype."""
         dtype = self.pretrained.dtype(key)
         if key in self.grams:
@@ -215,7 +226,7 @@ class _Merge:
             flat[start:stop].copy_(result)
         return merged
 
-    def _merge_region(self, key: str, region: Region, statistics: list[float]) -> Tensor:
+    def _merge_region(self, key: str, region: Region, statistics: Any) -> Tensor:
         pretrained = self.inputs.pretrained_tensor(key, region) if self.method.uses_pretrained else None
         return self.method.merge(pretrained, self.inputs.of(key, pretrained, region), statistics)
 
@@ -318,9 +329,11 @@ def merge_backbone(
 
 def _merge_keys(pool: ModelPool, method: MergeMethod, run: _Merge, keys: list[str], progress: bool) -> dict[str, Tensor]:
     """``keys`` merged by ``method`` over ``run``'s inputs."""
-    statistics: list[float] = []
+    statistics: Any = []
     workers = torch.get_num_threads()
     with _one_thread() if method.elementwise else nullcontext():
+        if method.needs_pool_statistics:  # an elementwise method works in cache-sized blocks: one thread, as its merge
+            statistics = method.pool_statistics(partial(run.sweep, keys, progress))
         if method.needs_task_statistics:
             read_through: set[int] = set()
             for index in range(len(pool.task_names)):

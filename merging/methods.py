@@ -162,7 +162,9 @@ class MergeMethod(ABC):
     ``merging.engine`` calls ``merge`` once per backbone tensor with a stream of fine-tuned
     tensors (``uses_pretrained = False``) or of task vectors already passed through
     ``transform``; methods with ``needs_task_statistics`` first get one ``task_statistic``
-    per task, computed from the whole task vector, one task at a time.
+    per task, computed from the whole task vector, one task at a time; methods with
+    ``needs_pool_statistics`` first compute, in ``pool_statistics``, what they need of the whole
+    pool at once (every task's whole backbone: PCB's normalisations and thresholds).
     """
 
     #: The name in ``METHODS``, reports and tables.
@@ -174,6 +176,10 @@ class MergeMethod(ABC):
     #: engine then checks outputs only (faster).
     propagates_non_finite: ClassVar[bool] = False
     needs_task_statistics: ClassVar[bool] = False
+    #: True where ``merge`` needs statistics over every task's whole backbone at once (an entry's
+    #: weight that mixes the tasks, normalised over all entries): ``pool_statistics`` runs once
+    #: before merging and what it returns is every ``merge`` call's ``statistics``.
+    needs_pool_statistics: ClassVar[bool] = False
     #: True where ``transform`` and ``merge`` compute every entry from the same entry of their
     #: inputs alone (given the task statistics) and may run in several threads at once: the
     #: engine then hands them flat slices of each parameter tensor, which stay in the CPU
@@ -205,9 +211,17 @@ class MergeMethod(ABC):
         """One number per task from its whole task vector (the TIES threshold)."""
         raise NotImplementedError
 
+    def pool_statistics(self, sweep: Callable[[str], Iterator[tuple[str, list[Tensor]]]]) -> Any:
+        """What ``merge`` needs to know of the whole pool (methods with ``needs_pool_statistics``).
+        Each call of ``sweep(description)`` reads the backbone once, key by key in merge order,
+        yielding the key and its ``T`` task vectors (float32, whole tensors, in stream order); call
+        it once per pass the statistics take. Memory holds one key's task vectors at a time."""
+        raise NotImplementedError
+
     @abstractmethod
     def merge(self, pretrained: Tensor | None, tensors: Iterable[Tensor], statistics: Sequence[float]) -> Tensor:
-        """The merged tensor of one parameter."""
+        """The merged tensor of one parameter (``statistics``: the task statistics, or what
+        ``pool_statistics`` returned)."""
 
     def merge_linear(self, weights: Iterable[Tensor], grams: Sequence[Tensor]) -> Tensor:
         """The merged weight of one Linear layer from each task's weight and input Gram matrix
