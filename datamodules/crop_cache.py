@@ -143,9 +143,11 @@ class CropCache:
             )
         header = {"shape": list(crops.shape), "dtype": str(crops.dtype)}
         del crops  # the map is reopened by every process that reads it
-        if stored != dict(key) or header != {"shape": key["shape"], "dtype": key["dtype"]}:
-            found = stored if stored != dict(key) else header
-            differ = sorted(name for name in {*key, *found} if found.get(name) != key.get(name))
+        if stored != dict(key):
+            differ = sorted(name for name in {*key, *stored} if stored.get(name) != key.get(name))
+        else:  # the key's, over an array that is not its
+            differ = [name for name, value in header.items() if value != key[name]]
+        if differ:
             print(f"crop cache: '{entry}' holds other crops ({', '.join(differ)} differ); rebuilding it", flush=True)
             return None
         return entry / CROPS_FILE
