@@ -1,7 +1,7 @@
 """The evaluation with and without the crop cache (``--data.crop_cache``) on CPU, and the disk it takes.
 
     HF_HUB_OFFLINE=1 .venv/bin/python -m benchmarks.crop_cache [--repeats 3] [--workers 0,2]
-        [--batch-size 128] [--mnist-rows 2000] [--dtd-rows 200] [--cache /tmp/convnext-fusion-crops]
+        [--batch-size 128] [--mnist-rows 2000] [--dtd-rows 200] [--threads 1] [--cache /tmp/convnext-fusion-crops]
 
 Data (written once into ``--cache``): the first ``--mnist-rows`` of benchmarks/eval_throughput.py's
 MNIST test set (28x28 PNGs) with the 430 GTSRB PPMs (35 px), and the 40 real DTD JPEGs of
@@ -17,7 +17,12 @@ For each source (``mnist+gtsrb``, ``dtd``) and worker count, ``merge.py test`` r
 process without and with the cache (built once first, its build time and file sizes printed), the
 sides interleaved ``--repeats`` times (every other round in reverse order); printed: images/s of
 the test loop (``eval_throughput.TestLoopTimer``) and of the whole process, best and median, the
-load averages, and the accuracies, which must be the same on both sides. Then the time to hash each
+load averages, and the accuracies, which must be the same on both sides. Then the data path alone
+(``--parts loaders``): images/s of the same evaluation loaders over their second pass, without the
+model, both sides interleaved in this process. ``--threads 1`` is the measurement to make on a
+shared machine: there torch's two intra-op threads in the main process fight the other jobs (128
+crops normalised in 5.1 s with two threads, 0.46 s with one, at a load of 8), as a DataLoader
+worker's single thread does not. Then the time to hash each
 split's stored bytes (the cache's key, once per run) and the disk the cache takes for the eight,
 fourteen and twenty tasks' test splits at 224 px. It measures and prints; it asserts nothing.
 """
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -132,7 +138,9 @@ def build(cache: Path, crops: Path, batch_size: int, workers: int) -> None:
 
 
 def measure(args: argparse.Namespace, crops: Path) -> None:
-    print(f"load averages at the start: {load_average()}", flush=True)
+    print(
+        f"load averages at the start: {load_average()}; OMP_NUM_THREADS {os.environ.get('OMP_NUM_THREADS', 'unset')}", flush=True
+    )
     for source in SOURCES:
         for workers in args.workers:
             runs: dict[str, list[dict]] = {"decoding": [], "crop cache": []}
@@ -160,6 +168,36 @@ def summarize(source: str, workers: int, runs: dict[str, list[dict]]) -> None:
         run["loop_seconds"] for run in runs["crop cache"]
     )
     print(f"  test loop with the cache: {best:.2f}x (best), {median:.2f}x (median)")
+
+
+def loaders(args: argparse.Namespace, crops: Path) -> None:
+    """The data path alone: images/s of ``merge.py``'s evaluation loaders (``MultiTaskDataModule``)
+    with and without the cache, over each loader's second pass, in this process, interleaved."""
+    import torch
+
+    from benchmarks.eval_data_path import rate
+    from datamodules import MultiTaskDataModule
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    paths = data_paths(args.cache, args)
+    processor = str(args.cache / "pool" / "_pretrained_")
+    for source, tasks in SOURCES.items():
+        for workers in args.workers:
+            rates: dict[str, list[float]] = {"decoding": [], "crop cache": []}
+            for repeat in range(args.repeats):
+                for side in list(rates)[:: -1 if repeat % 2 else 1]:
+                    options = {"crop_cache": str(crops)} if side == "crop cache" else {}
+                    data = MultiTaskDataModule(list(tasks), paths={task: str(paths[task]) for task in tasks}, processor=processor,
+                                               batch_size=args.batch_size, num_workers=workers, **options)  # fmt: skip
+                    data.prepare_data()
+                    data.setup("test")
+                    images = sum(len(loader.dataset) for loader in data.test_dataloader())
+                    seconds = sum(len(loader.dataset) / rate(loader) for loader in data.test_dataloader())
+                    rates[side].append(images / seconds)
+            line = ", ".join(f"{side} {max(r):6.0f} / {statistics.median(r):<6.0f}" for side, r in rates.items())
+            print(f"loaders only, {source}, {workers} workers: {line} images/s (best / median); "
+                  f"{max(rates['crop cache']) / max(rates['decoding']):.1f}x (best); load {load_average()}", flush=True)  # fmt: skip
 
 
 def hashing(cache: Path, args: argparse.Namespace) -> None:
@@ -196,8 +234,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--mnist-rows", type=int, default=2000)
     parser.add_argument("--dtd-rows", type=int, default=200)
+    parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS of every measured process (default: torch's, one per core)")
     parser.add_argument("--disk-only", action="store_true", help="print the disk figures only")
+    parser.add_argument("--parts", type=lambda text: text.split(","), default=["merge", "loaders"],
+                        help="merge (merge.py test processes), loaders (the evaluation loaders alone)")  # fmt: skip
     args = parser.parse_args()
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by every measured process
     disk()
     if args.disk_only:
         return
@@ -205,7 +248,10 @@ def main() -> None:
     hashing(args.cache, args)
     crops = args.cache / "crops"
     build(args.cache, crops, args.batch_size, max(args.workers))
-    measure(args, crops)
+    if "merge" in args.parts:
+        measure(args, crops)
+    if "loaders" in args.parts:
+        loaders(args, crops)
 
 
 if __name__ == "__main__":

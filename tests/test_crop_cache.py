@@ -293,10 +293,19 @@ def pool_cache(pool, tmp_path_factory) -> Path:
     return cache
 
 
-def merge_args(pool, out: Path, *extra: str) -> list[str]:
+MERGED = "lightning_modules.merged.MergedClassifier"
+#: The method comparison of two methods and the individual models (``MethodComparison``).
+COMPARISON = [
+    "--model", "lightning_modules.comparison.MethodComparison",
+    "--model.methods", json.dumps([{"class_path": "merging.SimpleAverage"},
+                                   {"class_path": "merging.TaskArithmetic", "init_args": {"scaling_factor": 0.3}}]),
+]  # fmt: skip
+
+
+def merge_args(pool, out: Path, *extra: str, model: list[str] | None = None) -> list[str]:
     return [
         *mf.merge_test_args(out, pool.data, pool.models[mf.PRETRAINED], 16),
-        "--model", "lightning_modules.merged.MergedClassifier",
+        *(model or ["--model", MERGED]),
         "--model.models", json.dumps(pool.models),
         "--model.report_dir", str(out / "report"),
         *extra,
@@ -307,15 +316,16 @@ def report(out: Path) -> dict:
     return json.loads((out / "report" / "report.json").read_text())
 
 
-def test_merge_py_test_reports_the_same_numbers_from_the_cache_without_decoding(pool, pool_cache, tmp_path, monkeypatch, capsys):
-    merge_main(merge_args(pool, tmp_path / "plain"))
+def test_the_comparison_reports_the_same_numbers_from_the_cache_without_decoding(pool, pool_cache, tmp_path, monkeypatch, capsys):
+    merge_main(merge_args(pool, tmp_path / "plain", model=COMPARISON))
     plain = report(tmp_path / "plain")
+    assert list(plain["rows"]) == ["simple_average", "task_arithmetic(scaling_factor=0.3)", "individual"]
     assert plain["precision"] == {"trainer": "32-true", "tf32": False}
     assert "Precision: 32-true (IEEE float32)." in (tmp_path / "plain" / "report" / "report.md").read_text()
     no_decoding(monkeypatch)
     capsys.readouterr()
-    merge_main(merge_args(pool, tmp_path / "cached", "--data.crop_cache", str(pool_cache)))
-    assert report(tmp_path / "cached") == plain  # every float the same
+    merge_main(merge_args(pool, tmp_path / "cached", "--data.crop_cache", str(pool_cache), model=COMPARISON))
+    assert report(tmp_path / "cached") == plain  # every float of every row the same
     out = capsys.readouterr().out
     assert all(
         f"crop cache: reading the {IMAGES} crops of task '{task}', split 'test' from '{pool_cache}/" in out for task in TASKS
