@@ -143,8 +143,9 @@ def write_datasets(cache: Path) -> None:
         DatasetDict({"test": Dataset.from_dict(rows(), features=features)}).save_to_disk(str(target))
 
 
-def write_pool(cache: Path, shape: dict) -> None:
-    """A ``_pretrained_`` ConvNeXt of ``shape`` and one fine-tuned model per task (backbone + noise, own head)."""
+def write_pool(cache: Path, shape: dict, tasks: tuple[str, ...] = TASKS) -> None:
+    """A ``_pretrained_`` ConvNeXt of ``shape`` and one fine-tuned model per task of ``tasks`` (backbone
+    + noise, own head), under ``cache / "pool"``."""
     import torch
     from transformers import ConvNextConfig, ConvNextForImageClassification
 
@@ -158,7 +159,7 @@ def write_pool(cache: Path, shape: dict) -> None:
                 parameter.fill_(0.5)
     pretrained.save_pretrained(cache / "pool" / "_pretrained_")
     generator = torch.Generator().manual_seed(1)
-    for task in TASKS:
+    for task in tasks:
         names = list(get_task(task).classnames)
         config = ConvNextConfig(
             **shape, num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)}

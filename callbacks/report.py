@@ -104,7 +104,31 @@ def markdown(report: Mapping[str, Any], title: str) -> str:
     if per_task:
         names = ", ".join(f"`{name}`" for name in per_task)
         out += [f"One backbone per task, which the task id picks at inference (each task scored with its own): {names}.", ""]
+    if "precision" in report:
+        out += [*precision_lines(report["precision"]), ""]
     return "\n".join(out)
+
+
+def precision_lines(report: Mapping[str, Any]) -> list[str]:
+    """``report.md``'s lines on the evaluation's precision (``report.json``'s ``precision``, made by
+    ``lightning_modules.precision.precision_report``)."""
+    name = report["trainer"] + (" with TF32" if report["tf32"] else "")
+    if "reference" not in report:
+        return [f"Precision: {name} (IEEE float32)."]
+    changed = report["changed_predictions"]
+    if changed is None:
+        return [
+            f"Precision: {name}. Predictions changed against IEEE float32 ({report['reference']}): not measured ({report['not_measured']})."
+        ]
+    predictions = report["test_predictions"]
+    lines = [
+        f"Precision: {name}. Test predictions that change against an IEEE float32 pass ({report['reference']}) of the same weights:",
+        "",
+    ]
+    for row, tasks in changed.items():
+        per_task = ", ".join(f"{task} {count:,}/{predictions[task]:,}" for task, count in tasks.items())
+        lines.append(f"- {row}: {sum(tasks.values()):,} of {sum(predictions[task] for task in tasks):,} ({per_task})")
+    return lines
 
 
 def _csv(report: Mapping[str, Any]) -> str:

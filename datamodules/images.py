@@ -17,6 +17,7 @@ then names it.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 from collections.abc import Iterator, Sequence
@@ -135,6 +136,34 @@ def _stored_images(data: Dataset, rows: Sequence[int]) -> Iterator[tuple[pa.Buff
                 yield (blob.as_buffer() if blob.is_valid else None), paths[index].as_py()
 
 
+def image_digest(data: Dataset, rows: Sequence[int]) -> str:
+    """SHA-256 of the images at ``rows`` of ``data`` as they are stored, in that order: each row's
+    bytes (length first), or for an image folder's row, which stores a path, that file's bytes (a
+    remote file's path stands for it). What is hashed is what decoding reads, so two splits with
+    one digest decode to the same images; nothing is decoded (about 1 GB/s on one core)."""
+    digest = hashlib.sha256()
+    for blob, path in _stored_images(data, rows):
+        if blob is None and path is not None and "://" not in path:
+            with open(path, "rb") as stream:
+                blob = stream.read()
+        content = blob if blob is not None else f"path:{path}".encode()
+        digest.update(len(content).to_bytes(8, "little"))
+        digest.update(content)
+    return digest.hexdigest()
+
+
+def check_image_column(data: Dataset, where: str) -> None:
+    """The ``image`` column of ``data`` holds images to decode (``datasets.Image``), in a mode that can be read."""
+    feature = data.features["image"]
+    if not isinstance(feature, ImageFeature) or not feature.decode:
+        raise DataError(
+            f"{where}: the image column holds {feature!r}, not images to decode "
+            "(make it one with dataset.cast_column('image', datasets.Image()))"
+        )
+    if feature.mode and mode_problem(feature.mode):  # datasets converts every image to it
+        raise DataError(f"{where}: the image column converts every image to mode '{feature.mode}': {mode_problem(feature.mode)}")
+
+
 def check_images(data: Dataset, where: str, rows: np.ndarray | None = None) -> None:
     """Every image at ``rows`` (default: all) of ``data`` can be opened, has a mode that can be
     read and, for a JPEG or PNG, ends where such a file ends; one ``DataError`` names the first
@@ -145,14 +174,7 @@ def check_images(data: Dataset, where: str, rows: np.ndarray | None = None) -> N
         where: the split, as error messages name it (``task 'dtd', path '...', split 'train'``).
         rows: the rows that will be read.
     """
-    feature = data.features["image"]
-    if not isinstance(feature, ImageFeature) or not feature.decode:
-        raise DataError(
-            f"{where}: the image column holds {feature!r}, not images to decode "
-            "(make it one with dataset.cast_column('image', datasets.Image()))"
-        )
-    if feature.mode and mode_problem(feature.mode):  # datasets converts every image to it
-        raise DataError(f"{where}: the image column converts every image to mode '{feature.mode}': {mode_problem(feature.mode)}")
+    check_image_column(data, where)
     rows = np.arange(len(data)) if rows is None else np.asarray(rows)
     first, count = None, 0
     for row, (blob, path) in zip(rows, _stored_images(data, rows)):

@@ -3,23 +3,39 @@
 from __future__ import annotations
 
 from functools import cached_property
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 from datasets import Dataset as HFDataset
 from datasets import DatasetDict
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.utilities import CombinedLoader
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import CombinedLoader, rank_zero_only
 from torch.utils.data import DataLoader
 
+from common.files import check_output_location
 from datamodules.classification import check_holdout, split_train_val
+from datamodules.crop_cache import CropCache, cache_key
 from datamodules.errors import DataError, check_setting
-from datamodules.images import check_images
-from datamodules.loaders import distributed_context, evaluates_nothing, evaluation_dataloader, step_stream_dataloader
+from datamodules.images import check_image_column, check_images, image_digest
+from datamodules.loaders import (
+    CheckedDataLoader,
+    collate,
+    distributed_context,
+    evaluates_nothing,
+    evaluation_dataloader,
+    step_stream_dataloader,
+)
 from datamodules.preprocessing import ImagePreprocessor, load_image_processor
 from datamodules.sources import check_path, checked_label_mapping, get_split, load_task_dataset, split_name
 from datamodules.tasks import TaskInfo, get_task
-from datamodules.torch_data import ImageClassificationDataset, UnlabeledImageDataset
+from datamodules.torch_data import (
+    CachedImageClassificationDataset,
+    ImageClassificationDataset,
+    UnlabeledCrops,
+    UnlabeledImageDataset,
+)
 
 #: The split of unlabelled train images that data-dependent merges (RegMean) read first.
 GRAM_SPLIT = "gram"
@@ -66,6 +82,12 @@ class MultiTaskDataModule(LightningDataModule):
         gram_images: unlabelled train images per task read first, for RegMean's Gram matrices
             (None: no such pass). A task with fewer train images uses all of them.
         gram_seed: seed of the choice of those images.
+        crop_cache: a directory for the evaluated splits' preprocessed uint8 crops (None: off),
+            e.g. ``outputs/crop_cache``: each split's crops are written there once (its size in
+            bytes printed first) and read back without decoding by every later run with the same
+            images and preprocessing; the model's inputs are bit for bit the same. Keyed by a hash
+            of the images' stored bytes, the split and every preprocessing setting that changes
+            pixels (``datamodules.crop_cache``). 150,528 bytes a 224-pixel image.
     """
 
     def __init__(
@@ -82,6 +104,7 @@ class MultiTaskDataModule(LightningDataModule):
         adaptation_draw: Literal["stream", "fresh"] = "stream",
         gram_images: int | None = None,
         gram_seed: int = 0,
+        crop_cache: str | None = None,
     ) -> None:
         super().__init__()
         if not tasks:
@@ -112,7 +135,13 @@ class MultiTaskDataModule(LightningDataModule):
         check_setting(gram_images is None or gram_images > 0, "data.gram_images", "a positive integer or null", gram_images)
         self.gram_images = gram_images
         self.gram_seed = gram_seed
+        if crop_cache is not None:  # before any data is read, like every output location
+            check_output_location(crop_cache, "data.crop_cache")
+        self.crop_cache = CropCache(crop_cache) if crop_cache is not None else None
         self._loaded: dict[str, DatasetDict] = {}
+        #: (task, split) -> the crop cache's crops file; the checked label mapping
+        self._crop_files: dict[tuple[str, str], Path] = {}
+        self._label_maps: dict[tuple[str, str], np.ndarray | dict[str, int] | None] = {}
 
     @property
     def task_names(self) -> list[str]:
@@ -148,10 +177,15 @@ class MultiTaskDataModule(LightningDataModule):
         return {task.name: get_split(self._load(task), "test", task, self.paths.get(task.name)) for task in self.tasks}
 
     def prepare_data(self) -> None:
+        """Load every task's dataset and, with ``crop_cache``, write the evaluated splits' crops the
+        cache lacks (on one process per node, before any process builds its loaders)."""
         if evaluates_nothing(self.trainer):
             return
         for task in self.tasks:
             self._load(task)
+        fitting = self.trainer is not None and self.trainer.state.fn == TrainerFn.FITTING  # adaptation reads no crops
+        if self.crop_cache is not None and not fitting:
+            self._prepare_crops()
 
     def setup(self, stage: str | None = None) -> None:
         """Build (and so check: labels, images) every split the stage reads, before the model is
@@ -173,17 +207,70 @@ class MultiTaskDataModule(LightningDataModule):
     def _train_split(self, task: TaskInfo) -> HFDataset:
         return get_split(self._load(task), "train", task, self.paths.get(task.name))
 
-    def _dataset(self, task: TaskInfo, split: str) -> ImageClassificationDataset:
+    def _split_rows(self, task: TaskInfo, split: str) -> tuple[HFDataset, np.ndarray | None, str]:
+        """An evaluated split's dataset, its rows (None: all) and its name in messages."""
         if split == "test":
-            data, rows = self.test_splits[task.name], None
-        else:  # validation: the held-out rows of train
-            data = self._train_split(task)
-            check_holdout(len(data), self.val_fraction, self._where(task, "train"), keeps_train=self.gram_images is not None)
-            _, rows = split_train_val(len(data), self.val_fraction, self.split_seed)
-        where = self._where(task, "train" if split == "validation" else split)
-        mapping = checked_label_mapping(data, task, where)
+            return self.test_splits[task.name], None, self._where(task, "test")
+        data = self._train_split(task)  # validation: the held-out rows of train
+        check_holdout(len(data), self.val_fraction, self._where(task, "train"), keeps_train=self.gram_images is not None)
+        _, rows = split_train_val(len(data), self.val_fraction, self.split_seed)
+        return data, rows, self._where(task, "train")
+
+    def _label_mapping(self, task: TaskInfo, split: str) -> np.ndarray | dict[str, int] | None:
+        """``checked_label_mapping`` of an evaluated split, once per process (it may print a line)."""
+        if (task.name, split) not in self._label_maps:
+            data, _, where = self._split_rows(task, split)
+            self._label_maps[(task.name, split)] = checked_label_mapping(data, task, where)
+        return self._label_maps[(task.name, split)]
+
+    def _dataset(self, task: TaskInfo, split: str) -> ImageClassificationDataset:
+        data, rows, where = self._split_rows(task, split)
+        mapping = self._label_mapping(task, split)
+        if self.crop_cache is not None:
+            self._prepare_crops()
+            return CachedImageClassificationDataset(
+                self._crop_files[(task.name, split)], data, self.preprocess, rows, mapping, where
+            )
         check_images(data, where, rows)
         return ImageClassificationDataset(data, self.preprocess, rows, mapping, where)
+
+    def _crop_key(self, task: TaskInfo, split: str) -> dict:
+        """The crop cache's key of an evaluated split (``datamodules.crop_cache.cache_key``)."""
+        data, rows, where = self._split_rows(task, split)
+        check_image_column(data, where)
+        rows = np.arange(len(data)) if rows is None else rows
+        digest = image_digest(data, rows)
+        mode = data.features["image"].mode
+        return cache_key(task.name, split, digest, mode, self.preprocess.pixel_settings, self.preprocess.output_size, len(rows))
+
+    def _prepare_crops(self) -> None:
+        """Every evaluated split's crops file: read from the cache where it has the split's key;
+        the others written, after every split's labels and, for those to write, images are checked
+        (so a bad image in the last task stops the run before anything is written). Once per
+        process. A split found in the cache is not checked image by image (``check_images``): its
+        stored bytes are those that were decoded, whole, when the entry was written."""
+        missing = []
+        for split in self.evaluated_splits:
+            for task in self.tasks:
+                if (task.name, split) in self._crop_files:
+                    continue
+                self._label_mapping(task, split)
+                key = self._crop_key(task, split)
+                crops = self.crop_cache.read(key)
+                if crops is None:
+                    data, rows, where = self._split_rows(task, split)
+                    check_images(data, where, rows)  # every image readable, or one error naming it
+                    missing.append((task, split, key))
+                    continue
+                _say(
+                    f"crop cache: reading the {key['images']:,} crops of task '{task.name}', split '{split}' from '{crops.parent}'"
+                )
+                self._crop_files[(task.name, split)] = crops
+        for task, split, key in missing:
+            data, rows, where = self._split_rows(task, split)
+            images = UnlabeledCrops(data, self.preprocess, rows, where)
+            loader = CheckedDataLoader(images, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate)
+            self._crop_files[(task.name, split)] = self.crop_cache.write(key, (batch.numpy() for batch in loader))
 
     @cached_property
     def evaluation_datasets(self) -> dict[str, dict[str, ImageClassificationDataset]]:
@@ -261,3 +348,8 @@ class MultiTaskDataModule(LightningDataModule):
                 f"task '{task.name}': a fresh draw takes distinct images"
             )
         return dataset
+
+
+@rank_zero_only
+def _say(line: str) -> None:
+    print(line, flush=True)

@@ -294,10 +294,34 @@ class ImagePreprocessor:
             return image
         return image.crop((left, top, left + width, top + height))
 
+    def to_uint8_array(self, image: Image.Image) -> np.ndarray:
+        """The cropped RGB image as a ``(height, width, 3)`` uint8 array: the pixels
+        ``to_uint8_tensor`` views, and what the crop cache (``datamodules.crop_cache``) stores."""
+        return np.array(self.resize_and_crop(image))  # a writable copy torch can own
+
+    @staticmethod
+    def array_to_tensor(array: np.ndarray) -> torch.Tensor:
+        """A ``(height, width, 3)`` uint8 crop as the ``(3, height, width)`` tensor ``normalize``
+        takes: a view with the same strides whether the crop was just made or read from the cache,
+        so that ``normalize`` runs the very same computation on both."""
+        return torch.from_numpy(array).permute(2, 0, 1)
+
     def to_uint8_tensor(self, image: Image.Image) -> torch.Tensor:
         """The cropped RGB image as a ``(3, height, width)`` uint8 tensor."""
-        array = np.array(self.resize_and_crop(image))  # a writable copy torch can own
-        return torch.from_numpy(array).permute(2, 0, 1)
+        return self.array_to_tensor(self.to_uint8_array(image))
+
+    @property
+    def pixel_settings(self) -> dict[str, Any]:
+        """Every setting that changes the uint8 crop (not ``mean``, ``std`` or ``rescale_factor``,
+        which ``normalize`` applies after it): part of the crop cache's key."""
+        return {
+            "processor_type": self.processor_type,
+            "size": list(self.size) if isinstance(self.size, tuple) else self.size,
+            "crop_pct": self.crop_pct,
+            "crop_size": list(self.crop_size) if self.crop_size is not None else None,
+            "resample": int(self.resample),
+            "convert_rgb": self.convert_rgb,
+        }
 
     def __post_init__(self) -> None:
         self._check()

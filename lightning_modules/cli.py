@@ -211,4 +211,5 @@ class MergeCLI(ProjectCLI):
         # Here and not only in the model's setup: before any checkpoint is read.
         if isinstance(self.model, MultiTaskEvaluation):
             self.model.check_test_does_something(self.trainer)
+            self.model.check_precision(self.trainer)
         super().before_test()

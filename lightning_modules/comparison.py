@@ -83,6 +83,11 @@ class MethodComparison(MultiTaskEvaluation):
             reference of the normalised accuracy).
         report_dir: where the table and chart go.
         splits: evaluated splits, in the DataModule's loader order (linked from ``data.splits``).
+        tf32: on a GPU, run matmuls and convolutions in TF32; false (the default) keeps them IEEE
+            float32, also the convolutions PyTorch would run in TF32. Refused on a CPU, which has none.
+        compare_precision: with a precision other than IEEE float32 (``--trainer.precision
+            bf16-mixed``, ``model.tf32 true``), run every batch in float32 too and report the test
+            predictions that change (``lightning_modules.precision``).
     """
 
     def __init__(
@@ -95,8 +100,11 @@ class MethodComparison(MultiTaskEvaluation):
         evaluate_individual: bool = True,
         report_dir: str = "outputs/compare",
         splits: list[str] | None = None,
+        tf32: bool = False,
+        compare_precision: bool = False,
     ) -> None:
-        super().__init__(tasks, classnames, report_dir, report_title="Merge methods compared", splits=splits)
+        title = "Merge methods compared"
+        super().__init__(tasks, classnames, report_dir, title, splits, tf32=tf32, compare_precision=compare_precision)
         if not methods:
             raise MergeError("no methods to compare: list at least one in model.methods")
         self.groups = expand_grid(methods, grid or {})  # the grid itself first: its mistakes need no data to show

@@ -36,6 +36,7 @@ from datamodules.loaders import evaluates_nothing
 from datamodules.multitask import GRAM_SPLIT
 from lightning_modules.backbones import backbone_from_state, heads_from_state, load_backbone
 from lightning_modules.gram_pass import DataStatistics, GramPass, check_gram_split
+from lightning_modules.precision import check_evaluation_precision, precision_report, reference_pass, tf32_mode
 from merging.engine import merge_backbone, merge_per_task
 from merging.errors import MergeError
 from merging.per_task import PerTaskMerge
@@ -201,6 +202,9 @@ class MultiTaskEvaluation(LightningModule, ABC):
         splits: the splits in the DataModule's loader order (linked from ``data.splits``):
             ``test``, or ``validation`` and ``test``; first ``gram`` (unlabelled) for a merge
             that needs data.
+        tf32: TF32 matmuls and convolutions on a GPU (``lightning_modules.precision``).
+        compare_precision: also run every batch in IEEE float32 and report the test predictions
+            that change.
     """
 
     def __init__(
@@ -210,8 +214,14 @@ class MultiTaskEvaluation(LightningModule, ABC):
         report_dir: str | None = "outputs/merge",
         report_title: str = "Merged model",
         splits: list[str] | None = None,
+        tf32: bool = False,
+        compare_precision: bool = False,
     ) -> None:
         super().__init__()
+        self.tf32 = tf32
+        self.compare_precision = compare_precision
+        #: split -> row -> task -> predictions that differ from the fp32 pass's, after a compared test run
+        self.changed_predictions: dict[str, dict[str, dict[str, int]]] = {}
         if report_dir is not None:
             check_output_location(report_dir, "model.report_dir")
         self.tasks = list(tasks)
@@ -260,6 +270,14 @@ class MultiTaskEvaluation(LightningModule, ABC):
             name = type(self).__name__
             raise MergeError(f"trainer.limit_test_batches 0 evaluates nothing, and {name} saves nothing: nothing would be done")
 
+    def check_precision(self, trainer: Any) -> None:
+        """``model.tf32`` and ``model.compare_precision`` against the trainer's precision and device
+        (``lightning_modules.precision.check_evaluation_precision``), before any checkpoint is read."""
+        if trainer is not None:
+            check_evaluation_precision(
+                str(trainer.precision), trainer.strategy.root_device.type, self.tf32, self.compare_precision
+            )
+
     def set_heads_and_individual(self, pool: Any, evaluate_individual: bool) -> None:
         """Each task's fine-tuned head from ``pool`` and, for the ``individual`` row, each
         task's whole fine-tuned backbone; all frozen."""
@@ -275,6 +293,7 @@ class MultiTaskEvaluation(LightningModule, ABC):
                 f"the data module evaluates splits {data_splits}, the model expects {self.splits}: pass splits=data.splits"
             )
         check_gram_split(self.uses_grams, self.splits, type(self).__name__, self.gram_purpose)  # before build() loads any model
+        self.check_precision(self.trainer)
         if self.heads is None:
             self.build()
             self._make_metrics()
@@ -323,6 +342,8 @@ class MultiTaskEvaluation(LightningModule, ABC):
         #: samples whose logits hold a NaN or an infinity (a merge whose weights overflow); a count
         #: is never NaN, and without the NaN check an update does not wait for the device
         self.non_finite = per_task(lambda task: SumMetric(nan_strategy="disable"))
+        if self.compare_precision:  # predictions that differ from the fp32 pass's
+            self.changed = per_task(lambda task: SumMetric(nan_strategy="disable"))
 
     def merged_state(self, pool: Any, method: Any, statistics: DataStatistics | None = None) -> dict[str, torch.Tensor]:
         """``merge_backbone(pool, method)`` (with the data pass's ``statistics`` the method reads),
@@ -362,6 +383,10 @@ class MultiTaskEvaluation(LightningModule, ABC):
         return [row_backbone(row, task) for _, row in self._evaluated_rows()]
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor] | torch.Tensor, batch_idx: int, dataloader_idx: int = 0) -> None:
+        with tf32_mode(self.tf32, self.device.type):  # set per step: nothing stays set after the run
+            self._test_step(batch, dataloader_idx)
+
+    def _test_step(self, batch: tuple[torch.Tensor, torch.Tensor] | torch.Tensor, dataloader_idx: int) -> None:
         split, task = self.loaders[dataloader_idx]
         if split == GRAM_SPLIT:  # unlabelled images: a batch is the images alone
             if self.gram_pass is not None:  # (None in a second test run: already merged)
@@ -379,11 +404,16 @@ class MultiTaskEvaluation(LightningModule, ABC):
             # Counted here, judged at the epoch's end on the synced count: every process stops
             # together, where a check per batch would stop only the one that saw it.
             self.non_finite[row][key].update((~torch.isfinite(logits)).any(dim=1).sum())
+            if self.compare_precision:
+                with reference_pass(self.device.type):
+                    reference = self.heads(backbone_features(backbone, images.float()), task)
+                self.changed[row][key].update((logits.argmax(dim=1) != reference.argmax(dim=1)).sum())
 
     def on_test_epoch_end(self) -> None:
         self._finish_gram_pass()  # a process without labelled batches merges here
         expected = self._expected_samples()
         self.results = {split: {} for split in self.evaluated_splits}
+        self.changed_predictions = {}
         for row, name in enumerate(self._all_rows()):
             for split, task in self.evaluated:
                 key = f"{split}/{task}"
@@ -399,7 +429,17 @@ class MultiTaskEvaluation(LightningModule, ABC):
                     )
                 check_finite(name, task, split, values, int(self.non_finite[row][key].compute()))
                 self.results[split].setdefault(name, {})[task] = values
-        for metric in (self.accuracy, self.mean_loss, self.samples, self.non_finite):
+                if self.compare_precision:
+                    changed = int(self.changed[row][key].compute())
+                    self.changed_predictions.setdefault(split, {}).setdefault(name, {})[task] = changed
+        metrics = [
+            self.accuracy,
+            self.mean_loss,
+            self.samples,
+            self.non_finite,
+            *([self.changed] if self.compare_precision else []),
+        ]
+        for metric in metrics:
             for per_task in metric:
                 for task_metric in per_task.values():
                     task_metric.reset()
@@ -452,12 +492,22 @@ class MultiTaskEvaluation(LightningModule, ABC):
         """More Markdown for ``report.md``, after the test table."""
         return []
 
+    def precision_info(self) -> dict[str, Any]:
+        """``report.json``'s ``precision`` (``lightning_modules.precision.precision_report``): the
+        trainer's precision, TF32 and, from a compared run, the test predictions that changed."""
+        precision = str(self.trainer.precision) if self.trainer is not None else "32-true"
+        changed = self.changed_predictions.get("test") if self.compare_precision else None
+        first = next(iter(self.results.get("test", {}).values()), {})
+        predictions = {task: int(values["num_samples"]) for task, values in first.items()}
+        return precision_report(precision, self.tf32, changed, predictions)
+
     def report_header(self) -> tuple[str, dict[str, Any]]:
         """The report's title and its fields besides the test table, after a test run."""
         extra = {**self.report_extra(), **({"partial": True} if self._partial() else {})}
         per_task = [name for name, row in self.rows.items() if is_per_task(row)]
         if per_task:
             extra["per_task_backbones"] = per_task
+        extra["precision"] = self.precision_info()
         if self.gram_images:
             extra["gram_images"] = dict(self.gram_images)
         if "validation" in self.results:

@@ -54,6 +54,11 @@ class MergedClassifier(MultiTaskEvaluation):
         report_dir: where the report files go.
         splits: evaluated splits, in the DataModule's loader order (linked from ``data.splits``).
         channels_last: run the backbones in channels-last memory format (faster on GPUs).
+        tf32: on a GPU, run matmuls and convolutions in TF32; false (the default) keeps them IEEE
+            float32, also the convolutions PyTorch would run in TF32. Refused on a CPU, which has none.
+        compare_precision: with a precision other than IEEE float32 (``--trainer.precision
+            bf16-mixed``, ``model.tf32 true``), run every batch in float32 too and report the test
+            predictions that change (``lightning_modules.precision``).
     """
 
     def __init__(
@@ -70,10 +75,12 @@ class MergedClassifier(MultiTaskEvaluation):
         report_dir: str = "outputs/merge",
         splits: list[str] | None = None,
         channels_last: bool = False,
+        tf32: bool = False,
+        compare_precision: bool = False,
     ) -> None:
         self.method = method if method is not None else SimpleAverage()
         title = f"Merged model: {self.method.describe()}" + (" (one backbone per task)" if self.method.per_task else "")
-        super().__init__(tasks, classnames, report_dir, report_title=title, splits=splits)
+        super().__init__(tasks, classnames, report_dir, title, splits, tf32=tf32, compare_precision=compare_precision)
         if merged_model is None and models is None:
             raise MergeError("give the model pool (model.models) or a saved merged model (model.merged_model)")
         if save_dir is not None and self.method.per_task:
