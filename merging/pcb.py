@@ -53,8 +53,9 @@ the weighted mean is float64, the result rounded once. The softmaxes are kept as
 ``D * Softmax`` (``exp(x - max) / mean exp(x - max)``): positive factors common to every task,
 which change neither the order of ``beta_i`` nor the weighted mean, and keep ``beta`` near 1
 instead of near ``1 / D**2``. ``beta`` lies in ``[N e^-(N+1), N e^(N+1)]``, so at most
-``MAX_TASKS`` models are merged (float32's range). Cost: the inter term has ``T (T + 1) / 2``
-products and ``exp`` per entry, in four of the five reads (minutes for 20 base-sized models).
+``MAX_TASKS`` models are merged (float32's range). Cost: five reads of the pool, the inter term's
+``T (T + 1) / 2`` products and ``exp`` per entry in four of them, all in cache-sized blocks on one
+torch thread (8 base-sized models: about 2 min on a busy 2-core machine, ``benchmarks/README.md``).
 
 Families: every floating-point tensor of the backbone is part of the one vector, on every family
 (a ResNet's BatchNorm running statistics too); nothing is treated as a matrix; integer counters
