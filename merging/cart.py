@@ -38,7 +38,7 @@ from torch import Tensor
 
 from merging.errors import MergeError
 from merging.methods import MergeMethod, register_method
-from merging.spectral import top_singular
+from merging.spectral import matrix_keys, top_singular
 
 
 def cart_rank(rank: int, rank_ratio: float) -> int:
@@ -103,7 +103,7 @@ class CART(MergeMethod):
     def special_keys(
         self, shapes: Mapping[str, tuple[int, ...]], grams: Mapping[str, Sequence[Tensor]] | None
     ) -> list[str] | None:
-        return [key for key, shape in shapes.items() if len(shape) == 2]
+        return matrix_keys(shapes)
 
     def plain_merge_note(self, num_tasks: int) -> str:
         return (

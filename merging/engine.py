@@ -307,8 +307,10 @@ def merge_backbone(
     pool.check_mergeable()
     pool.check_backbones()
     keys = pool.merge_keys
-    _check_grams(method, grams, keys, len(pool.task_names))
-    _check_fishers(method, fishers, keys, len(pool.task_names))
+    linear_inputs = "the Gram matrices of the Linear layers' inputs"
+    _check_per_key_statistics(method, grams, method.needs_grams, keys, len(pool.task_names), linear_inputs, "Gram matrices")
+    fisher = "the diagonal Fisher of every fine-tuned model"
+    _check_per_key_statistics(method, fishers, method.needs_fisher, keys, len(pool.task_names), fisher, "Fishers")
     if method.needs_images != (images is not None):
         raise MergeError(
             f"{method.describe()} runs the models on each task's unlabelled train images: set data.gram_images"
@@ -411,36 +413,30 @@ def _say_what_is_special(
         print(f"{method.describe()} on this {pool.architecture.name} backbone: {method.plain_merge_note(len(pool.task_names))}")
 
 
-def _check_grams(method: MergeMethod, grams: Mapping[str, Sequence[Tensor]] | None, keys: list[str], num_tasks: int) -> None:
-    if method.needs_grams and grams is None:
+def _check_per_key_statistics(
+    method: MergeMethod,
+    given: Mapping[str, Sequence[Tensor]] | None,
+    needed: bool,
+    keys: list[str],
+    num_tasks: int,
+    what: str,
+    name: str,
+) -> None:
+    """``given`` (per key, one tensor per fine-tuned model: Gram matrices, Fishers) is there exactly
+    when ``method`` needs it (``needed``), for keys of the backbone, for every model. ``what``: what
+    the method needs, for its error line; ``name``: the statistics' plural."""
+    if needed and given is None:
         raise MergeError(
-            f"{method.describe()} needs the Gram matrices of the Linear layers' inputs, gathered on each task's "
-            "unlabelled train images: set data.gram_images"
+            f"{method.describe()} needs {what}, gathered on each task's unlabelled train images: set data.gram_images"
         )
-    if grams is not None and not method.needs_grams:
-        raise MergeError(f"{method.describe()} merges without Gram matrices: none should be given")
-    unknown = sorted(set(grams or {}) - set(keys))
+    if given is not None and not needed:
+        raise MergeError(f"{method.describe()} merges without {name}: none should be given")
+    unknown = sorted(set(given or {}) - set(keys))
     if unknown:
-        raise MergeError(f"Gram matrices for keys the backbone lacks: {', '.join(unknown[:3])}")
-    short = [key for key, per_task in (grams or {}).items() if len(per_task) != num_tasks]
+        raise MergeError(f"{name[0].upper()}{name[1:]} for keys the backbone lacks: {', '.join(unknown[:3])}")
+    short = [key for key, per_task in (given or {}).items() if len(per_task) != num_tasks]
     if short:
-        raise MergeError(f"'{short[0]}' has {len(grams[short[0]])} Gram matrices for {num_tasks} fine-tuned models")
-
-
-def _check_fishers(method: MergeMethod, fishers: Mapping[str, Sequence[Tensor]] | None, keys: list[str], num_tasks: int) -> None:
-    if method.needs_fisher and fishers is None:
-        raise MergeError(
-            f"{method.describe()} needs the diagonal Fisher of every fine-tuned model, gathered on each task's "
-            "unlabelled train images: set data.gram_images"
-        )
-    if fishers is not None and not method.needs_fisher:
-        raise MergeError(f"{method.describe()} merges without Fishers: none should be given")
-    unknown = sorted(set(fishers or {}) - set(keys))
-    if unknown:
-        raise MergeError(f"Fishers for keys the backbone lacks: {', '.join(unknown[:3])}")
-    short = [key for key, per_task in (fishers or {}).items() if len(per_task) != num_tasks]
-    if short:
-        raise MergeError(f"'{short[0]}' has {len(fishers[short[0]])} Fishers for {num_tasks} fine-tuned models")
+        raise MergeError(f"'{short[0]}' has {len(given[short[0]])} {name} for {num_tasks} fine-tuned models")
 
 
 @contextmanager

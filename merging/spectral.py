@@ -92,6 +92,12 @@ def is_matrix(tensor: Tensor) -> bool:
     return tensor.ndim == 2
 
 
+def matrix_keys(shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
+    """The keys of ``shapes`` whose tensors are 2-D weight matrices: what a method with a rule for
+    matrices (TSV-M's, WUDI's, CART's) names in ``MergeMethod.special_keys``."""
+    return [key for key, shape in shapes.items() if len(shape) == 2]
+
+
 def robust_svd(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The thin SVD ``(U, S, V^T)``: LAPACK's ``gesdd`` (torch), and ``gesvd`` (SciPy, on the CPU)
     where ``gesdd`` fails to converge; one ``MergeError`` where both do."""

@@ -46,6 +46,7 @@ from torch import Tensor
 
 from merging.errors import MergeError
 from merging.methods import MergeMethod, register_method
+from merging.spectral import matrix_keys
 
 #: Adam's settings in the reference (``torch.optim.Adam(lr=1e-5, weight_decay=0)``, torch's defaults otherwise).
 BETAS = (0.9, 0.999)
@@ -147,7 +148,7 @@ class WUDIMerging(MergeMethod):
     def special_keys(
         self, shapes: Mapping[str, tuple[int, ...]], grams: Mapping[str, Sequence[Tensor]] | None
     ) -> list[str] | None:
-        return [key for key, shape in shapes.items() if len(shape) == 2]
+        return matrix_keys(shapes)
 
     def plain_merge_note(self, num_tasks: int) -> str:
         return (
